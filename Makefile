@@ -1,0 +1,31 @@
+# Two commands set everything up on a fresh machine with Python 3.11+ and make:
+#   make serve   run edge on config/edge.toml
+#   make test    run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: serve test lint check clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/edge serve --config config/edge.toml
+
+test: $(STAMP)
+	$(BIN)/ruff check edge tests benchmarks
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check edge tests benchmarks
+
+check: $(STAMP)
+	$(BIN)/edge check --config config/edge.toml
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

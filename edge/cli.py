@@ -1,0 +1,223 @@
+"""The ``edge`` command line (SPEC §4).
+
+Management commands write to the configured store and exit; running edge
+processes follow the store and apply the change at once. Exit status 0 on
+success; non-zero with one clear line on stderr on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from edge import config as config_mod
+from edge.operations import OperationError, Operations, Result
+from edge.store.base import StoreError
+from edge.store.open import open_store
+from edge.tls import names
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge", description="SNI-terminating TLS edge proxy")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=Path(os.environ.get("EDGE_CONFIG", config_mod.DEFAULT_CONFIG)),
+        help="configuration file (default: $EDGE_CONFIG or config/edge.toml)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        # Accept --config after the command too: `edge serve --config FILE`.
+        p.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        return p
+
+    command("serve", "run the proxy")
+    command("check", "validate the configuration and the store")
+
+    p = command("apps-add", "add an app, or change its backends")
+    p.add_argument("app")
+    p.add_argument("--backend", action="append", required=True, metavar="HOST:PORT")
+    p.add_argument("--no-force-https", action="store_true", help="serve plain HTTP too instead of redirecting")
+    p = command("apps-remove", "remove an app (its domains first)")
+    p.add_argument("app")
+    p = command("apps", "list apps")
+    p.add_argument("--json", action="store_true")
+
+    p = command("domains-add", "attach a domain to an app, optionally with its certificate")
+    p.add_argument("domain")
+    p.add_argument("--app", required=True)
+    p.add_argument("--cert", metavar="FILE")
+    p.add_argument("--key", metavar="FILE")
+    p = command("domains-ssl", "set or drop the custom certificate of a domain")
+    p.add_argument("domain")
+    p.add_argument("--cert", metavar="FILE")
+    p.add_argument("--key", metavar="FILE")
+    p.add_argument("--disable", action="store_true", help="drop the custom certificate (acme takes over)")
+    p = command("domains-remove", "detach a domain and drop its certificates")
+    p.add_argument("domain")
+    p = command("domains", "list domains: app, serving source, key types, expiry, status")
+    p.add_argument("--app")
+    p.add_argument("--json", action="store_true")
+
+    p = command("csr", "write DOMAIN.key (0600) and DOMAIN.csr to send to a CA")
+    p.add_argument("domain")
+    p.add_argument("--key-type", default="rsa2048", choices=["rsa2048", "rsa4096", "ec256", "ec384"])
+    p.add_argument("--subject", default="", help='e.g. "/C=FR/O=Example" (CN defaults to DOMAIN)')
+    p.add_argument("--out-dir", type=Path, default=Path("."))
+    return parser
+
+
+def _fail(message: str, code: int = EXIT_ERROR) -> int:
+    print(f"edge: error: {message}", file=sys.stderr)
+    return code
+
+
+def _print_result(result: Result) -> None:
+    for warning in result.warnings:
+        print(f"edge: warning: {warning}", file=sys.stderr)
+    print(result.message)
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def cell(value: Any) -> str:
+        if isinstance(value, list):
+            return ",".join(str(v) for v in value) or "-"
+        return "-" if value is None else str(value)
+
+    cells = [[cell(r[c]) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+async def _check(cfg: config_mod.Config) -> int:
+    problems: list[str] = []
+    platform = cfg.platform
+    for path in (platform.cert, platform.key):
+        if not path.exists() and not platform.dev_certificates:
+            problems.append(f"{path}: no such file ([platform] cert/key)")
+    store = open_store(cfg)
+    problems += await store.check()
+    ops = Operations(cfg, store)
+    index = await ops.load_index()
+    for key, error in sorted(index.errors.items()):
+        problems.append(f"store entry {key}: {error}")
+    for domain, app in sorted(index.domains.items()):
+        if app not in index.apps:
+            problems.append(f"domain {domain} points to missing app {app}")
+    for problem in problems:
+        print(f"edge: error: {problem}", file=sys.stderr)
+    if problems:
+        return EXIT_ERROR
+    print(f"{cfg.path}: ok ({len(index.apps)} apps, {len(index.domains)} domains, "
+          f"{sum(len(s) for c in index.certs.values() for s in c.by_source.values())} certificates)")
+    return 0
+
+
+async def _run(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    cmd = args.command
+    if cmd == "check":
+        return await _check(cfg)
+    ops = Operations(cfg, open_store(cfg))
+    if cmd == "apps-add":
+        _print_result(await ops.apps_add(args.app, args.backend, force_https=not args.no_force_https))
+    elif cmd == "apps-remove":
+        _print_result(await ops.apps_remove(args.app))
+    elif cmd == "apps":
+        rows = await ops.apps()
+        print(json.dumps(rows, indent=2) if args.json else _table(rows, ["app", "backends", "force_https", "domains"]))
+    elif cmd == "domains-add":
+        _print_result(await ops.domains_add(args.domain, args.app, args.cert, args.key))
+    elif cmd == "domains-ssl":
+        if args.disable and (args.cert or args.key):
+            return _fail("--disable takes no --cert/--key", EXIT_USAGE)
+        _print_result(await ops.domains_ssl(args.domain, args.cert, args.key, args.disable))
+    elif cmd == "domains-remove":
+        _print_result(await ops.domains_remove(args.domain))
+    elif cmd == "domains":
+        rows = await ops.domains(args.app)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            print(_table(rows, ["domain", "app", "serving", "key_types", "expires", "status"]))
+    return 0
+
+
+def _csr(args: argparse.Namespace) -> int:
+    from edge.tls import csr
+
+    domain = names.normalize_pattern(args.domain)
+    if domain is None:
+        return _fail(f"{args.domain!r} is not a valid domain name")
+    try:
+        key_pem, csr_pem = csr.make_csr(domain, args.key_type, args.subject)
+    except ValueError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    stem = domain.replace("*", "_")
+    key_path = args.out_dir / f"{stem}.key"
+    csr_path = args.out_dir / f"{stem}.csr"
+    try:
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return _fail(f"{key_path} exists; move it away first (it may be the key of a certificate in use)")
+    with os.fdopen(fd, "wb") as f:
+        f.write(key_pem)
+    csr_path.write_bytes(csr_pem)
+    print(f"wrote {key_path} (private key, mode 0600) and {csr_path}; send {csr_path} to your CA, then "
+          f"`edge domains-ssl {domain} --cert CERT.pem --key {key_path}`")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "csr":
+        return _csr(args)
+    try:
+        cfg = config_mod.load(args.config)
+    except config_mod.ConfigError as exc:
+        return _fail(str(exc))
+    if args.command == "serve":
+        return _serve(cfg)
+    try:
+        return asyncio.run(_run(args, cfg))
+    except (OperationError, StoreError) as exc:
+        return _fail(str(exc))
+
+
+def _serve(cfg: config_mod.Config) -> int:
+    import uvloop
+
+    from edge.server import StartupError, serve
+
+    _setup_logging(cfg.log.level)
+    try:
+        uvloop.run(serve(cfg))
+    except StartupError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

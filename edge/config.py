@@ -1,0 +1,347 @@
+"""Configuration: TOML -> frozen dataclasses, validated once.
+
+Every error names the file and line of the offending key, and what to write
+instead. Relative paths are resolved against the config file's directory.
+Unknown keys are errors: a typo must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge.tls import names
+
+DEFAULT_CONFIG = Path("config/edge.toml")
+
+
+class ConfigError(ValueError):
+    """A configuration error, with ``file:line:`` in front when known."""
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        return self.host in ("localhost", "::1") or self.host.startswith("127.")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    https: tuple[Address, ...] = (Address("127.0.0.1", 8443),)
+    http: tuple[Address, ...] = (Address("127.0.0.1", 8080),)
+    admin: Address | None = Address("127.0.0.1", 9090)
+    admin_token: str = ""
+    workers: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class PlatformConfig:
+    domain: str = "edge.localhost"
+    cert: Path = Path("var/dev/platform.crt")
+    key: Path = Path("var/dev/platform.key")
+    strict_sni: bool = False
+    # Create a development CA and wildcard certificate when cert/key are missing.
+    dev_certificates: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    backend: str = "file"
+    path: Path = Path("var/store")
+    etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
+    etcd_prefix: str = "/edge/"
+
+
+@dataclass(frozen=True, slots=True)
+class AcmeConfig:
+    enabled: bool = False
+    directory: str = "https://acme-v02.api.letsencrypt.org/directory"
+    email: str = ""
+    ca_bundle: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    min_version: str = "TLSv1.2"
+    context_cache_size: int = 10000
+    default_cert: Path | None = None  # None: the platform certificate
+    default_key: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    handshake_timeout: float = 10.0
+    request_head_timeout: float = 30.0
+    idle_timeout: float = 75.0
+    connect_timeout: float = 5.0
+    response_timeout: float = 60.0
+    max_header_bytes: int = 64 * 1024
+    max_uri_bytes: int = 8 * 1024
+    pool_size: int = 64  # idle keep-alive connections kept per backend
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "info"
+    access_log: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path | None = None
+    server: ServerConfig = field(default_factory=ServerConfig)
+    platform: PlatformConfig = field(default_factory=PlatformConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    acme: AcmeConfig = field(default_factory=AcmeConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# --- parsing helpers -------------------------------------------------------------
+
+
+class _Source:
+    """Finds the line of a key in the TOML text, for error messages."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.path = path
+        self.lines = text.splitlines()
+
+    def line_of(self, table: str, key: str | None = None) -> int | None:
+        header = re.compile(r"^\s*\[\s*" + re.escape(table) + r"\s*\]")
+        any_header = re.compile(r"^\s*\[")
+        key_re = re.compile(r"^\s*" + re.escape(key) + r"\s*=") if key else None
+        inside = False
+        for number, line in enumerate(self.lines, 1):
+            if header.match(line):
+                inside = True
+                if key_re is None:
+                    return number
+                continue
+            if any_header.match(line):
+                inside = False
+                continue
+            if inside and key_re is not None and key_re.match(line):
+                return number
+        return None
+
+    def error(self, table: str, key: str | None, message: str) -> ConfigError:
+        line = self.line_of(table, key)
+        where = f"{self.path}:{line}" if line else str(self.path)
+        name = f"[{table}] {key}" if key else f"[{table}]"
+        return ConfigError(f"{where}: {name}: {message}")
+
+
+def parse_address(value: str) -> Address:
+    """``host:port``, ``[v6]:port`` or ``:port`` (every interface)."""
+    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]*):(\d+)", value.strip())
+    if not match:
+        raise ValueError(f"{value!r} is not host:port (e.g. \"127.0.0.1:8443\" or \"[::1]:8443\")")
+    host = match.group(1) or match.group(3) or "0.0.0.0"
+    port = int(match.group(2) or match.group(4))
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range 0-65535")
+    return Address(host, port)
+
+
+def _join(base: Path, path: Path) -> Path:
+    # normpath, not resolve(): "../var" reads better than a symlink-resolved path.
+    return Path(os.path.normpath(base / path))
+
+
+class _Table:
+    def __init__(self, src: _Source, name: str, data: dict[str, Any]) -> None:
+        self.src, self.name, self.data = src, name, data
+        self.used: set[str] = set()
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        self.used.add(key)
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise self.fail(key, f"expected {expected}, got {type(value).__name__} {value!r}")
+        return value
+
+    def fail(self, key: str | None, message: str) -> ConfigError:
+        return self.src.error(self.name, key, message)
+
+    def path(self, key: str, default: Path | None, base: Path) -> Path | None:
+        value = self.get(key, str, None)
+        if value is None:
+            return default if default is None or default.is_absolute() else _join(base, default)
+        if not value:
+            return None
+        return _join(base, Path(value))
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise self.fail(unknown[0], "unknown key; check the spelling against config/edge.toml")
+
+
+def _addresses(table: _Table, key: str, default: tuple[Address, ...]) -> tuple[Address, ...]:
+    raw = table.get(key, (list, str), None)
+    if raw is None:
+        return default
+    raw = [raw] if isinstance(raw, str) else raw
+    try:
+        return tuple(parse_address(str(a)) for a in raw)
+    except ValueError as exc:
+        raise table.fail(key, str(exc)) from None
+
+
+def load(path: Path) -> Config:
+    """Read and validate ``path``. Raises ConfigError naming the file and line."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file (pass --config FILE)") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    return parse(text, path)
+
+
+def parse(text: str, path: Path) -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's message ends with "(at line L, column C)".
+        match = re.search(r"\(at line (\d+), column \d+\)", str(exc))
+        where = f"{path}:{match.group(1)}" if match else str(path)
+        raise ConfigError(f"{where}: invalid TOML: {str(exc).split(' (at line')[0]}") from None
+    src = _Source(path, text)
+    base = path.parent.resolve()
+    known = {"server", "platform", "store", "acme", "tls", "proxy", "log"}
+    for name, value in data.items():
+        if name not in known:
+            raise src.error(name, None, f"unknown section; expected one of {', '.join(sorted(known))}")
+        if not isinstance(value, dict):
+            raise src.error(name, None, "must be a table")
+
+    def table(name: str) -> _Table:
+        return _Table(src, name, data.get(name, {}))
+
+    t = table("server")
+    d = ServerConfig()
+    admin_raw = t.get("admin", str, str(d.admin))
+    try:
+        admin = parse_address(admin_raw) if admin_raw else None
+    except ValueError as exc:
+        raise t.fail("admin", str(exc)) from None
+    workers_raw = t.get("workers", (int, str), 1)
+    if workers_raw == "auto":
+        workers = len(os.sched_getaffinity(0)) or 1
+    elif isinstance(workers_raw, int) and workers_raw >= 1:
+        workers = workers_raw
+    else:
+        raise t.fail("workers", f"expected a number >= 1 or \"auto\", got {workers_raw!r}")
+    server = ServerConfig(
+        https=_addresses(t, "https", d.https),
+        http=_addresses(t, "http", d.http),
+        admin=admin,
+        admin_token=t.get("admin_token", str, ""),
+        workers=workers,
+    )
+    t.done()
+
+    t = table("platform")
+    dp = PlatformConfig()
+    raw_domain = t.get("domain", str, dp.domain)
+    domain = names.normalize(raw_domain)
+    if domain is None:
+        raise t.fail("domain", f"{raw_domain!r} is not a valid host name (e.g. \"apps.example.net\")")
+    platform = PlatformConfig(
+        domain=domain,
+        cert=t.path("cert", dp.cert, base) or _join(base, dp.cert),
+        key=t.path("key", dp.key, base) or _join(base, dp.key),
+        strict_sni=t.get("strict_sni", bool, False),
+        dev_certificates=t.get("dev_certificates", bool, True),
+    )
+    t.done()
+
+    t = table("store")
+    ds = StoreConfig()
+    backend = t.get("backend", str, ds.backend)
+    if backend not in ("file", "etcd"):
+        raise t.fail("backend", f"expected \"file\" or \"etcd\", got {backend!r}")
+    etcd = t.get("etcd", dict, {})
+    t_etcd = _Table(src, "store.etcd", etcd)
+    store = StoreConfig(
+        backend=backend,
+        path=t.path("path", ds.path, base) or _join(base, ds.path),
+        etcd_endpoints=tuple(str(e) for e in t_etcd.get("endpoints", list, list(ds.etcd_endpoints))),
+        etcd_prefix=t_etcd.get("prefix", str, ds.etcd_prefix),
+    )
+    t_etcd.done()
+    t.done()
+
+    t = table("acme")
+    da = AcmeConfig()
+    acme = AcmeConfig(
+        enabled=t.get("enabled", bool, da.enabled),
+        directory=t.get("directory", str, da.directory),
+        email=t.get("email", str, da.email),
+        ca_bundle=t.path("ca_bundle", None, base),
+    )
+    t.done()
+
+    t = table("tls")
+    min_version = t.get("min_version", str, "TLSv1.2")
+    if min_version not in ("TLSv1.2", "TLSv1.3"):
+        raise t.fail(
+            "min_version", f"expected \"TLSv1.2\" or \"TLSv1.3\" (older versions are unsafe), got {min_version!r}"
+        )
+    cache_size = t.get("context_cache_size", int, 10000)
+    if cache_size < 1:
+        raise t.fail("context_cache_size", "must be at least 1")
+    default_cert = t.path("default_cert", None, base)
+    default_key = t.path("default_key", None, base)
+    if (default_cert is None) != (default_key is None):
+        raise t.fail("default_cert" if default_cert is None else "default_key",
+                     "set both default_cert and default_key, or neither")
+    tls = TlsConfig(min_version, cache_size, default_cert, default_key)
+    t.done()
+
+    t = table("proxy")
+    dx = ProxyConfig()
+    values: dict[str, Any] = {}
+    for key in ("handshake_timeout", "request_head_timeout", "idle_timeout", "connect_timeout", "response_timeout"):
+        value = t.get(key, float, getattr(dx, key))
+        if value <= 0:
+            raise t.fail(key, "must be a positive number of seconds")
+        values[key] = value
+    for key in ("max_header_bytes", "max_uri_bytes", "pool_size"):
+        value = t.get(key, int, getattr(dx, key))
+        if value < 1:
+            raise t.fail(key, "must be a positive number")
+        values[key] = value
+    proxy = ProxyConfig(**values)
+    t.done()
+
+    t = table("log")
+    level = t.get("level", str, "info").lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise t.fail("level", f"expected debug, info, warning or error, got {level!r}")
+    log = LogConfig(level=level, access_log=t.get("access_log", bool, False))
+    t.done()
+
+    if server.admin and not server.admin.is_loopback and not server.admin_token:
+        raise src.error("server", "admin", "the admin API is bound beyond loopback; set admin_token too")
+
+    return Config(path, server, platform, store, acme, tls, proxy, log)

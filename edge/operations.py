@@ -1,0 +1,260 @@
+"""What the management commands do to the store, for the CLI and the admin API.
+
+Each operation validates everything first and writes only when all of it is
+right, so a refused command changes nothing. Errors are ``OperationError``
+with a one-line message saying what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+
+from edge.config import Config, parse_address
+from edge.store import base
+from edge.store.base import Store
+from edge.store.index import (
+    KEY_TYPES,
+    SOURCES,
+    CertMeta,
+    Index,
+    bundle_header,
+    parse_app,
+    parse_cert,
+    parse_domain,
+)
+from edge.tls import bundle as bundles
+from edge.tls import names
+from edge.tls.selector import Selector
+
+APP_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}\Z")
+EXPIRY_SOON = 14 * 86400  # SPEC §2: within 14 days of expiry, acme keeps a standby
+
+
+def _day(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(timestamp))
+
+
+class OperationError(ValueError):
+    """A refused management command; nothing was changed."""
+
+
+@dataclass(frozen=True)
+class Result:
+    message: str
+    warnings: tuple[str, ...] = ()
+
+
+class Operations:
+    def __init__(self, config: Config, store: Store) -> None:
+        self.config = config
+        self.store = store
+        self.platform_domain = config.platform.domain
+
+    # --- reading ---------------------------------------------------------------------
+    async def load_index(self) -> Index:
+        index = Index()
+        async for key, value in self.store.snapshot():
+            index.apply_put(key, value)
+        return index
+
+    async def _app(self, name: str) -> dict | None:
+        value = await self.store.get(base.app_key(name))
+        if value is None:
+            return None
+        app = parse_app(name, value)
+        return {"backends": list(app.backends), "force_https": app.force_https}
+
+    # --- apps ---------------------------------------------------------------------------
+    async def apps_add(self, name: str, backends: list[str], force_https: bool = True) -> Result:
+        if not APP_NAME.match(name):
+            raise OperationError(
+                f"app name {name!r} is invalid: use 1-63 lower-case letters, digits and hyphens, "
+                "starting with a letter or digit"
+            )
+        if not backends:
+            raise OperationError("give at least one --backend HOST:PORT")
+        clean = []
+        for raw in backends:
+            try:
+                address = parse_address(raw)
+            except ValueError as exc:
+                raise OperationError(f"backend {exc}") from None
+            if address.port == 0:
+                raise OperationError(f"backend {raw!r} has port 0; give the port the app listens on")
+            clean.append(str(address))
+        existed = await self.store.get(base.app_key(name)) is not None
+        record = {"backends": clean, "force_https": force_https}
+        await self.store.put(base.app_key(name), json.dumps(record, indent=1).encode() + b"\n")
+        verb = "updated" if existed else "added"
+        return Result(f"app {name} {verb}: https://{name}.{self.platform_domain} -> {', '.join(clean)}")
+
+    async def apps_remove(self, name: str) -> Result:
+        if await self.store.get(base.app_key(name)) is None:
+            raise OperationError(f"no app named {name!r}; `edge apps` lists them")
+        attached = sorted(
+            domain for key, value in (await self.store.items(base.DOMAINS)).items()
+            if parse_domain(value) == name and (domain := key[len(base.DOMAINS):])
+        )
+        if attached:
+            raise OperationError(
+                f"app {name} still has domains ({', '.join(attached)}); "
+                "remove them first with `edge domains-remove DOMAIN`"
+            )
+        await self.store.delete(base.app_key(name))
+        return Result(f"app {name} removed")
+
+    async def apps(self) -> list[dict]:
+        index = await self.load_index()
+        return [
+            {
+                "app": app.name,
+                "backends": list(app.backends),
+                "force_https": app.force_https,
+                "domains": sorted(d for d, a in index.domains.items() if a == app.name),
+            }
+            for app in sorted(index.apps.values(), key=lambda a: a.name)
+        ]
+
+    # --- domains ---------------------------------------------------------------------------
+    def _domain(self, raw: str) -> str:
+        domain = names.normalize_pattern(raw)
+        if domain is None:
+            raise OperationError(f"{raw!r} is not a valid domain name (e.g. www.example.com or *.example.com)")
+        bare = domain[2:] if names.is_wildcard(domain) else domain
+        if names.is_under(bare, self.platform_domain):
+            raise OperationError(
+                f"{domain} is under the platform domain {self.platform_domain}, which every app "
+                "already has; add a domain of your own"
+            )
+        return domain
+
+    async def _validated_bundle(self, domain: str, cert_path: str, key_path: str) -> bundles.Bundle:
+        try:
+            with open(cert_path, "rb") as f:
+                cert_pem = f.read(bundles.MAX_BUNDLE_BYTES + 1)
+            with open(key_path, "rb") as f:
+                key_pem = f.read(bundles.MAX_BUNDLE_BYTES + 1)
+        except OSError as exc:
+            raise OperationError(f"{exc.filename}: {exc.strerror}") from None
+        return self.validate_bundle(domain, cert_pem, key_pem, cert_path, key_path)
+
+    def validate_bundle(
+        self, domain: str, cert_pem: bytes, key_pem: bytes, cert_path: str = "certificate", key_path: str = "key"
+    ) -> bundles.Bundle:
+        try:
+            return bundles.validate(cert_pem, key_pem, domain, cert_path=cert_path, key_path=key_path)
+        except bundles.BundleError as exc:
+            raise OperationError(str(exc)) from None
+
+    async def _write_bundle(self, domain: str, source: str, validated: bundles.Bundle) -> None:
+        key = base.cert_key(domain, source, validated.key_type)
+        meta = CertMeta(key, domain, source, validated.key_type, validated.not_before,
+                        validated.not_after, validated.fingerprint)
+        await self.store.put(key, bundle_header(meta) + validated.pem, secret=True)
+
+    async def _drop_custom(self, domain: str) -> None:
+        for key_type in KEY_TYPES:
+            await self.store.delete(base.cert_key(domain, "custom", key_type))
+
+    async def domains_add(self, raw: str, app: str, cert: str | None = None, key: str | None = None) -> Result:
+        domain = self._domain(raw)
+        if (cert is None) != (key is None):
+            raise OperationError("give both --cert and --key, or neither")
+        if await self.store.get(base.app_key(app)) is None:
+            raise OperationError(f"no app named {app!r}; add it first with `edge apps-add {app} --backend HOST:PORT`")
+        current = await self.store.get(base.domain_key(domain))
+        if current is not None:
+            owner = parse_domain(current)
+            if owner != app:
+                raise OperationError(f"{domain} is already attached to app {owner}; a domain serves one app")
+            if cert is None:
+                raise OperationError(
+                    f"{domain} is already attached to {app}; use `edge domains-ssl` to set its certificate"
+                )
+        validated = await self._validated_bundle(domain, cert, key) if cert and key else None
+        warnings: list[str] = list(validated.warnings) if validated else []
+        if validated is not None:
+            await self._write_bundle(domain, "custom", validated)
+        elif not self.config.acme.enabled:
+            warnings.append(
+                f"{domain} has no certificate: handshakes for it get the default certificate until you "
+                f"upload one with `edge domains-ssl {domain} --cert FILE --key FILE`"
+            )
+        await self.store.put(base.domain_key(domain), json.dumps({"app": app}).encode() + b"\n")
+        what = f" with a custom {validated.key_type.upper()} certificate" if validated else ""
+        return Result(f"domain {domain} added to app {app}{what}", tuple(warnings))
+
+    async def domains_ssl(self, raw: str, cert: str | None, key: str | None, disable: bool = False) -> Result:
+        domain = self._domain(raw)
+        if await self.store.get(base.domain_key(domain)) is None:
+            raise OperationError(f"no domain {domain}; add it with `edge domains-add {domain} --app APP`")
+        if disable:
+            await self._drop_custom(domain)
+            return Result(f"custom certificate of {domain} removed; an acme certificate takes over where one is held")
+        if cert is None or key is None:
+            raise OperationError("give --cert FILE and --key FILE, or --disable")
+        validated = await self._validated_bundle(domain, cert, key)
+        # An upload replaces the bundle of its key type and keeps the other, as
+        # nginx serves one ssl_certificate per key type: RSA + ECDSA side by side.
+        await self._write_bundle(domain, "custom", validated)
+        message = (
+            f"custom {validated.key_type.upper()} certificate of {domain} in service "
+            f"(expires {_day(validated.not_after)})"
+        )
+        for key_type in KEY_TYPES:
+            if key_type == validated.key_type:
+                continue
+            other = await self.store.get(base.cert_key(domain, "custom", key_type))
+            if other is not None:
+                meta = parse_cert(base.cert_key(domain, "custom", key_type), other)
+                message += (
+                    f"; also serving the {key_type.upper()} certificate (expires {_day(meta.not_after)}) "
+                    f"to clients that prefer it; `edge domains-ssl {domain} --disable` drops both"
+                )
+        return Result(message, validated.warnings)
+
+    async def domains_remove(self, raw: str) -> Result:
+        domain = self._domain(raw)
+        if await self.store.get(base.domain_key(domain)) is None:
+            raise OperationError(f"no domain {domain}; `edge domains` lists them")
+        await self.store.delete(base.domain_key(domain))
+        for source in SOURCES:
+            for key_type in KEY_TYPES:
+                await self.store.delete(base.cert_key(domain, source, key_type))
+        return Result(f"domain {domain} removed")
+
+    async def domains(self, app: str | None = None, now: float | None = None) -> list[dict]:
+        index = await self.load_index()
+        selector = Selector(index, self.platform_domain, strict_sni=False)
+        when = time.time() if now is None else now
+        rows = []
+        for domain, owner in sorted(index.domains.items()):
+            if app is not None and owner != app:
+                continue
+            lookup = "x" + domain[1:] if names.is_wildcard(domain) else domain
+            choice = selector.select(lookup, when)
+            held = index.certs.get(domain)
+            serving = choice.source.value if choice is not None else "none"
+            chosen = choice.bundles if choice is not None else ()
+            expiry = min((b.not_after for b in chosen), default=None)
+            if chosen:
+                status = "expiring" if expiry is not None and expiry - when < EXPIRY_SOON else "ok"
+            elif held is not None:
+                status = "expired"
+            else:
+                status = "no certificate"
+            rows.append(
+                {
+                    "domain": domain,
+                    "app": owner,
+                    "serving": serving,
+                    "key_types": sorted(b.key_type for b in chosen),
+                    "expires": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expiry)) if expiry else None,
+                    "status": status,
+                    "errors": sorted(v for k, v in index.errors.items() if k.endswith("/" + domain)),
+                }
+            )
+        return rows

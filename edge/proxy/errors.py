@@ -1,0 +1,44 @@
+"""Error answers: a status, a reason the client can act on, and a small HTML page.
+
+Pre-encoded once; answering an error allocates nothing per request.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+
+class HttpError(Exception):
+    """Raised where a request cannot go on; carries the status to answer with."""
+
+    def __init__(self, status: int, detail: str = "") -> None:
+        super().__init__(detail or HTTPStatus(status).phrase)
+        self.status = status
+        self.detail = detail
+
+
+def _page(status: int) -> bytes:
+    phrase = HTTPStatus(status).phrase
+    body = (
+        f"<html><head><title>{status} {phrase}</title></head>"
+        f"<body><h1>{status} {phrase}</h1><hr><p>edge</p></body></html>\n"
+    ).encode()
+    head = (
+        f"HTTP/1.1 {status} {phrase}\r\n"
+        "Content-Type: text/html; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Cache-Control: no-store\r\n"
+    ).encode()
+    return head + b"%b\r\n\r\n" + body  # %b: the Connection header, filled per answer
+
+
+_PAGES = {
+    s: _page(s)
+    for s in (400, 404, 408, 413, 414, 421, 431, 500, 501, 502, 503, 504)
+}
+
+
+def error_response(status: int, keep_alive: bool) -> bytes:
+    template = _PAGES.get(status) or _page(status)
+    connection = b"Connection: keep-alive" if keep_alive else b"Connection: close"
+    return template.replace(b"%b", connection, 1)

@@ -1,0 +1,154 @@
+"""HTTP/1.1 message framing rules (RFC 9110, RFC 9112), apart from any I/O.
+
+Pure functions on header lists: which headers are hop-by-hop, how a request
+head is rewritten for the backend, how a response head is rewritten for the
+client, and the checks that refuse request smuggling.
+"""
+
+from __future__ import annotations
+
+from edge.proxy.errors import HttpError
+
+Headers = list[tuple[bytes, bytes]]
+
+# RFC 9110 §7.6.1: hop-by-hop fields, plus those named in Connection.
+# Proxy-Connection and Keep-Alive are legacy ones that must not be forwarded.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+_FORWARDED_BY_EDGE = frozenset({b"x-forwarded-proto", b"x-forwarded-port"})
+
+
+def connection_tokens(headers: Headers) -> set[bytes]:
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return tokens
+
+
+def check_framing(headers: Headers) -> tuple[int | None, bool]:
+    """(Content-Length, chunked) of a request, refusing ambiguous framing.
+
+    RFC 9112 §6.3: a message with both Transfer-Encoding and Content-Length
+    is a smuggling attempt from a proxy's point of view (§6.1 says to treat it
+    as an error or drop Content-Length; we refuse it). Several Content-Length
+    values that differ are refused (§6.3 item 5). Transfer-Encoding must end
+    in chunked for a request (§6.3 item 4).
+    """
+    length: int | None = None
+    te: list[bytes] = []
+    for name, value in headers:
+        if name == b"content-length":
+            for part in value.split(b","):
+                part = part.strip()
+                if not part.isdigit():
+                    raise HttpError(400, "invalid Content-Length")
+                n = int(part)
+                if length is not None and n != length:
+                    raise HttpError(400, "conflicting Content-Length values")
+                length = n
+        elif name == b"transfer-encoding":
+            te.extend(t.strip().lower() for t in value.split(b",") if t.strip())
+    if te:
+        if length is not None:
+            raise HttpError(400, "both Transfer-Encoding and Content-Length")
+        if te[-1] != b"chunked":
+            raise HttpError(400, "Transfer-Encoding does not end in chunked")
+        return None, True
+    return length, False
+
+
+def request_head(
+    method: bytes,
+    target: bytes,
+    headers: Headers,
+    *,
+    host: bytes,
+    client_ip: bytes,
+    proto: bytes,
+    port: bytes,
+    request_id: bytes,
+    content_length: int | None,
+    chunked: bool,
+) -> bytes:
+    """The request head sent to the backend (always HTTP/1.1 keep-alive)."""
+    drop = connection_tokens(headers)
+    out = [method, b" ", target, b" HTTP/1.1\r\n"]
+    forwarded_for = b""
+    have_host = have_request_id = False
+    for name, value in headers:
+        if name in HOP_BY_HOP or name in drop or name in _FORWARDED_BY_EDGE or name == b"content-length":
+            continue
+        if name == b"x-forwarded-for":
+            forwarded_for = forwarded_for + b", " + value if forwarded_for else value
+            continue
+        if name == b"host":
+            have_host = True
+        elif name == b"x-request-id":
+            have_request_id = True
+        out += (name, b": ", value, b"\r\n")
+    if not have_host:
+        out += (b"host: ", host, b"\r\n")
+    # Appended, as nginx's $proxy_add_x_forwarded_for does.
+    out += (
+        b"x-forwarded-for: ",
+        forwarded_for + b", " + client_ip if forwarded_for else client_ip,
+        b"\r\nx-forwarded-proto: ",
+        proto,
+        b"\r\nx-forwarded-port: ",
+        port,
+        b"\r\n",
+    )
+    if not have_request_id:
+        out += (b"x-request-id: ", request_id, b"\r\n")
+    if chunked:
+        out.append(b"transfer-encoding: chunked\r\n")
+    elif content_length is not None:
+        out += (b"content-length: ", str(content_length).encode(), b"\r\n")
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+def response_head(
+    status: int,
+    reason: bytes,
+    headers: Headers,
+    *,
+    content_length: int | None,
+    chunked: bool,
+    keep_alive: bool,
+) -> bytes:
+    """The response head sent to the client."""
+    drop = connection_tokens(headers)
+    out = [b"HTTP/1.1 ", str(status).encode(), b" ", reason or b"-", b"\r\n"]
+    for name, value in headers:
+        if name in HOP_BY_HOP or name in drop or name == b"content-length":
+            continue
+        out += (name, b": ", value, b"\r\n")
+    if chunked:
+        out.append(b"transfer-encoding: chunked\r\n")
+    elif content_length is not None:
+        out += (b"content-length: ", str(content_length).encode(), b"\r\n")
+    if not keep_alive:
+        out.append(b"connection: close\r\n")
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body (RFC 9112 §7.1)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"

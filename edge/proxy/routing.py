@@ -1,0 +1,58 @@
+"""Host -> app -> backend pool, from the in-memory index.
+
+An app's own name under the platform domain routes to it; custom domains
+route through the index's domain map. Pools live as long as the app's
+backend list is unchanged; a change replaces the pool (idle connections to
+the old backends are closed).
+"""
+
+from __future__ import annotations
+
+from edge.proxy.upstream import Pool
+from edge.store.index import App, Index
+from edge.tls import names
+from edge.tls.selector import Selector
+
+
+class Router:
+    def __init__(self, index: Index, selector: Selector, platform_domain: str, pool_size: int) -> None:
+        self.index = index
+        self.selector = selector
+        self.platform_domain = platform_domain
+        self.pool_size = pool_size
+        self._pools: dict[str, tuple[tuple[str, ...], Pool]] = {}
+
+    def app_for(self, host: str) -> App | None:
+        app = self.index.app_of(host)
+        if app is not None:
+            return app
+        if names.is_one_label_under(host, self.platform_domain):
+            return self.index.apps.get(host[: -len(self.platform_domain) - 1])
+        # A custom wildcard domain (*.example.com) routes its names one label down.
+        parent = names.wildcard_parent(host)
+        return self.index.app_of(parent) if parent is not None else None
+
+    def pool_for(self, app: App) -> Pool:
+        held = self._pools.get(app.name)
+        if held is not None and held[0] == app.backends:
+            return held[1]
+        if held is not None:
+            held[1].close()
+        pool = Pool(app.backends, self.pool_size)
+        self._pools[app.name] = (app.backends, pool)
+        return pool
+
+    def same_certificate(self, sni: str, host: str) -> bool:
+        """SNI and Host select the same certificate (else 421, RFC 9110 §15.5.20)."""
+        if sni == host:
+            return True
+        a = self.selector.select(sni)
+        b = self.selector.select(host)
+        if a is None or b is None:
+            return a is b
+        return a.source is b.source and a.cache_key == b.cache_key
+
+    def close(self) -> None:
+        for _, pool in self._pools.values():
+            pool.close()
+        self._pools.clear()

@@ -1,0 +1,268 @@
+"""Backend connections and pools: keep-alive reuse, round-robin, passive health.
+
+A ``BackendConnection`` parses one response at a time (httptools/llhttp) and
+hands head, body pieces and completion to the ``ResponseSink`` that owns it
+for the current exchange. A ``Pool`` per app keeps idle connections per
+backend, picks backends round-robin, and skips for a while a backend that
+refused a connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import Protocol
+
+import httptools
+
+log = logging.getLogger(__name__)
+
+DOWN_FOR = 5.0  # seconds a backend that refused a connection is skipped
+
+
+class UpstreamError(Exception):
+    """Why an exchange with a backend failed; ``kind`` feeds the answer and metrics."""
+
+    def __init__(self, kind: str, detail: str = "") -> None:
+        super().__init__(detail or kind)
+        self.kind = kind  # "refused", "timeout", "reset", "protocol"
+
+
+class ResponseSink(Protocol):
+    def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
+                      keep_alive: bool, chunked: bool, content_length: int | None) -> None: ...
+    def response_body(self, data: bytes) -> None: ...
+    def response_complete(self) -> None: ...
+    def upstream_failed(self, error: UpstreamError) -> None: ...
+    def upstream_pause(self) -> None: ...
+    def upstream_resume(self) -> None: ...
+
+
+class BackendConnection(asyncio.Protocol):
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.transport: asyncio.Transport | None = None
+        self.sink: ResponseSink | None = None
+        self.idle_since = 0.0
+        self.reused = False  # true once it served an exchange: a failure may be a stale keep-alive
+        self._parser: httptools.HttpResponseParser | None = None
+        self._head_only = False
+        self._reason = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._got_response = False
+        self._done = False
+
+    # --- owner's side -----------------------------------------------------------
+    def start(self, sink: ResponseSink, head_only: bool) -> None:
+        """Own the connection for one exchange; ``head_only`` for HEAD requests."""
+        self.sink = sink
+        self._head_only = head_only
+        self._parser = httptools.HttpResponseParser(self)
+        self._headers = []
+        self._reason = b""
+        self._got_response = False
+        self._done = False
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    @property
+    def got_response(self) -> bool:
+        return self._got_response
+
+    def pause_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        self.sink = None
+        if self.transport is not None:
+            # Abort: a backend that never sends close_notify (or a slow one)
+            # must not hold the socket open (DESIGN.md).
+            self.transport.abort()
+
+    # --- asyncio.Protocol -----------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.sink is None or self._parser is None:
+            # Bytes on an idle connection: the backend broke the protocol.
+            self.close()
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            if not self._done:
+                self._fail(UpstreamError("protocol", f"bad response from {self.backend}: {exc}"))
+
+    def eof_received(self) -> bool | None:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.backend.pool_forget(self)
+        if self.sink is not None and not self._done:
+            if self._parser is not None and self._got_response:
+                # A close-delimited body ends with the connection (RFC 9112 §6.3 item 8).
+                try:
+                    self._parser.feed_data(b"")
+                except httptools.HttpParserError:
+                    pass
+            if not self._done:
+                self._fail(UpstreamError("reset", f"{self.backend} closed the connection"))
+
+    def pause_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.upstream_pause()
+
+    def resume_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.upstream_resume()
+
+    def _fail(self, error: UpstreamError) -> None:
+        sink, self.sink = self.sink, None
+        self._done = True
+        if self.transport is not None:
+            self.transport.abort()
+        if sink is not None:
+            sink.upstream_failed(error)
+
+    # --- httptools callbacks -----------------------------------------------------------
+    def on_status(self, status: bytes) -> None:
+        self._reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        assert parser is not None and self.sink is not None
+        status = parser.get_status_code()
+        headers, self._headers = self._headers, []
+        reason, self._reason = self._reason, b""
+        if 100 <= status < 200 and status != 101:
+            # Interim response (100 Continue, 103 Early Hints): pass it on; the
+            # final response follows on the same connection (RFC 9110 §15.2).
+            self.sink.response_head(status, reason, headers, True, False, None)
+            return
+        self._got_response = True
+        chunked = False
+        length: int | None = None
+        for name, value in headers:
+            if name == b"transfer-encoding":
+                chunked = chunked or b"chunked" in value.lower()
+            elif name == b"content-length" and value.strip().isdigit():
+                length = int(value)
+        self.sink.response_head(status, reason, headers, parser.should_keep_alive(), chunked, length)
+        if self._head_only or status in (204, 304):
+            # No body follows a HEAD, 204 or 304 response (RFC 9110 §6.4.1),
+            # whatever Content-Length says: finish now and reset the parser.
+            self._finish(parser.should_keep_alive())
+
+    def on_body(self, body: bytes) -> None:
+        if self.sink is not None and not self._done:
+            self.sink.response_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._got_response or self._done:
+            return  # the end of an interim 1xx response, or a HEAD already finished
+        assert self._parser is not None
+        self._finish(self._parser.should_keep_alive())
+
+    def _finish(self, keep_alive: bool) -> None:
+        self._done = True
+        sink, self.sink = self.sink, None
+        self._parser = None
+        self.reused = True
+        if keep_alive and self.transport is not None and not self.transport.is_closing():
+            self.backend.release(self)
+        elif self.transport is not None:
+            self.transport.close()
+        if sink is not None:
+            sink.response_complete()
+
+
+class Backend:
+    """One ``host:port`` and its idle keep-alive connections."""
+
+    def __init__(self, address: str, pool_size: int) -> None:
+        host, _, port = address.rpartition(":")
+        self.address = address
+        self.host = host.strip("[]")
+        self.port = int(port)
+        self.pool_size = pool_size
+        self.idle: deque[BackendConnection] = deque()
+        self.down_until = 0.0
+
+    def __str__(self) -> str:
+        return self.address
+
+    def release(self, conn: BackendConnection) -> None:
+        if len(self.idle) >= self.pool_size:
+            conn.close()
+            return
+        conn.idle_since = time.monotonic()
+        self.idle.append(conn)
+
+    def pool_forget(self, conn: BackendConnection) -> None:
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    def take_idle(self) -> BackendConnection | None:
+        while self.idle:
+            conn = self.idle.pop()  # most recently used: least likely to have timed out
+            if conn.transport is not None and not conn.transport.is_closing():
+                return conn
+        return None
+
+    async def connect(self, timeout: float) -> BackendConnection:
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: BackendConnection(self), self.host, self.port),
+                timeout,
+            )
+        except TimeoutError:
+            raise UpstreamError("timeout", f"connecting to {self} timed out") from None
+        except OSError as exc:
+            self.down_until = time.monotonic() + DOWN_FOR
+            raise UpstreamError("refused", f"{self}: {exc.strerror or exc}") from None
+        return conn
+
+    def close_idle(self) -> None:
+        while self.idle:
+            self.idle.pop().close()
+
+
+class Pool:
+    """The backends of one app, picked round-robin among the healthy ones."""
+
+    def __init__(self, backends: tuple[str, ...], pool_size: int) -> None:
+        self.backends = [Backend(b, pool_size) for b in backends]
+        self._next = 0
+
+    def candidates(self) -> list[Backend]:
+        """Backends in round-robin order, healthy first, skipped ones last."""
+        n = len(self.backends)
+        if n == 0:
+            return []
+        start = self._next % n
+        self._next += 1
+        ordered = self.backends[start:] + self.backends[:start]
+        now = time.monotonic()
+        healthy = [b for b in ordered if b.down_until <= now]
+        return healthy + [b for b in ordered if b.down_until > now]
+
+    def close(self) -> None:
+        for backend in self.backends:
+            backend.close_idle()

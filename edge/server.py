@@ -1,0 +1,260 @@
+"""Listeners, the store follower, signals and shutdown: one edge process.
+
+Start-up order matters for correctness:
+1. the platform and default certificates load (a broken one stops start-up
+   with its error: there is nothing sensible to serve without them);
+2. the store watch is armed, *then* the snapshot is loaded, so a change
+   made in between is seen (twice, harmlessly) rather than missed;
+3. listeners open last, when every name can be answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import ssl
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from edge.config import Address, Config
+from edge.proxy.protocol import HttpProxyProtocol, ListenerInfo
+from edge.proxy.routing import Router
+from edge.store.base import Store, StoreError
+from edge.store.index import Index, split_bundle
+from edge.store.open import open_store
+from edge.tls import contexts, devcert
+from edge.tls.acceptor import TlsAcceptor, TlsInfo
+from edge.tls.contexts import ContextBuildError, ContextCache
+from edge.tls.selector import Selector
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(RuntimeError):
+    """edge cannot start; the message says why and what to do."""
+
+
+def bind(address: Address, reuse_port: bool = False) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((address.host, address.port))
+    except OSError as exc:
+        sock.close()
+        hint = " (ports under 1024 need root or CAP_NET_BIND_SERVICE)" if address.port < 1024 else ""
+        raise StartupError(f"cannot listen on {address}: {exc.strerror}{hint}") from None
+    sock.listen(4096)
+    sock.setblocking(False)
+    return sock
+
+
+def load_fixed_context(cert: str, key: str, min_version: str) -> ssl.SSLContext:
+    ctx = contexts.base_context(min_version)
+    try:
+        ctx.load_cert_chain(cert, key)
+    except FileNotFoundError as exc:
+        raise StartupError(f"{exc.filename}: no such file; check [platform] cert/key in the config") from None
+    except ssl.SSLError as exc:
+        raise StartupError(f"{cert}: OpenSSL refused the certificate or key: {exc.reason or exc}") from None
+    return ctx
+
+
+@dataclass
+class Edge:
+    """One running edge process."""
+
+    config: Config
+    store: Store = field(init=False)
+    index: Index = field(init=False)
+    selector: Selector = field(init=False)
+    cache: ContextCache = field(init=False)
+    router: Router = field(init=False)
+    acceptor: TlsAcceptor = field(init=False)
+    https_sockets: list[socket.socket] = field(default_factory=list)
+    http_servers: list[asyncio.AbstractServer] = field(default_factory=list)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    _stopping: bool = False
+
+    def __post_init__(self) -> None:
+        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="edge-tls")
+
+    # --- start ---------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.config
+        platform = cfg.platform
+        if platform.dev_certificates:
+            message = devcert.ensure_dev_certificates(platform.domain, platform.cert, platform.key)
+            if message:
+                log.warning("%s", message)
+        min_version = cfg.tls.min_version
+        platform_ctx = load_fixed_context(str(platform.cert), str(platform.key), min_version)
+        if cfg.tls.default_cert and cfg.tls.default_key:
+            default_ctx = load_fixed_context(str(cfg.tls.default_cert), str(cfg.tls.default_key), min_version)
+        else:
+            # The platform certificate is the default: one context serves both.
+            default_ctx = platform_ctx
+
+        self.store = open_store(cfg)
+        self.index = Index()
+        self.selector = Selector(self.index, platform.domain, platform.strict_sni)
+        self.cache = ContextCache(cfg.tls.context_cache_size, self._build_context)
+        self.router = Router(self.index, self.selector, platform.domain, cfg.proxy.pool_size)
+        await self._follow_store()
+
+        https_port = cfg.server.https[0].port if cfg.server.https else 443
+        self.acceptor = TlsAcceptor(
+            listener_context=default_ctx,
+            platform_context=platform_ctx,
+            selector=self.selector,
+            cache=self.cache,
+            protocol_factory=self._https_protocol_factory(https_port),
+            handshake_timeout=cfg.proxy.handshake_timeout,
+        )
+        for address in cfg.server.https:
+            sock = bind(address)
+            self.https_sockets.append(sock)
+            self.acceptor.listen(sock)
+        loop = asyncio.get_running_loop()
+        for address in cfg.server.http:
+            sock = bind(address)
+            listener = ListenerInfo(b"http", str(sock.getsockname()[1]).encode(), https_port)
+            server = await loop.create_server(
+                lambda listener=listener: HttpProxyProtocol(self.router, cfg.proxy, listener, None),
+                sock=sock,
+            )
+            self.http_servers.append(server)
+        log.info(
+            "edge serving https on %s, http on %s (platform domain %s, %d names in the store)",
+            ", ".join(self.bound_https()), ", ".join(self.bound_http()), platform.domain,
+            len(self.index.domains),
+        )
+
+    def _https_protocol_factory(self, https_port: int):
+        cfg = self.config
+        listener = ListenerInfo(b"https", str(https_port).encode(), https_port)
+
+        def factory(info: TlsInfo) -> asyncio.Protocol:
+            return HttpProxyProtocol(self.router, cfg.proxy, listener, info)
+
+        return factory
+
+    def bound_https(self) -> list[str]:
+        return [f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in self.https_sockets]
+
+    def bound_http(self) -> list[str]:
+        out = []
+        for server in self.http_servers:
+            for s in server.sockets:
+                out.append(f"{s.getsockname()[0]}:{s.getsockname()[1]}")
+        return out
+
+    async def _build_context(self, key: tuple[str, ...]) -> ssl.SSLContext:
+        pems = []
+        for part in key:
+            store_key = part.partition("#")[0]
+            value = await self.store.get(store_key)
+            if value is None:
+                raise ContextBuildError(f"{store_key} vanished from the store")
+            pems.append(split_bundle(value)[1])
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, contexts.build_context, pems, self.config.tls.min_version)
+
+    # --- store following ------------------------------------------------------------------
+    async def _follow_store(self) -> None:
+        armed = asyncio.Event()
+        self._tasks.append(asyncio.get_running_loop().create_task(self._watch(armed)))
+        await armed.wait()
+        await self.reload_store()
+
+    async def reload_store(self) -> None:
+        """Load the whole store again (start-up, SIGHUP)."""
+        fresh = Index()
+        try:
+            async for key, value in self.store.snapshot():
+                fresh.apply_put(key, value)
+        except StoreError as exc:
+            log.error("store reload failed, keeping the current index: %s", exc)
+            return
+        self.index.replace_with(fresh)
+
+    async def _watch(self, armed: asyncio.Event) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                stream = self.store.watch(self.index.revision + 1)
+                # The first step of the generator arms the watch (inotify) synchronously.
+                first = asyncio.ensure_future(stream.__anext__())
+                await asyncio.sleep(0.05)
+                armed.set()
+                batch = await first
+                while True:
+                    for event in batch:
+                        self.index.apply(event)
+                    batch = await stream.__anext__()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                armed.set()
+                log.error("store watch failed (%s); retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                await self.reload_store()
+
+    # --- stop ---------------------------------------------------------------------------
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self.acceptor.stop_listening()
+        self.acceptor.close_pending()
+        for server in self.http_servers:
+            server.close()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self.router.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(config: Config) -> None:
+    edge = Edge(config)
+    try:
+        await edge.start()
+    except StoreError as exc:
+        raise StartupError(str(exc)) from None
+    loop = asyncio.get_running_loop()
+    background: set[asyncio.Task[None]] = set()
+
+    def spawn(coro) -> None:
+        task = loop.create_task(coro)
+        background.add(task)
+        task.add_done_callback(background.discard)
+
+    def on_term() -> None:
+        if not edge.stopping:
+            log.info("stopping")
+            spawn(edge.stop())
+
+    def on_hup() -> None:
+        log.info("SIGHUP: reloading the store")
+        spawn(edge.reload_store())
+
+    loop.add_signal_handler(signal.SIGTERM, on_term)
+    loop.add_signal_handler(signal.SIGINT, on_term)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    await edge.wait_stopped()

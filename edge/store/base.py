@@ -1,0 +1,107 @@
+"""The store interface: keys and bytes, a revision, and a stream of changes.
+
+The store is the source of truth shared by the CLI, the admin API and every
+running edge process. It knows nothing of certificates or HTTP: values are
+bytes, and ``edge.store.index`` gives them meaning.
+
+Key space (the same for every backend):
+
+    apps/<app>                        JSON  {"backends": [...], "force_https": true}
+    domains/<domain>                  JSON  {"app": "<app>"}
+    certs/<source>-<keytype>/<domain> one JSON header line, then PEM chain + key (secret)
+
+``<domain>`` is canonical (see ``edge.tls.names``) and may be ``*.example.com``.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+APPS = "apps/"
+DOMAINS = "domains/"
+CERTS = "certs/"
+
+
+class StoreError(RuntimeError):
+    """The store cannot be read or written (gone, full, permissions)."""
+
+
+class EventKind(enum.Enum):
+    PUT = "put"
+    DELETE = "delete"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    kind: EventKind
+    key: str
+    value: bytes | None
+    revision: int
+
+
+def app_key(app: str) -> str:
+    return APPS + app
+
+
+def domain_key(domain: str) -> str:
+    return DOMAINS + domain
+
+
+def cert_key(domain: str, source: str, key_type: str) -> str:
+    return f"{CERTS}{source}-{key_type}/{domain}"
+
+
+def parse_cert_key(key: str) -> tuple[str, str, str] | None:
+    """``certs/custom-ecdsa/www.example.com`` -> (domain, source, key_type)."""
+    if not key.startswith(CERTS):
+        return None
+    kind, _, domain = key[len(CERTS) :].partition("/")
+    source, _, key_type = kind.partition("-")
+    if not domain or not source or not key_type:
+        return None
+    return domain, source, key_type
+
+
+class Store(ABC):
+    """What every backend provides. All methods are safe on the event loop."""
+
+    @abstractmethod
+    async def get(self, key: str) -> bytes | None: ...
+
+    @abstractmethod
+    async def put(self, key: str, value: bytes, *, secret: bool = False) -> None:
+        """Write atomically; ``secret`` values are readable by the owner only."""
+
+    @abstractmethod
+    async def delete(self, key: str) -> bool:
+        """Remove ``key``; False when it was not there."""
+
+    @abstractmethod
+    async def items(self, prefix: str) -> dict[str, bytes]:
+        """Every key under ``prefix`` with its value (small prefixes only)."""
+
+    @abstractmethod
+    def snapshot(self) -> AsyncIterator[tuple[str, bytes]]:
+        """Every key and value, in pages, for the in-memory index to load.
+
+        ``revision`` holds the revision the snapshot was taken at once the
+        iteration is done; ``watch(revision + 1)`` then misses nothing.
+        """
+
+    @property
+    @abstractmethod
+    def revision(self) -> int: ...
+
+    @abstractmethod
+    def watch(self, start_revision: int) -> AsyncIterator[list[Event]]:
+        """Changes from ``start_revision`` on, in batches, forever."""
+
+    async def check(self) -> list[str]:
+        """Problems an operator should hear about (``edge check``); empty when fine."""
+        return []
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        pass

@@ -1,0 +1,283 @@
+"""The TLS listener: accept, peek the ClientHello, get the context, hand over.
+
+Why not a plain ``create_server(ssl=...)`` with an ``sni_callback``: the
+callback runs inside ``do_handshake`` on the event-loop thread and cannot
+await, so a cold name would build its context (~1 ms of OpenSSL work, plus a
+store read) while every other connection waits. Instead:
+
+1. accept the raw socket;
+2. read the ClientHello with ``MSG_PEEK`` (the bytes stay in the kernel for
+   the TLS stack) and parse SNI and ALPN (``clienthello.parse``);
+3. select the certificate (``Selector``) and fetch its context from the
+   cache, building it in a thread pool on a miss;
+4. pin it under the name, and start TLS with the *listener* context, whose
+   ``sni_callback`` swaps in the pinned context (one dict lookup).
+
+Handshakes run with the listener context so its session-ticket keys, made
+once before workers fork, are shared: resumption works across workers.
+TLS versions and options come from the listener; certificate, ALPN and TLS
+1.2 ciphers from the swapped-in context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from edge.tls import clienthello, names
+from edge.tls.contexts import ContextBuildError, ContextCache
+from edge.tls.selector import Choice, Selector, Source
+
+log = logging.getLogger(__name__)
+
+# RFC 8446 §6: a fatal unrecognized_name(112) alert in a TLS 1.0-compatible
+# record, sent raw before closing when strict SNI refuses a name.
+_ALERT_UNRECOGNIZED_NAME = b"\x15\x03\x01\x00\x02\x02\x70"
+_PLAIN_HTTP_ANSWER = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/html\r\nConnection: close\r\n"
+    b"Content-Length: 77\r\n\r\n"
+    b"<html><body><h1>400 Plain HTTP request sent to HTTPS port</h1></body></html>\n"
+)
+_PEEK_SIZE = clienthello.MAX_CLIENT_HELLO + 5 * 4
+# A ClientHello split over several TCP segments: poll again after these delays
+# (level-triggered readiness would otherwise spin while the bytes sit unread).
+_PEEK_BACKOFF = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
+
+
+@dataclass(frozen=True, slots=True)
+class TlsInfo:
+    """What the data path learns of the handshake."""
+
+    server_name: str | None  # canonical SNI name, None when absent or invalid
+    source: Source
+    alpn: tuple[bytes, ...]
+
+
+ProtocolFactory = Callable[[TlsInfo], asyncio.BaseProtocol]
+
+
+class HandshakeStats:
+    """Counters for the metrics module to read; no labels per name."""
+
+    def __init__(self) -> None:
+        self.completed: dict[str, int] = {}
+        self.failed: dict[str, int] = {}
+        self.refused_sni = 0
+        self.not_tls = 0
+
+    def done(self, source: Source) -> None:
+        self.completed[source.value] = self.completed.get(source.value, 0) + 1
+
+    def fail(self, reason: str) -> None:
+        self.failed[reason] = self.failed.get(reason, 0) + 1
+
+
+class TlsAcceptor:
+    def __init__(
+        self,
+        *,
+        listener_context: ssl.SSLContext,
+        platform_context: ssl.SSLContext,
+        selector: Selector,
+        cache: ContextCache,
+        protocol_factory: ProtocolFactory,
+        handshake_timeout: float,
+    ) -> None:
+        # The listener context holds the default certificate (no SNI, unknown names).
+        self.listener_context = listener_context
+        self.platform_context = platform_context
+        self.selector = selector
+        self.cache = cache
+        self.protocol_factory = protocol_factory
+        self.handshake_timeout = handshake_timeout
+        self.stats = HandshakeStats()
+        # name -> [context, number of handshakes in flight using it]
+        self._pins: dict[str, list] = {}
+        self._listeners: list[socket.socket] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._peeking: set[socket.socket] = set()
+        listener_context.sni_callback = self._sni_callback
+
+    # --- listening -----------------------------------------------------------
+    def listen(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self._listeners.append(sock)
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._accept_ready, sock)
+
+    def stop_listening(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in self._listeners:
+            loop.remove_reader(sock.fileno())
+            sock.close()
+        self._listeners.clear()
+
+    def close_pending(self) -> None:
+        """Drop connections still before or inside their handshake (shutdown)."""
+        loop = asyncio.get_running_loop()
+        for sock in list(self._peeking):
+            loop.remove_reader(sock.fileno())
+            sock.close()
+        self._peeking.clear()
+        for task in list(self._tasks):
+            task.cancel()
+
+    def _accept_ready(self, listener: socket.socket) -> None:
+        # Accept a bounded batch per wake-up so one busy listener cannot starve the loop.
+        for _ in range(64):
+            try:
+                sock, _addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: log, retry on the next wake-up
+                log.warning("accept failed: %s", exc)
+                return
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._peek(sock, 0, asyncio.get_running_loop().time() + self.handshake_timeout)
+
+    # --- ClientHello -----------------------------------------------------------
+    def _peek(self, sock: socket.socket, attempt: int, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            data = sock.recv(_PEEK_SIZE, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            self._wait_readable(sock, attempt, deadline)
+            return
+        except OSError:
+            self._drop(sock)
+            return
+        if not data:
+            self._drop(sock)  # closed before saying anything
+            return
+        try:
+            hello = clienthello.parse(data)
+        except clienthello.NeedMore:
+            if loop.time() >= deadline:
+                self.stats.fail("timeout")
+                self._drop(sock)
+                return
+            self._peeking.add(sock)
+            delay = _PEEK_BACKOFF[min(attempt, len(_PEEK_BACKOFF) - 1)]
+            loop.call_later(delay, self._peek_again, sock, attempt + 1, deadline)
+            return
+        except clienthello.NotClientHello:
+            self.stats.not_tls += 1
+            if data[:1].isalpha():
+                # Plain HTTP on the TLS port: say so, as nginx does (its 497).
+                try:
+                    sock.send(_PLAIN_HTTP_ANSWER)
+                except OSError:
+                    pass
+            self._drop(sock)
+            return
+        self._peeking.discard(sock)
+        self._start(sock, hello)
+
+    def _peek_again(self, sock: socket.socket, attempt: int, deadline: float) -> None:
+        if sock in self._peeking:
+            self._peek(sock, attempt, deadline)
+
+    def _wait_readable(self, sock: socket.socket, attempt: int, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._peeking.add(sock)
+        fd = sock.fileno()
+
+        def ready() -> None:
+            loop.remove_reader(fd)
+            timer.cancel()
+            if sock in self._peeking:
+                self._peek(sock, attempt, deadline)
+
+        def expired() -> None:
+            loop.remove_reader(fd)
+            self.stats.fail("timeout")
+            self._drop(sock)
+
+        loop.add_reader(fd, ready)
+        timer = loop.call_at(deadline, expired)
+
+    def _drop(self, sock: socket.socket) -> None:
+        self._peeking.discard(sock)
+        sock.close()
+
+    # --- handshake -----------------------------------------------------------------
+    def _start(self, sock: socket.socket, hello: clienthello.ClientHello) -> None:
+        name = names.normalize(hello.server_name)
+        choice = self.selector.select(name)
+        if choice is None:
+            self.stats.refused_sni += 1
+            try:
+                sock.send(_ALERT_UNRECOGNIZED_NAME)
+            except OSError:
+                pass
+            sock.close()
+            return
+        if choice.source is Source.DEFAULT:
+            ctx = self.listener_context
+        elif choice.source is Source.PLATFORM:
+            ctx = self.platform_context
+        else:
+            ctx = self.cache.get_nowait(choice.cache_key)
+        task = asyncio.get_running_loop().create_task(self._handshake(sock, name, hello, choice, ctx))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handshake(
+        self,
+        sock: socket.socket,
+        name: str | None,
+        hello: clienthello.ClientHello,
+        choice: Choice,
+        ctx: ssl.SSLContext | None,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        if ctx is None:
+            try:
+                ctx = await asyncio.wait_for(self.cache.get(choice.cache_key), self.handshake_timeout)
+            except (ContextBuildError, OSError, TimeoutError) as exc:
+                log.error("no TLS context for %s (%s): %s", name, choice.source.value, exc)
+                self.stats.fail("context")
+                sock.close()
+                return
+        info = TlsInfo(name, choice.source, hello.alpn)
+        # The listener context needs no swap: nothing to pin.
+        pinned = name is not None and ctx is not self.listener_context
+        if pinned:
+            pin = self._pins.get(name)  # type: ignore[arg-type]
+            if pin is None or pin[0] is not ctx:
+                # A newer context replaces an older pin: handshakes already
+                # past their callback keep the one they got.
+                self._pins[name] = pin = [ctx, 0]  # type: ignore[index]
+            pin[1] += 1
+        try:
+            await loop.connect_accepted_socket(
+                lambda: self.protocol_factory(info),
+                sock,
+                ssl=self.listener_context,
+                ssl_handshake_timeout=self.handshake_timeout,
+            )
+            self.stats.done(choice.source)
+        except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
+            log.debug("handshake for %s failed: %s", name, exc)
+            self.stats.fail("handshake")
+            sock.close()
+        finally:
+            if pinned:
+                pin = self._pins.get(name)  # type: ignore[arg-type]
+                if pin is not None and pin[0] is ctx:
+                    pin[1] -= 1
+                    if pin[1] == 0:
+                        del self._pins[name]  # type: ignore[arg-type]
+
+    def _sni_callback(self, sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
+        """Runs inside do_handshake: no I/O, one dict lookup (DESIGN.md)."""
+        if server_name is None:
+            return None
+        pin = self._pins.get(names.normalize(server_name))  # type: ignore[arg-type]
+        if pin is not None:
+            sslobj.context = pin[0]
+        return None

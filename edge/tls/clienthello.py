@@ -1,0 +1,137 @@
+"""Parse the SNI and ALPN of a TLS ClientHello from the first bytes of a connection.
+
+The listener peeks these bytes (MSG_PEEK) before the handshake starts, so it
+can fetch or build the certificate context off the event loop and hand the
+socket to the TLS stack with it ready. A pure function of bytes: no I/O.
+
+Wire format: RFC 8446 §5.1 (record), §4.1.2 (ClientHello), §4.2 (extensions),
+RFC 6066 §3 (server_name), RFC 7301 §3.1 (ALPN).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+_HANDSHAKE = 22  # ContentType.handshake, RFC 8446 §5.1
+_CLIENT_HELLO = 1  # HandshakeType.client_hello, RFC 8446 §4
+_EXT_SERVER_NAME = 0
+_EXT_ALPN = 16
+_HOST_NAME = 0  # NameType.host_name, RFC 6066 §3
+# A ClientHello is at most 2^24 bytes by the format, but real ones are a few KiB
+# (post-quantum key shares make them ~2 KiB). Past this we stop waiting for
+# more and let the TLS stack judge the connection.
+MAX_CLIENT_HELLO = 16 * 1024
+
+
+class NeedMore(Exception):
+    """Not enough bytes yet to hold the whole ClientHello."""
+
+
+class NotClientHello(Exception):
+    """The bytes are not a TLS ClientHello (plain HTTP on the TLS port, garbage)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientHello:
+    server_name: bytes | None
+    alpn: tuple[bytes, ...]
+
+
+def _handshake_bytes(data: bytes) -> bytes:
+    """Join the payloads of the leading handshake records (a ClientHello may
+    span several records, RFC 8446 §5.1) until the message is complete."""
+    body = bytearray()
+    pos = 0
+    need = None
+    while True:
+        if len(data) < pos + 5:
+            raise NeedMore
+        if data[pos] != _HANDSHAKE or data[pos + 1] != 3:
+            raise NotClientHello("not a TLS handshake record")
+        length = int.from_bytes(data[pos + 3 : pos + 5], "big")
+        if length == 0 or length > 16384 + 256:
+            raise NotClientHello("bad TLS record length")
+        if len(data) < pos + 5 + length:
+            # Take what arrived of a partial record only to learn the length.
+            body += data[pos + 5 :]
+            if need is None and len(body) >= 4:
+                need = 4 + int.from_bytes(body[1:4], "big")
+            if need is not None and need > MAX_CLIENT_HELLO:
+                raise NotClientHello("ClientHello too large")
+            raise NeedMore
+        body += data[pos + 5 : pos + 5 + length]
+        pos += 5 + length
+        if len(body) >= 4:
+            if body[0] != _CLIENT_HELLO:
+                raise NotClientHello("first handshake message is not a ClientHello")
+            need = 4 + int.from_bytes(body[1:4], "big")
+            if need > MAX_CLIENT_HELLO:
+                raise NotClientHello("ClientHello too large")
+            if len(body) >= need:
+                return bytes(body[4:need])
+
+
+def parse(data: bytes) -> ClientHello:
+    """Return the ClientHello at the start of ``data``.
+
+    Raises NeedMore when the bytes end before the message does, and
+    NotClientHello when they cannot be one.
+    """
+    hello = _handshake_bytes(data)
+    try:
+        return _parse_body(hello)
+    except (IndexError, ValueError) as exc:
+        raise NotClientHello(f"malformed ClientHello: {exc}") from None
+
+
+def _vector(buf: bytes, pos: int, size_len: int) -> tuple[bytes, int]:
+    size = int.from_bytes(buf[pos : pos + size_len], "big")
+    start = pos + size_len
+    end = start + size
+    if end > len(buf):
+        raise ValueError("vector runs past its parent")
+    return buf[start:end], end
+
+
+def _parse_body(hello: bytes) -> ClientHello:
+    # legacy_version(2) random(32) session_id<0..32> cipher_suites<2..2^16-2>
+    # legacy_compression_methods<1..2^8-1> extensions<8..2^16-1>
+    pos = 34
+    _, pos = _vector(hello, pos, 1)
+    _, pos = _vector(hello, pos, 2)
+    _, pos = _vector(hello, pos, 1)
+    if pos == len(hello):
+        return ClientHello(None, ())  # no extensions at all (SSLv3-style hello)
+    extensions, _ = _vector(hello, pos, 2)
+    server_name: bytes | None = None
+    alpn: tuple[bytes, ...] = ()
+    pos = 0
+    while pos + 4 <= len(extensions):
+        ext_type = int.from_bytes(extensions[pos : pos + 2], "big")
+        ext_data, pos = _vector(extensions, pos + 2, 2)
+        if ext_type == _EXT_SERVER_NAME:
+            server_name = _server_name(ext_data)
+        elif ext_type == _EXT_ALPN:
+            alpn = _alpn(ext_data)
+    return ClientHello(server_name, alpn)
+
+
+def _server_name(ext: bytes) -> bytes | None:
+    names, _ = _vector(ext, 0, 2)
+    pos = 0
+    while pos + 3 <= len(names):
+        name_type = names[pos]
+        name, pos = _vector(names, pos + 1, 2)
+        if name_type == _HOST_NAME:
+            return name  # RFC 6066 §3: at most one name of each type
+    return None
+
+
+def _alpn(ext: bytes) -> tuple[bytes, ...]:
+    protocols, _ = _vector(ext, 0, 2)
+    out = []
+    pos = 0
+    while pos < len(protocols):
+        proto, pos = _vector(protocols, pos, 1)
+        out.append(proto)
+    return tuple(out)

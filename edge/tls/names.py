@@ -1,0 +1,109 @@
+"""Host name rules shared by certificate selection, uploads and routing.
+
+A name is kept in one canonical form everywhere (index keys, store keys, the
+SNI step, the Host header): lower case, no trailing dot, IDNA A-labels. That
+way every lookup is a plain dict access on an exact string.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+import idna
+
+# RFC 1123 §2.1 host name labels (letters, digits, hyphen; not starting or
+# ending with a hyphen), at most 63 octets each (RFC 1035 §2.3.4).
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
+_MAX_NAME = 253  # RFC 1035 §2.3.4: 255 octets on the wire = 253 characters
+
+
+def _valid_ascii(name: str) -> bool:
+    if not name or len(name) > _MAX_NAME:
+        return False
+    labels = name.split(".")
+    if len(labels) < 2:
+        # A single label ("localhost", "intranet") is no public name; SNI
+        # (RFC 6066 §3) carries fully qualified names only.
+        return False
+    return all(_LABEL.match(label) for label in labels)
+
+
+@lru_cache(maxsize=65536)
+def normalize(raw: str | bytes | None) -> str | None:
+    """Return the canonical form of ``raw``, or None when it is no valid host name.
+
+    Lower case, trailing dot removed, IDNA A-labels (RFC 5890, with UTS #46
+    mapping as browsers do). The cache keeps the SNI step to one dict hit for
+    names seen before.
+    """
+    if raw is None:
+        return None
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("ascii")
+        except UnicodeDecodeError:
+            # RFC 6066 §3: HostName is ASCII; UTF-8 here is a broken client,
+            # but decoding it is kinder than refusing.
+            try:
+                raw = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return None
+    name = raw.strip().lower()
+    if name.endswith("."):
+        name = name[:-1]
+    if not name.isascii():
+        try:
+            name = idna.encode(name, uts46=True).decode("ascii")
+        except idna.IDNAError:
+            return None
+    return name if _valid_ascii(name) else None
+
+
+def normalize_pattern(raw: str) -> str | None:
+    """Normalise a domain that may be a wildcard (``*.example.com``).
+
+    The wildcard must be the whole left-most label and cover at least two
+    labels, as CA/Browser Forum rules and RFC 6125 §6.4.3 allow.
+    """
+    raw = raw.strip()
+    if raw.startswith("*."):
+        rest = normalize(raw[2:])
+        return f"*.{rest}" if rest else None
+    return normalize(raw)
+
+
+def is_wildcard(pattern: str) -> bool:
+    return pattern.startswith("*.")
+
+
+def wildcard_parent(name: str) -> str | None:
+    """The wildcard domain one label up: ``a.example.com`` -> ``*.example.com``.
+
+    Only one level: ``*.example.com`` never covers ``a.b.example.com`` nor
+    ``example.com`` (RFC 6125 §6.4.3).
+    """
+    dot = name.find(".")
+    if dot < 0 or name.count(".", dot + 1) == 0:
+        return None  # "example.com" has no wildcard above it that we honour
+    return "*" + name[dot:]
+
+
+def covers(pattern: str, name: str) -> bool:
+    """Does certificate name ``pattern`` (maybe a wildcard) cover host ``name``?"""
+    if pattern == name:
+        return True
+    return is_wildcard(pattern) and wildcard_parent(name) == pattern
+
+
+def is_under(name: str, domain: str) -> bool:
+    """``name`` is ``domain`` itself or any name below it."""
+    return name == domain or name.endswith("." + domain)
+
+
+def is_one_label_under(name: str, domain: str) -> bool:
+    """``app.domain`` style: exactly one label in front of ``domain``."""
+    if not name.endswith("." + domain):
+        return False
+    head = name[: -len(domain) - 1]
+    return bool(head) and "." not in head

@@ -1,0 +1,78 @@
+"""Which certificate a handshake gets: the rules of SPEC §2, in order.
+
+Hash lookups only: the cost does not depend on how many names the index holds.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass
+
+from edge.store.index import CertMeta, Index
+from edge.tls import names
+
+
+class Source(enum.Enum):
+    CUSTOM = "custom"
+    ACME = "acme"
+    WILDCARD = "custom-wildcard"
+    PLATFORM = "platform"
+    DEFAULT = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """A selected certificate: the bundles to serve (one per key type) and why.
+
+    ``cache_key`` identifies the TLS context for exactly these bundles; it
+    changes when any bundle is replaced, so a stale context is never served.
+    """
+
+    source: Source
+    bundles: tuple[CertMeta, ...] = ()
+    cache_key: tuple[str, ...] = ()
+
+
+PLATFORM = Choice(Source.PLATFORM)
+DEFAULT = Choice(Source.DEFAULT)
+
+
+def _choice(source: Source, bundles: tuple[CertMeta, ...]) -> Choice:
+    key = tuple(f"{b.store_key}#{b.fingerprint}" for b in bundles)
+    return Choice(source, bundles, key)
+
+
+class Selector:
+    def __init__(self, index: Index, platform_domain: str, strict_sni: bool) -> None:
+        self.index = index
+        self.platform_domain = platform_domain
+        self.strict_sni = strict_sni
+
+    def select(self, name: str | None, now: float | None = None) -> Choice | None:
+        """The certificate for canonical host ``name`` (None: no or invalid SNI).
+
+        Returns None when the handshake must be refused (strict SNI).
+        """
+        if name is None:
+            return None if self.strict_sni else DEFAULT
+        when = time.time() if now is None else now
+        certs = self.index.certs
+        held = certs.get(name)
+        if held is not None:
+            # 1. a valid custom certificate of that exact domain
+            if bundles := held.valid("custom", when):
+                return _choice(Source.CUSTOM, bundles)
+            # 2. a valid acme certificate of that exact domain
+            if bundles := held.valid("acme", when):
+                return _choice(Source.ACME, bundles)
+        # 3. a valid custom certificate of the wildcard one label up
+        parent = names.wildcard_parent(name)
+        if parent is not None and (wild := certs.get(parent)) is not None and (bundles := wild.valid("custom", when)):
+            return _choice(Source.WILDCARD, bundles)
+        # 4. the platform certificate for the platform domain and one label under
+        platform = self.platform_domain
+        if name == platform or names.is_one_label_under(name, platform):
+            return PLATFORM
+        # 5. the default certificate, or refusal with strict SNI
+        return None if self.strict_sni else DEFAULT
