@@ -21,6 +21,10 @@ class Pem:
     key: bytes
 
     @property
+    def pair(self) -> tuple[bytes, bytes]:
+        return self.cert, self.key
+
+    @property
     def leaf_der(self) -> bytes:
         return x509.load_pem_x509_certificates(self.cert)[0].public_bytes(serialization.Encoding.DER)
 

@@ -238,11 +238,17 @@ class TlsAcceptor:
         if ctx is None:
             try:
                 ctx = await asyncio.wait_for(self.cache.get(choice.cache_key), self.handshake_timeout)
-            except (ContextBuildError, OSError, TimeoutError) as exc:
-                log.error("no TLS context for %s (%s): %s", name, choice.source.value, exc)
+            except (ContextBuildError, OSError, TimeoutError, ValueError) as exc:
+                # A stored bundle OpenSSL refuses (edited by hand) or a store
+                # that went away: fall through to the default certificate, as
+                # for an unknown name, rather than failing the handshake.
+                log.error("no TLS context for %s (%s): %s; serving the default certificate",
+                          name, choice.source.value, exc)
                 self.stats.fail("context")
-                sock.close()
-                return
+                if self.selector.strict_sni:
+                    sock.close()
+                    return
+                ctx = self.listener_context
         info = TlsInfo(name, choice.source, hello.alpn)
         # The listener context needs no swap: nothing to pin.
         pinned = name is not None and ctx is not self.listener_context

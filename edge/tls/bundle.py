@@ -15,7 +15,6 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtensionOID
 
 from edge.tls import names
@@ -28,6 +27,7 @@ WEAK_HASHES = {"sha1", "md5"}
 
 _CERT_BEGIN = b"-----BEGIN CERTIFICATE-----"
 _KEY_MARKERS = (b"PRIVATE KEY-----",)
+_PKCS7_DATA_OID = bytes.fromhex("06092a864886f70d010701")  # 1.2.840.113549.1.7.1
 
 
 class BundleError(ValueError):
@@ -59,23 +59,14 @@ def _describe_non_pem(data: bytes, what: str, path: str) -> BundleError:
     if not data.strip():
         return BundleError(f"{path}: the {what} file is empty; give the PEM file itself")
     if data[:1] == b"\x30":
-        # DER SEQUENCE: either a bare DER certificate/key or a PKCS#12 archive.
-        try:
-            pkcs12.load_pkcs12(data, None)
+        # DER SEQUENCE: a bare DER certificate/key, or a PKCS#12 archive, whose
+        # PFX starts with version 3 then a pkcs7-data ContentInfo (RFC 7292 §4).
+        if b"\x02\x01\x03" in data[:8] and _PKCS7_DATA_OID in data[:48]:
             return BundleError(
                 f"{path}: this is a PKCS#12 (.pfx/.p12) archive, not PEM; extract it with "
-                f"`openssl pkcs12 -in {path} -nodes -out bundle.pem` and upload the PEM parts"
+                f"`openssl pkcs12 -in {path} -nodes -out bundle.pem` and upload the certificate "
+                "and key parts as PEM"
             )
-        except Exception:
-            pass
-        try:
-            pkcs12.load_pkcs12(data, b"")
-            return BundleError(
-                f"{path}: this is a PKCS#12 (.pfx/.p12) archive, not PEM; extract it with "
-                f"`openssl pkcs12 -in {path} -nodes -out bundle.pem`"
-            )
-        except Exception:
-            pass
         if what == "certificate":
             fix = f"`openssl x509 -inform der -in {path} -out {path}.pem`"
         else:
