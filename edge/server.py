@@ -103,7 +103,9 @@ class Edge:
 
         self.store = open_store(cfg)
         self.index = Index()
-        self.selector = Selector(self.index, platform.domain, platform.strict_sni)
+        self.selector = Selector(
+            self.index, platform.domain, platform.strict_sni, default_is_platform=default_ctx is platform_ctx
+        )
         self.cache = ContextCache(cfg.tls.context_cache_size, self._build_context)
         self.router = Router(self.index, self.selector, platform.domain, cfg.proxy.pool_size)
         await self._follow_store()

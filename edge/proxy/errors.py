@@ -12,19 +12,27 @@ class HttpError(Exception):
     """Raised where a request cannot go on; carries the status to answer with."""
 
     def __init__(self, status: int, detail: str = "") -> None:
-        super().__init__(detail or HTTPStatus(status).phrase)
+        super().__init__(detail or phrase(status))
         self.status = status
         self.detail = detail
 
 
+# RFC 9110 names where Python's http.HTTPStatus still has older phrases.
+_PHRASES = {413: "Content Too Large", 414: "URI Too Long"}
+
+
+def phrase(status: int) -> str:
+    return _PHRASES.get(status) or HTTPStatus(status).phrase
+
+
 def _page(status: int) -> bytes:
-    phrase = HTTPStatus(status).phrase
+    phrase_text = phrase(status)
     body = (
-        f"<html><head><title>{status} {phrase}</title></head>"
-        f"<body><h1>{status} {phrase}</h1><hr><p>edge</p></body></html>\n"
+        f"<html><head><title>{status} {phrase_text}</title></head>"
+        f"<body><h1>{status} {phrase_text}</h1><hr><p>edge</p></body></html>\n"
     ).encode()
     head = (
-        f"HTTP/1.1 {status} {phrase}\r\n"
+        f"HTTP/1.1 {status} {phrase_text}\r\n"
         "Content-Type: text/html; charset=utf-8\r\n"
         f"Content-Length: {len(body)}\r\n"
         "Cache-Control: no-store\r\n"

@@ -46,11 +46,7 @@ class Router:
         """SNI and Host select the same certificate (else 421, RFC 9110 §15.5.20)."""
         if sni == host:
             return True
-        a = self.selector.select(sni)
-        b = self.selector.select(host)
-        if a is None or b is None:
-            return a is b
-        return a.source is b.source and a.cache_key == b.cache_key
+        return self.selector.same_certificate(self.selector.select(sni), self.selector.select(host))
 
     def close(self) -> None:
         for _, pool in self._pools.values():

@@ -44,10 +44,20 @@ def _choice(source: Source, bundles: tuple[CertMeta, ...]) -> Choice:
 
 
 class Selector:
-    def __init__(self, index: Index, platform_domain: str, strict_sni: bool) -> None:
+    def __init__(self, index: Index, platform_domain: str, strict_sni: bool, default_is_platform: bool = True) -> None:
         self.index = index
         self.platform_domain = platform_domain
         self.strict_sni = strict_sni
+        self.default_is_platform = default_is_platform
+
+    def same_certificate(self, a: Choice | None, b: Choice | None) -> bool:
+        """Do two choices serve the same certificate?"""
+        if a is None or b is None:
+            return a is b
+        if self.default_is_platform:
+            a = PLATFORM if a is DEFAULT else a
+            b = PLATFORM if b is DEFAULT else b
+        return a.source is b.source and a.cache_key == b.cache_key
 
     def select(self, name: str | None, now: float | None = None) -> Choice | None:
         """The certificate for canonical host ``name`` (None: no or invalid SNI).

@@ -145,7 +145,7 @@ def test_plain_http_on_tls_port_gets_400(edge: EdgeProcess) -> None:
     assert b"Plain HTTP request sent to HTTPS port" in answer
 
 
-def test_silent_client_is_cut_off_after_handshake_timeout(tmp_path_factory, backend) -> None:  # noqa: ANN001
+def test_silent_client_is_cut_off_after_handshake_timeout(tmp_path_factory, backend) -> None:
     process = EdgeProcess(tmp_path_factory.mktemp("timeout"))
     process.config.write_text(process.config.read_text().replace("handshake_timeout = 5", "handshake_timeout = 0.5"))
     process.start()

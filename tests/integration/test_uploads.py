@@ -131,7 +131,7 @@ def test_refused_upload_changes_nothing(case: str, cases, edge: EdgeProcess, ser
 
 
 def test_same_refusal_through_domains_add(edge: EdgeProcess, cases, tmp_path: Path) -> None:
-    cert_bytes, key_bytes, expected = cases["key-mismatch"]
+    cert_bytes, key_bytes, _expected = cases["key-mismatch"]
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert.write_bytes(cert_bytes)
     key.write_bytes(key_bytes)

@@ -1,0 +1,78 @@
+import pytest
+
+from edge.proxy import h1
+from edge.proxy.errors import HttpError
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ([], (None, False)),
+        ([(b"content-length", b"10")], (10, False)),
+        ([(b"content-length", b"10"), (b"content-length", b"10")], (10, False)),
+        ([(b"content-length", b"10, 10")], (10, False)),
+        ([(b"transfer-encoding", b"chunked")], (None, True)),
+        ([(b"transfer-encoding", b"gzip, chunked")], (None, True)),
+    ],
+)
+def test_framing(headers, expected):
+    assert h1.check_framing(headers) == expected
+
+
+@pytest.mark.parametrize(
+    ("headers", "reason"),
+    [
+        ([(b"content-length", b"10"), (b"transfer-encoding", b"chunked")], "both"),
+        ([(b"content-length", b"10"), (b"content-length", b"11")], "conflicting"),
+        ([(b"content-length", b"1, 2")], "conflicting"),
+        ([(b"content-length", b"-1")], "invalid"),
+        ([(b"content-length", b"0x10")], "invalid"),
+        ([(b"transfer-encoding", b"chunked, gzip")], "does not end in chunked"),
+    ],
+)
+def test_smuggling_refused(headers, reason):
+    with pytest.raises(HttpError, match=reason) as exc:
+        h1.check_framing(headers)
+    assert exc.value.status == 400
+
+
+def test_request_head_rewrites_forwarding_headers():
+    head = h1.request_head(
+        b"POST", b"/p?q=1",
+        [(b"host", b"www.example.com"), (b"connection", b"keep-alive, x-private"), (b"x-private", b"1"),
+         (b"keep-alive", b"timeout=5"), (b"x-forwarded-for", b"10.0.0.1"), (b"x-forwarded-proto", b"spoof"),
+         (b"content-length", b"3"), (b"accept", b"*/*")],
+        host=b"www.example.com", client_ip=b"127.0.0.9", proto=b"https", port=b"443",
+        request_id=b"rid", content_length=3, chunked=False,
+    )
+    text = head.decode()
+    assert text.startswith("POST /p?q=1 HTTP/1.1\r\n")
+    assert "x-private" not in text and "keep-alive" not in text.lower().replace("connection", "")
+    assert "x-forwarded-for: 10.0.0.1, 127.0.0.9\r\n" in text
+    assert "x-forwarded-proto: https\r\n" in text and "spoof" not in text
+    assert "x-forwarded-port: 443\r\n" in text
+    assert "x-request-id: rid\r\n" in text
+    assert text.count("content-length: 3") == 1
+    assert text.endswith("\r\n\r\n")
+
+
+def test_request_id_kept_when_sent():
+    head = h1.request_head(
+        b"GET", b"/", [(b"host", b"h.test"), (b"x-request-id", b"abc")],
+        host=b"h.test", client_ip=b"1.1.1.1", proto=b"https", port=b"443", request_id=b"new",
+        content_length=None, chunked=False,
+    )
+    assert b"x-request-id: abc" in head and b"new" not in head
+
+
+def test_response_head_strips_hop_by_hop():
+    head = h1.response_head(
+        200, b"OK", [(b"connection", b"close"), (b"transfer-encoding", b"chunked"), (b"server", b"x")],
+        content_length=None, chunked=True, keep_alive=True,
+    )
+    assert head == b"HTTP/1.1 200 OK\r\nserver: x\r\ntransfer-encoding: chunked\r\n\r\n"
+
+
+def test_chunk():
+    assert h1.chunk(b"hello") == b"5\r\nhello\r\n"
+    assert h1.LAST_CHUNK == b"0\r\n\r\n"

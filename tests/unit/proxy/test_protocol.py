@@ -1,0 +1,160 @@
+"""The client-side protocol driven byte by byte on a fake transport."""
+
+import asyncio
+import json
+
+import pytest
+
+from edge.config import ProxyConfig
+from edge.proxy.protocol import HttpProxyProtocol, ListenerInfo
+from edge.proxy.routing import Router
+from edge.store.base import Event, EventKind
+from edge.store.index import CertMeta, Index, bundle_header
+from edge.tls.acceptor import TlsInfo
+from edge.tls.selector import Selector, Source
+
+PEM = b"-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n-----BEGIN PRIVATE KEY-----\ny\n"
+
+
+class FakeTransport(asyncio.Transport):
+    def __init__(self):
+        super().__init__()
+        self.written = bytearray()
+        self.closed = False
+        self.paused = False
+
+    def write(self, data):
+        self.written += data
+
+    def close(self):
+        self.closed = True
+
+    def is_closing(self):
+        return self.closed
+
+    def get_extra_info(self, name, default=None):
+        return ("192.0.2.7", 5555) if name == "peername" else default
+
+    def pause_reading(self):
+        self.paused = True
+
+    def resume_reading(self):
+        self.paused = False
+
+
+def make_protocol(tls_name="demo.apps.test", https=True, force_https=True, **limits):
+    index = Index()
+    index.apply(Event(EventKind.PUT, "apps/demo", json.dumps(
+        {"backends": ["127.0.0.1:9"], "force_https": force_https}).encode(), 1))
+    index.apply(Event(EventKind.PUT, "domains/www.custom.test", b'{"app": "demo"}', 1))
+    meta = CertMeta("certs/custom-ecdsa/www.custom.test", "www.custom.test", "custom", "ecdsa", 0, 4e9, "f")
+    index.apply(Event(EventKind.PUT, meta.store_key, bundle_header(meta) + PEM, 1))
+    selector = Selector(index, "apps.test", False)
+    router = Router(index, selector, "apps.test", 4)
+    info = TlsInfo(tls_name, Source.PLATFORM, ()) if https else None
+    listener = ListenerInfo(b"https" if https else b"http", b"443", 443)
+    protocol = HttpProxyProtocol(router, ProxyConfig(**limits), listener, info)
+    transport = FakeTransport()
+    protocol.connection_made(transport)
+    return protocol, transport
+
+
+def run(coro_fn):
+    async def main():
+        return await coro_fn()
+    return asyncio.run(main())
+
+
+def status_of(transport):
+    return bytes(transport.written).split(b"\r\n", 1)[0]
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: nope.test\r\n\r\n", b"HTTP/1.1 404 Not Found"),
+        (b"GET / HTTP/1.1\r\n\r\n", b"HTTP/1.1 400 Bad Request"),  # HTTP/1.1 needs Host
+        (b"POST / HTTP/1.1\r\nHost: demo.apps.test\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+         b"HTTP/1.1 400 Bad Request"),
+        (b"POST / HTTP/1.1\r\nHost: demo.apps.test\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+         b"HTTP/1.1 400 Bad Request"),
+        (b"GET / HTTP/1.1\r\nHost: demo.apps.test\r\nBad Header\r\n\r\n", b"HTTP/1.1 400 Bad Request"),
+        (b"GET / HTTP/1.1\nHost: demo.apps.test\n\n", b"HTTP/1.1 400 Bad Request"),  # bare LF
+        (b"GET / HTTP/1.1\r\nHost: demo.apps.test\r\nX: a\r\n folded\r\n\r\n", b"HTTP/1.1 400 Bad Request"),
+        (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: demo.apps.test\r\n\r\n", b"HTTP/1.1 414 URI Too Long"),
+        (b"GET / HTTP/1.1\r\nHost: demo.apps.test\r\nX-Big: " + b"b" * 70000 + b"\r\n\r\n",
+         b"HTTP/1.1 431 Request Header Fields Too Large"),
+        (b"GET / HTTP/1.1\r\nHost: other.apps.test\r\n\r\n", b"HTTP/1.1 404 Not Found"),
+        # SNI demo.apps.test (platform certificate), Host with a custom one: 421.
+        (b"GET / HTTP/1.1\r\nHost: www.custom.test\r\n\r\n", b"HTTP/1.1 421 Misdirected Request"),
+    ],
+)
+def test_error_answers(request_bytes, status):
+    async def scenario():
+        protocol, transport = make_protocol()
+        protocol.data_received(request_bytes)
+        return transport
+
+    transport = run(scenario)
+    assert status_of(transport) == status
+    assert b"<html>" in transport.written
+
+
+def test_malformed_request_closes_connection():
+    async def scenario():
+        protocol, transport = make_protocol()
+        protocol.data_received(b"GARBAGE\r\n\r\n")
+        return transport
+
+    transport = run(scenario)
+    assert status_of(transport) == b"HTTP/1.1 400 Bad Request"
+    assert transport.closed
+
+
+def test_error_answer_keeps_connection_alive_and_pipelines():
+    """Two pipelined requests for unknown hosts, split at every byte boundary."""
+    data = b"GET /a HTTP/1.1\r\nHost: x.test\r\n\r\nGET /b HTTP/1.1\r\nHost: y.test\r\n\r\n"
+
+    async def scenario():
+        protocol, transport = make_protocol(tls_name=None)
+        for i in range(len(data)):
+            protocol.data_received(data[i : i + 1])
+        return transport
+
+    transport = run(scenario)
+    assert bytes(transport.written).count(b"HTTP/1.1 404 Not Found") == 2
+    assert not transport.closed
+
+
+def test_plain_http_redirects_to_https():
+    async def scenario():
+        protocol, transport = make_protocol(https=False)
+        protocol.data_received(b"GET /path?q=1 HTTP/1.1\r\nHost: demo.apps.test:8080\r\n\r\n")
+        return transport
+
+    transport = run(scenario)
+    assert status_of(transport) == b"HTTP/1.1 301 Moved Permanently"
+    assert b"Location: https://demo.apps.test/path?q=1\r\n" in transport.written
+
+
+def test_head_timeout_answers_408():
+    async def scenario():
+        protocol, transport = make_protocol(request_head_timeout=0.05)
+        protocol.data_received(b"GET / HTTP/1.1\r\nHost: demo")
+        await asyncio.sleep(0.2)
+        return transport
+
+    transport = run(scenario)
+    assert status_of(transport) == b"HTTP/1.1 408 Request Timeout"
+    assert transport.closed
+
+
+def test_idle_keepalive_closed_after_timeout():
+    async def scenario():
+        protocol, transport = make_protocol(idle_timeout=0.05)
+        protocol.data_received(b"GET / HTTP/1.1\r\nHost: nope.test\r\n\r\n")
+        assert not transport.closed
+        await asyncio.sleep(0.2)
+        return transport
+
+    assert run(scenario).closed

@@ -1,0 +1,89 @@
+from pathlib import Path
+
+import pytest
+
+from edge import config
+
+SHIPPED = Path(__file__).parents[2] / "config" / "edge.toml"
+
+
+def parse(text: str, name: str = "edge.toml") -> config.Config:
+    return config.parse(text, Path("/etc/edge") / name)
+
+
+def test_shipped_config_loads_with_spec_defaults():
+    cfg = config.load(SHIPPED)
+    assert cfg.server.https == (config.Address("127.0.0.1", 8443),)
+    assert cfg.server.http == (config.Address("127.0.0.1", 8080),)
+    assert cfg.platform.domain == "edge.localhost"
+    assert cfg.store.backend == "file"
+    # Relative paths resolve against the config file's directory.
+    assert cfg.store.path == SHIPPED.parent.parent / "var" / "store"
+    assert cfg.platform.cert == SHIPPED.parent.parent / "var" / "dev" / "platform.crt"
+    assert cfg.tls.min_version == "TLSv1.2"
+    assert cfg.tls.context_cache_size == 10000
+    assert cfg.proxy.handshake_timeout == 10
+
+
+def test_empty_config_gets_defaults():
+    cfg = parse("")
+    assert cfg.platform.strict_sni is False
+    assert cfg.store.path == Path("/etc/edge/var/store")
+
+
+def test_unknown_key_names_file_and_line():
+    with pytest.raises(config.ConfigError) as exc:
+        parse('[server]\nhttps = ["127.0.0.1:1"]\n\n[tls]\nmin_versoin = "TLSv1.2"\n')
+    assert str(exc.value).startswith("/etc/edge/edge.toml:5: [tls] min_versoin: unknown key")
+
+
+def test_wrong_type_names_line():
+    with pytest.raises(config.ConfigError, match=r"edge.toml:3: \[platform\] strict_sni: expected bool"):
+        parse('[platform]\ndomain = "apps.example.net"\nstrict_sni = "yes"\n')
+
+
+def test_invalid_toml_names_line():
+    with pytest.raises(config.ConfigError, match=r"edge.toml:2: invalid TOML"):
+        parse('[server]\nhttps = "x" "y"\n')
+
+
+def test_bad_address():
+    with pytest.raises(config.ConfigError, match=r":2: \[server\] https: 'localhost' is not host:port"):
+        parse('[server]\nhttps = ["localhost"]\n')
+
+
+def test_ipv6_and_wildcard_addresses():
+    cfg = parse('[server]\nhttps = ["[::1]:8443", ":443"]\n')
+    assert cfg.server.https == (config.Address("::1", 8443), config.Address("0.0.0.0", 443))
+
+
+def test_tls_versions_below_12_refused():
+    with pytest.raises(config.ConfigError, match="older versions are unsafe"):
+        parse('[tls]\nmin_version = "TLSv1.1"\n')
+
+
+def test_admin_beyond_loopback_needs_token():
+    with pytest.raises(config.ConfigError, match="set admin_token"):
+        parse('[server]\nadmin = "0.0.0.0:9090"\n')
+    assert parse('[server]\nadmin = "0.0.0.0:9090"\nadmin_token = "s3cret"\n').server.admin_token == "s3cret"
+
+
+def test_platform_domain_normalised_and_checked():
+    assert parse('[platform]\ndomain = "Apps.Example.NET."\n').platform.domain == "apps.example.net"
+    with pytest.raises(config.ConfigError, match="not a valid host name"):
+        parse('[platform]\ndomain = "bad_domain"\n')
+
+
+def test_unknown_section():
+    with pytest.raises(config.ConfigError, match=r"edge.toml:1: \[serverr\]: unknown section"):
+        parse("[serverr]\n")
+
+
+def test_missing_file():
+    with pytest.raises(config.ConfigError, match="no such config file"):
+        config.load(Path("/nonexistent/edge.toml"))
+
+
+def test_default_cert_needs_both():
+    with pytest.raises(config.ConfigError, match="set both default_cert and default_key"):
+        parse('[tls]\ndefault_cert = "d.crt"\n')

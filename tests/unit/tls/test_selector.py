@@ -1,0 +1,86 @@
+import json
+
+import pytest
+
+from edge.store.base import Event, EventKind, cert_key
+from edge.store.index import CertMeta, Index, bundle_header
+from edge.tls.selector import DEFAULT, PLATFORM, Selector, Source
+
+PEM = b"-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n-----BEGIN PRIVATE KEY-----\ny\n"
+NOW = 1_000_000.0
+
+
+def add(index, domain, source, key_type="ecdsa", not_before=0.0, not_after=2e9, fp="fp"):
+    key = cert_key(domain, source, key_type)
+    meta = CertMeta(key, domain, source, key_type, not_before, not_after, fp)
+    index.apply(Event(EventKind.PUT, key, bundle_header(meta) + PEM, 1))
+    index.apply(Event(EventKind.PUT, f"domains/{domain}", json.dumps({"app": "a"}).encode(), 1))
+
+
+@pytest.fixture
+def index():
+    return Index()
+
+
+@pytest.fixture
+def selector(index):
+    return Selector(index, "apps.test", strict_sni=False)
+
+
+def test_rule1_custom_beats_acme(index, selector):
+    add(index, "www.example.com", "acme")
+    add(index, "www.example.com", "custom")
+    assert selector.select("www.example.com", NOW).source is Source.CUSTOM
+
+
+def test_rule2_acme_when_custom_expired_or_not_yet_valid(index, selector):
+    add(index, "www.example.com", "custom", not_after=NOW - 1)
+    add(index, "www.example.com", "acme")
+    assert selector.select("www.example.com", NOW).source is Source.ACME
+    add(index, "www.example.com", "custom", not_before=NOW + 1)
+    assert selector.select("www.example.com", NOW).source is Source.ACME
+
+
+def test_rule3_wildcard_one_label_only(index, selector):
+    add(index, "*.example.com", "custom")
+    assert selector.select("a.example.com", NOW).source is Source.WILDCARD
+    assert selector.select("a.b.example.com", NOW) is DEFAULT
+    assert selector.select("example.com", NOW) is DEFAULT
+
+
+def test_rule3_ignores_acme_on_wildcard(index, selector):
+    add(index, "*.example.com", "acme")
+    assert selector.select("a.example.com", NOW) is DEFAULT
+
+
+def test_exact_acme_beats_wildcard_custom(index, selector):
+    add(index, "*.example.com", "custom")
+    add(index, "a.example.com", "acme")
+    assert selector.select("a.example.com", NOW).source is Source.ACME
+
+
+def test_rule4_platform(selector):
+    assert selector.select("apps.test", NOW) is PLATFORM
+    assert selector.select("demo.apps.test", NOW) is PLATFORM
+    assert selector.select("x.demo.apps.test", NOW) is DEFAULT
+
+
+def test_rule5_default_and_strict(index):
+    assert Selector(index, "apps.test", False).select("nope.test", NOW) is DEFAULT
+    assert Selector(index, "apps.test", False).select(None, NOW) is DEFAULT
+    assert Selector(index, "apps.test", True).select("nope.test", NOW) is None
+    assert Selector(index, "apps.test", True).select(None, NOW) is None
+    assert Selector(index, "apps.test", True).select("demo.apps.test", NOW) is PLATFORM
+
+
+def test_both_key_types_served_and_cache_key_tracks_fingerprints(index, selector):
+    add(index, "www.example.com", "custom", "ecdsa", fp="e1")
+    add(index, "www.example.com", "custom", "rsa", fp="r1")
+    first = selector.select("www.example.com", NOW)
+    assert sorted(b.key_type for b in first.bundles) == ["ecdsa", "rsa"]
+    add(index, "www.example.com", "custom", "rsa", fp="r2")
+    second = selector.select("www.example.com", NOW)
+    assert second.cache_key != first.cache_key
+    # Only the valid one of two key types is served.
+    add(index, "www.example.com", "custom", "rsa", not_after=NOW - 1, fp="r3")
+    assert [b.key_type for b in selector.select("www.example.com", NOW).bundles] == ["ecdsa"]
