@@ -16,6 +16,7 @@ import logging
 import signal
 import socket
 import ssl
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -110,19 +111,19 @@ class Edge:
         self.router = Router(self.index, self.selector, platform.domain, cfg.proxy.pool_size)
         await self._follow_store()
 
-        https_port = cfg.server.https[0].port if cfg.server.https else 443
         self.acceptor = TlsAcceptor(
             listener_context=default_ctx,
             platform_context=platform_ctx,
             selector=self.selector,
             cache=self.cache,
-            protocol_factory=self._https_protocol_factory(https_port),
             handshake_timeout=cfg.proxy.handshake_timeout,
         )
-        for address in cfg.server.https:
-            sock = bind(address)
-            self.https_sockets.append(sock)
-            self.acceptor.listen(sock)
+        self.https_sockets = [bind(address) for address in cfg.server.https]
+        # Redirects from port 80 point at the first TLS listener's real port.
+        https_port = self.https_sockets[0].getsockname()[1] if self.https_sockets else 443
+        for sock in self.https_sockets:
+            listener = ListenerInfo(b"https", str(sock.getsockname()[1]).encode(), https_port)
+            self.acceptor.listen(sock, self._https_protocol_factory(listener))
         loop = asyncio.get_running_loop()
         for address in cfg.server.http:
             sock = bind(address)
@@ -133,17 +134,16 @@ class Edge:
             )
             self.http_servers.append(server)
         log.info(
-            "edge serving https on %s, http on %s (platform domain %s, %d names in the store)",
+            "edge serving https on %s, http on %s (platform domain %s; %d apps, %d domains in the store)",
             ", ".join(self.bound_https()), ", ".join(self.bound_http()), platform.domain,
-            len(self.index.domains),
+            len(self.index.apps), len(self.index.domains),
         )
 
-    def _https_protocol_factory(self, https_port: int):
-        cfg = self.config
-        listener = ListenerInfo(b"https", str(https_port).encode(), https_port)
+    def _https_protocol_factory(self, listener: ListenerInfo) -> Callable[[TlsInfo], asyncio.Protocol]:
+        proxy_config = self.config.proxy
 
         def factory(info: TlsInfo) -> asyncio.Protocol:
-            return HttpProxyProtocol(self.router, cfg.proxy, listener, info)
+            return HttpProxyProtocol(self.router, proxy_config, listener, info)
 
         return factory
 

@@ -84,7 +84,6 @@ class TlsAcceptor:
         platform_context: ssl.SSLContext,
         selector: Selector,
         cache: ContextCache,
-        protocol_factory: ProtocolFactory,
         handshake_timeout: float,
     ) -> None:
         # The listener context holds the default certificate (no SNI, unknown names).
@@ -92,7 +91,6 @@ class TlsAcceptor:
         self.platform_context = platform_context
         self.selector = selector
         self.cache = cache
-        self.protocol_factory = protocol_factory
         self.handshake_timeout = handshake_timeout
         self.stats = HandshakeStats()
         # name -> [context, number of handshakes in flight using it]
@@ -103,10 +101,11 @@ class TlsAcceptor:
         listener_context.sni_callback = self._sni_callback
 
     # --- listening -----------------------------------------------------------
-    def listen(self, sock: socket.socket) -> None:
+    def listen(self, sock: socket.socket, protocol_factory: ProtocolFactory) -> None:
+        """Accept TLS connections on ``sock``; ``protocol_factory`` makes their protocol."""
         sock.setblocking(False)
         self._listeners.append(sock)
-        asyncio.get_running_loop().add_reader(sock.fileno(), self._accept_ready, sock)
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._accept_ready, sock, protocol_factory)
 
     def stop_listening(self) -> None:
         loop = asyncio.get_running_loop()
@@ -125,7 +124,7 @@ class TlsAcceptor:
         for task in list(self._tasks):
             task.cancel()
 
-    def _accept_ready(self, listener: socket.socket) -> None:
+    def _accept_ready(self, listener: socket.socket, factory: ProtocolFactory) -> None:
         # Accept a bounded batch per wake-up so one busy listener cannot starve the loop.
         for _ in range(64):
             try:
@@ -137,15 +136,15 @@ class TlsAcceptor:
                 return
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._peek(sock, 0, asyncio.get_running_loop().time() + self.handshake_timeout)
+            self._peek(sock, factory, 0, asyncio.get_running_loop().time() + self.handshake_timeout)
 
     # --- ClientHello -----------------------------------------------------------
-    def _peek(self, sock: socket.socket, attempt: int, deadline: float) -> None:
+    def _peek(self, sock: socket.socket, factory: ProtocolFactory, attempt: int, deadline: float) -> None:
         loop = asyncio.get_running_loop()
         try:
             data = sock.recv(_PEEK_SIZE, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
-            self._wait_readable(sock, attempt, deadline)
+            self._wait_readable(sock, factory, attempt, deadline)
             return
         except OSError:
             self._drop(sock)
@@ -162,7 +161,7 @@ class TlsAcceptor:
                 return
             self._peeking.add(sock)
             delay = _PEEK_BACKOFF[min(attempt, len(_PEEK_BACKOFF) - 1)]
-            loop.call_later(delay, self._peek_again, sock, attempt + 1, deadline)
+            loop.call_later(delay, self._peek_again, sock, factory, attempt + 1, deadline)
             return
         except clienthello.NotClientHello:
             self.stats.not_tls += 1
@@ -175,13 +174,13 @@ class TlsAcceptor:
             self._drop(sock)
             return
         self._peeking.discard(sock)
-        self._start(sock, hello)
+        self._start(sock, factory, hello)
 
-    def _peek_again(self, sock: socket.socket, attempt: int, deadline: float) -> None:
+    def _peek_again(self, sock: socket.socket, factory: ProtocolFactory, attempt: int, deadline: float) -> None:
         if sock in self._peeking:
-            self._peek(sock, attempt, deadline)
+            self._peek(sock, factory, attempt, deadline)
 
-    def _wait_readable(self, sock: socket.socket, attempt: int, deadline: float) -> None:
+    def _wait_readable(self, sock: socket.socket, factory: ProtocolFactory, attempt: int, deadline: float) -> None:
         loop = asyncio.get_running_loop()
         self._peeking.add(sock)
         fd = sock.fileno()
@@ -190,7 +189,7 @@ class TlsAcceptor:
             loop.remove_reader(fd)
             timer.cancel()
             if sock in self._peeking:
-                self._peek(sock, attempt, deadline)
+                self._peek(sock, factory, attempt, deadline)
 
         def expired() -> None:
             loop.remove_reader(fd)
@@ -205,7 +204,7 @@ class TlsAcceptor:
         sock.close()
 
     # --- handshake -----------------------------------------------------------------
-    def _start(self, sock: socket.socket, hello: clienthello.ClientHello) -> None:
+    def _start(self, sock: socket.socket, factory: ProtocolFactory, hello: clienthello.ClientHello) -> None:
         name = names.normalize(hello.server_name)
         choice = self.selector.select(name)
         if choice is None:
@@ -222,13 +221,14 @@ class TlsAcceptor:
             ctx = self.platform_context
         else:
             ctx = self.cache.get_nowait(choice.cache_key)
-        task = asyncio.get_running_loop().create_task(self._handshake(sock, name, hello, choice, ctx))
+        task = asyncio.get_running_loop().create_task(self._handshake(sock, factory, name, hello, choice, ctx))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _handshake(
         self,
         sock: socket.socket,
+        factory: ProtocolFactory,
         name: str | None,
         hello: clienthello.ClientHello,
         choice: Choice,
@@ -261,7 +261,7 @@ class TlsAcceptor:
             pin[1] += 1
         try:
             await loop.connect_accepted_socket(
-                lambda: self.protocol_factory(info),
+                lambda: factory(info),
                 sock,
                 ssl=self.listener_context,
                 ssl_handshake_timeout=self.handshake_timeout,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -31,16 +32,39 @@ class EchoHandler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
 
-    def _answer(self) -> None:
+    def _read_body(self) -> bytes:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or ""):
+            body = bytearray()
+            while True:
+                size = int(self.rfile.readline().split(b";")[0], 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return bytes(body)
+                body += self.rfile.read(size)
+                self.rfile.readline()
         length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
+        return self.rfile.read(length) if length else b""
+
+    def _answer(self) -> None:
+        body = self._read_body()
+        if self.path.startswith("/chunked"):
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for piece in (b"first,", b"second,", b"third"):
+                self.wfile.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+            self.wfile.write(b"0\r\n\r\n")
+            return
         payload = json.dumps(
             {
                 "method": self.command,
                 "path": self.path,
                 "headers": [[k.lower(), v] for k, v in self.headers.items()],
                 "body_length": len(body),
+                "body_sha256": hashlib.sha256(body).hexdigest(),
                 "backend": self.server.server_address[1],
+                "client_port": self.client_address[1],
             }
         ).encode()
         self.send_response(200)
