@@ -210,6 +210,10 @@ def _serve(cfg: config_mod.Config) -> int:
     from edge.server import StartupError, serve
 
     _setup_logging(cfg.log.level)
+    if cfg.server.workers > 1:
+        logging.getLogger("edge").warning(
+            "workers = %d: multi-process serving is not built yet; running one process", cfg.server.workers
+        )
     try:
         uvloop.run(serve(cfg))
     except StartupError as exc:

@@ -87,3 +87,10 @@ def test_missing_file():
 def test_default_cert_needs_both():
     with pytest.raises(config.ConfigError, match="set both default_cert and default_key"):
         parse('[tls]\ndefault_cert = "d.crt"\n')
+
+
+def test_production_config_parses():
+    cfg = config.load(SHIPPED.parent.parent / "deploy" / "edge.toml")
+    assert cfg.server.https == (config.Address("0.0.0.0", 443),)
+    assert cfg.server.http == (config.Address("0.0.0.0", 80),)
+    assert cfg.platform.dev_certificates is False
