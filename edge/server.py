@@ -21,9 +21,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from edge.config import Address, Config
-from edge.proxy.protocol import HttpProxyProtocol, ListenerInfo
+from edge.proxy.exchange import ListenerInfo, ProxyContext
+from edge.proxy.protocol import HttpProxyProtocol
 from edge.proxy.routing import Router
-from edge.store.base import Store, StoreError
+from edge.store.base import Store, StoreError, challenge_key
 from edge.store.index import Index, split_bundle
 from edge.store.open import open_store
 from edge.tls import contexts, devcert
@@ -109,6 +110,12 @@ class Edge:
         )
         self.cache = ContextCache(cfg.tls.context_cache_size, self._build_context)
         self.router = Router(self.index, self.selector, platform.domain, cfg.proxy.pool_size)
+        self.proxy = ProxyContext(
+            router=self.router,
+            config=cfg.proxy,
+            access_log=cfg.log.access_log,
+            challenge=lambda token: self.store.get(challenge_key(token)),
+        )
         await self._follow_store()
 
         self.acceptor = TlsAcceptor(
@@ -129,7 +136,7 @@ class Edge:
             sock = bind(address)
             listener = ListenerInfo(b"http", str(sock.getsockname()[1]).encode(), https_port)
             server = await loop.create_server(
-                lambda listener=listener: HttpProxyProtocol(self.router, cfg.proxy, listener, None),
+                lambda listener=listener: HttpProxyProtocol(self.proxy, listener, None),
                 sock=sock,
             )
             self.http_servers.append(server)
@@ -140,10 +147,10 @@ class Edge:
         )
 
     def _https_protocol_factory(self, listener: ListenerInfo) -> Callable[[TlsInfo], asyncio.Protocol]:
-        proxy_config = self.config.proxy
+        proxy = self.proxy
 
         def factory(info: TlsInfo) -> asyncio.Protocol:
-            return HttpProxyProtocol(self.router, proxy_config, listener, info)
+            return HttpProxyProtocol(proxy, listener, info)
 
         return factory
 
@@ -214,12 +221,26 @@ class Edge:
     def stopping(self) -> bool:
         return self._stopping
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 30.0) -> None:
+        """Stop accepting, let requests in flight finish (up to ``grace`` s), then close."""
         self._stopping = True
         self.acceptor.stop_listening()
         self.acceptor.close_pending()
         for server in self.http_servers:
             server.close()
+        self.proxy.draining = True
+        for connection in list(self.proxy.connections):
+            connection.drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.proxy.connections and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.proxy.connections:
+            log.warning("grace period over: closing %d connections with requests in flight",
+                        len(self.proxy.connections))
+            for connection in list(self.proxy.connections):
+                if connection.transport is not None:
+                    connection.transport.abort()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -81,8 +81,13 @@ def request_head(
     request_id: bytes,
     content_length: int | None,
     chunked: bool,
+    upgrade: bytes | None = None,
 ) -> bytes:
-    """The request head sent to the backend (always HTTP/1.1 keep-alive)."""
+    """The request head sent to the backend (always HTTP/1.1 keep-alive).
+
+    ``upgrade``: the protocol a client asked to switch to (RFC 9110 §7.8);
+    Upgrade and Connection are then kept so the backend can answer 101.
+    """
     drop = connection_tokens(headers)
     out = [method, b" ", target, b" HTTP/1.1\r\n"]
     forwarded_for = b""
@@ -112,6 +117,8 @@ def request_head(
     )
     if not have_request_id:
         out += (b"x-request-id: ", request_id, b"\r\n")
+    if upgrade is not None:
+        out += (b"connection: upgrade\r\nupgrade: ", upgrade, b"\r\n")
     if chunked:
         out.append(b"transfer-encoding: chunked\r\n")
     elif content_length is not None:
@@ -136,6 +143,11 @@ def response_head(
         if name in HOP_BY_HOP or name in drop or name == b"content-length":
             continue
         out += (name, b": ", value, b"\r\n")
+    if status == 101:
+        # RFC 9110 §15.2.2: the 101 names the protocol switched to.
+        upgrade = next((v for n, v in headers if n == b"upgrade"), b"")
+        out += (b"connection: upgrade\r\nupgrade: ", upgrade, b"\r\n\r\n")
+        return b"".join(out)
     if chunked:
         out.append(b"transfer-encoding: chunked\r\n")
     elif content_length is not None:

@@ -1,10 +1,11 @@
 """The client side of the data path: an asyncio.Protocol over httptools.
 
-Per connection: the transport, the parser, timers. Per request: an
-``Exchange`` (head, body framing, the backend connection serving it).
-Requests are answered in order; pipelined ones wait in a queue, with reading
-paused so they cannot pile up. Bodies stream both ways with back-pressure:
-a slow client pauses the backend's reads, a slow backend pauses the client's.
+Per connection: the transport, the parser, one timer, the reasons reading is
+paused. Per request: an ``Exchange``. Requests are answered in order;
+pipelined ones wait in a queue with reading paused so they cannot pile up.
+Bodies stream both ways with back-pressure: a slow client pauses the
+backend's reads, a slow backend pauses the client's. After a ``101`` the
+connection becomes a byte pipe to the backend (WebSocket and other upgrades).
 """
 
 from __future__ import annotations
@@ -12,171 +13,180 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Coroutine
+from typing import Any
 
 import httptools
 
-from edge.config import ProxyConfig
 from edge.proxy import h1
 from edge.proxy.errors import HttpError, error_response
-from edge.proxy.routing import Router
-from edge.proxy.upstream import BackendConnection, UpstreamError
+from edge.proxy.exchange import Exchange, ListenerInfo, ProxyContext, log_access
+from edge.proxy.upstream import Backend, BackendConnection, UpstreamError
 from edge.tls import names
 from edge.tls.acceptor import TlsInfo
 
 log = logging.getLogger(__name__)
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
-_STATUS_FOR = {"refused": 502, "reset": 502, "protocol": 502, "timeout": 504}
-
-
-@dataclass(frozen=True, slots=True)
-class ListenerInfo:
-    scheme: bytes  # b"https" or b"http"
-    port: bytes  # the listener's port, for X-Forwarded-Port
-    https_port: int  # where redirects to https point
-
-
-class Exchange:
-    """One request and its response."""
-
-    __slots__ = (
-        "body",
-        "body_expected",
-        "chunked",
-        "conn",
-        "content_length",
-        "head_bytes",
-        "headers",
-        "keep_alive",
-        "method",
-        "request_done",
-        "responded",
-        "response_done",
-        "retries",
-        "started",
-        "t0",
-        "target",
-        "version",
-    )
-
-    def __init__(self) -> None:
-        self.method = b""
-        self.target = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.version = "1.1"
-        self.keep_alive = True
-        self.chunked = False
-        self.content_length: int | None = None
-        self.body: list[bytes] | None = []  # buffered until a backend is connected; None once streaming
-        self.request_done = False
-        self.started = False
-        self.conn: BackendConnection | None = None
-        self.responded = False  # the response head went to the client
-        self.response_done = False
-        self.retries = 0
-        self.head_bytes = 0
-        self.t0 = time.monotonic()
-        self.body_expected = False
+_STATUS_FOR = {"refused": 502, "reset": 502, "protocol": 502, "closed": 502, "timeout": 504}
+_CHALLENGE_PREFIX = b"/.well-known/acme-challenge/"
+# Body bytes held while the backend connection is being made; past this the
+# client is paused, so a large upload never sits in memory.
+_MAX_BUFFERED = 256 * 1024
 
 
 class HttpProxyProtocol(asyncio.Protocol):
-    def __init__(self, router: Router, config: ProxyConfig, listener: ListenerInfo, tls: TlsInfo | None) -> None:
-        self.router = router
-        self.config = config
+    def __init__(self, ctx: ProxyContext, listener: ListenerInfo, tls: TlsInfo | None) -> None:
+        self.ctx = ctx
+        self.config = ctx.config
         self.listener = listener
         self.tls = tls
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.queue: deque[Exchange] = deque()
         self.client_ip = b""
+        self.tls_version = ""
         self._timer: asyncio.TimerHandle | None = None
-        self._reading_paused = False
+        self._timer_deadline = 0.0
+        self._paused: set[str] = set()
         self._writing_paused = False
         self._closing = False
-        self._header_name = b""
         self._response_chunked = False
-        self._retry_head = b""
         # The exchange whose request the parser is reading (the last one begun);
         # it may already be answered (an early 404) while its body still arrives.
         self._parsing: Exchange | None = None
+        # Upgrade: bytes the client sent after the head, before the backend's 101.
+        self._tunnel: BackendConnection | None = None
+        self._tunnel_pending: bytearray | None = None
 
-    # --- connection ------------------------------------------------------------------
+    # --- connection -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.client_ip = str(peer[0]).encode() if peer else b""
-        self._set_timer(self.config.request_head_timeout, self._head_timeout)
+        if self.tls is not None:
+            sslobj = transport.get_extra_info("ssl_object")
+            self.tls_version = (sslobj.version() or "") if sslobj is not None else ""
+        self.ctx.connections.add(self)
+        self._arm(self.config.request_head_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         self._cancel_timer()
+        self.ctx.connections.discard(self)
         for exchange in self.queue:
             if exchange.conn is not None:
                 exchange.conn.close()  # the client is gone: nobody to answer
         self.queue.clear()
+        if self._tunnel is not None:
+            self._tunnel.close()
+            self._tunnel = None
         self.transport = None
 
     def data_received(self, data: bytes) -> None:
+        if self._tunnel is not None:
+            self._tunnel.write(data)
+            return
+        if self._tunnel_pending is not None:
+            self._tunnel_pending += data
+            return
         try:
             self.parser.feed_data(data)
         except HttpError as exc:
             self._refuse(exc.status)
-        except httptools.HttpParserUpgrade:
-            self._refuse(501)  # Upgrade: the full data path issue adds the byte pipe
+        except httptools.HttpParserUpgrade as exc:
+            # The head of an Upgrade request is parsed; what follows is the new protocol.
+            self._tunnel_pending = bytearray(data[exc.args[0] :] if exc.args else b"")
+            self._pause("upgrade")
         except httptools.HttpParserError as exc:
             cause = exc.__context__
             self._refuse(cause.status if isinstance(cause, HttpError) else 400)
 
     def eof_received(self) -> bool | None:
-        # A client half-close ends the request stream; answer what is in flight, then close.
-        return self.queue
+        # A client that half-closes has sent all it will: answer what is in
+        # flight (keep the transport open for writing), then close.
+        return bool(self.queue) and self.tls is None
 
     def pause_writing(self) -> None:
         self._writing_paused = True
-        head = self.queue[0] if self.queue else None
-        if head is not None and head.conn is not None:
-            head.conn.pause_reading()
+        conn = self._current_conn()
+        if conn is not None:
+            conn.pause_reading()
 
     def resume_writing(self) -> None:
         self._writing_paused = False
-        head = self.queue[0] if self.queue else None
-        if head is not None and head.conn is not None:
-            head.conn.resume_reading()
+        conn = self._current_conn()
+        if conn is not None:
+            conn.resume_reading()
 
-    # --- timers --------------------------------------------------------------------
-    def _set_timer(self, delay: float, callback: object) -> None:
-        self._cancel_timer()
-        self._timer = asyncio.get_running_loop().call_later(delay, callback)  # type: ignore[arg-type]
+    def _current_conn(self) -> BackendConnection | None:
+        if self._tunnel is not None:
+            return self._tunnel
+        return self.queue[0].conn if self.queue else None
+
+    # --- flow control: reading is paused while any reason holds -----------------------
+    def _pause(self, reason: str) -> None:
+        if not self._paused and self.transport is not None:
+            self.transport.pause_reading()
+        self._paused.add(reason)
+
+    def _resume(self, reason: str) -> None:
+        if reason in self._paused:
+            self._paused.discard(reason)
+            if not self._paused and self.transport is not None and not self._closing:
+                self.transport.resume_reading()
+
+    # --- one timer per connection; its meaning follows the connection's state ----------
+    def _arm(self, delay: float) -> None:
+        """(Re)start the deadline; the timer handle is reused when it only moves later."""
+        loop = asyncio.get_running_loop()
+        deadline = self._timer_deadline = loop.time() + delay
+        if self._timer is not None and self._timer.when() > deadline:
+            self._timer.cancel()  # an earlier deadline than the one scheduled
+            self._timer = None
+        if self._timer is None:
+            self._timer = loop.call_at(deadline, self._on_timer)
 
     def _cancel_timer(self) -> None:
+        self._timer_deadline = 0.0
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    def _head_timeout(self) -> None:
-        self._refuse(408) if self.queue else self._close()
-
-    def _idle_timeout(self) -> None:
-        self._close()
-
-    def _response_timeout(self) -> None:
+    def _on_timer(self) -> None:
+        self._timer = None
+        if not self._timer_deadline:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._timer_deadline:
+            # Pushed back since it was scheduled (activity): sleep until the new deadline.
+            self._timer = loop.call_at(self._timer_deadline, self._on_timer)
+            return
+        self._timer_deadline = 0.0
         head = self.queue[0] if self.queue else None
-        if head is not None and not head.responded:
+        if head is None:
+            self._close()  # idle keep-alive, or a new connection that never spoke
+        elif not head.started:
+            self._refuse(408)  # the request head is too slow (slowloris)
+        elif not head.responded:
+            # The backend has not answered in time (RFC 9110 §15.6.5).
             if head.conn is not None:
                 head.conn.close()
                 head.conn = None
             self._answer_error(head, 504)
+        else:
+            # The response stalled half way: nothing to say, close.
+            log.info("backend %s stalled mid-response; closing", head.backend)
+            self._close()
 
-    # --- httptools request callbacks --------------------------------------------------
+    # --- httptools request callbacks -----------------------------------------------------
     def on_message_begin(self) -> None:
         exchange = Exchange()
         self._parsing = exchange
         self.queue.append(exchange)
         if len(self.queue) == 1:
-            self._set_timer(self.config.request_head_timeout, self._head_timeout)
+            self._arm(self.config.request_head_timeout)
 
     def on_url(self, url: bytes) -> None:
         exchange = self._parsing
@@ -199,16 +209,15 @@ class HttpProxyProtocol(asyncio.Protocol):
         parser = self.parser
         exchange.method = parser.get_method()
         exchange.version = parser.get_http_version()
-        exchange.keep_alive = parser.should_keep_alive()
+        exchange.keep_alive = parser.should_keep_alive() and not self.ctx.draining
         exchange.content_length, exchange.chunked = h1.check_framing(exchange.headers)
         exchange.body_expected = exchange.chunked or bool(exchange.content_length)
+        exchange.upgrade = parser.should_upgrade()
         if exchange is self.queue[0]:
-            self._cancel_timer()
             self._start(exchange)
-        elif not self._reading_paused and self.transport is not None:
+        else:
             # Pipelined behind a request still in flight: stop reading until its turn.
-            self._reading_paused = True
-            self.transport.pause_reading()
+            self._pause("pipeline")
 
     def on_body(self, body: bytes) -> None:
         exchange = self._parsing
@@ -217,6 +226,9 @@ class HttpProxyProtocol(asyncio.Protocol):
             return  # answered early (an error): the rest of its body is dropped
         if exchange.body is not None:
             exchange.body.append(body)
+            exchange.buffered += len(body)
+            if exchange.buffered > _MAX_BUFFERED:
+                self._pause("buffer")
         elif exchange.conn is not None:
             exchange.conn.write(h1.chunk(body) if exchange.chunked else body)
 
@@ -229,9 +241,14 @@ class HttpProxyProtocol(asyncio.Protocol):
         if exchange.body is None and exchange.conn is not None and exchange.chunked:
             exchange.conn.write(h1.LAST_CHUNK)
 
-    # --- routing and forwarding ----------------------------------------------------------
+    # --- routing -----------------------------------------------------------------------
     def _host(self, exchange: Exchange) -> str | None:
-        raw = next((v for n, v in exchange.headers if n == b"host"), None)
+        raw = None
+        for name, value in exchange.headers:
+            if name == b"host":
+                if raw is not None:
+                    raise HttpError(400, "several Host headers")  # RFC 9112 §3.2
+                raw = value
         if exchange.target[:1] != b"/" and exchange.target != b"*":
             # absolute-form: the target's authority wins over Host (RFC 9112 §3.2.2)
             try:
@@ -248,38 +265,48 @@ class HttpProxyProtocol(asyncio.Protocol):
         host = raw.strip()
         if host.startswith(b"["):
             return None  # an IP literal names no app
-        host = host.rsplit(b":", 1)[0] if b":" in host else host
+        if b":" in host:
+            host, _, port = host.rpartition(b":")
+            if not port.isdigit():
+                raise HttpError(400, "invalid Host port")
         return names.normalize(host)
 
     def _start(self, exchange: Exchange) -> None:
         exchange.started = True
+        self._cancel_timer()
         try:
             host = self._host(exchange)
         except HttpError as exc:
             self._answer_error(exchange, exc.status)
             return
+        exchange.host = host or ""
+        if self.tls is None and exchange.target.startswith(_CHALLENGE_PREFIX) and self.ctx.challenge is not None:
+            self._spawn(self._answer_challenge(exchange))
+            return
         if host is None:
             self._answer_error(exchange, 404)
             return
+        router = self.ctx.router
         sni = self.tls.server_name if self.tls is not None else None
-        if sni is not None and not self.router.same_certificate(sni, host):
+        if sni is not None and not router.same_certificate(sni, host):
             self._answer_error(exchange, 421)
             return
-        app = self.router.app_for(host)
+        app = router.app_for(host)
         if app is None:
             self._answer_error(exchange, 404)
             return
         if self.tls is None and app.force_https:
             self._redirect(exchange, host)
             return
-        pool = self.router.pool_for(app)
-        candidates = pool.candidates()
+        candidates = router.pool_for(app).candidates()
         if not candidates:
             self._answer_error(exchange, 503)
             return
         request_id = next((v for n, v in exchange.headers if n == b"x-request-id"), None)
-        if request_id is None:
-            request_id = os.urandom(16).hex().encode()
+        exchange.request_id = request_id or os.urandom(16).hex().encode()
+        upgrade = None
+        if exchange.upgrade:
+            upgrade = next((v for n, v in exchange.headers if n == b"upgrade"), None)
         head = h1.request_head(
             exchange.method,
             exchange.target,
@@ -288,13 +315,25 @@ class HttpProxyProtocol(asyncio.Protocol):
             client_ip=self.client_ip,
             proto=self.listener.scheme,
             port=self.listener.port,
-            request_id=request_id,
+            request_id=exchange.request_id,
             content_length=exchange.content_length,
             chunked=exchange.chunked,
+            upgrade=upgrade,
         )
-        asyncio.get_running_loop().create_task(self._forward(exchange, candidates, head))
+        # Idempotent requests without a body may be sent again on a fresh
+        # connection when a reused one turns out dead (RFC 9110 §9.2.2).
+        if exchange.method in IDEMPOTENT and not exchange.body_expected and not exchange.upgrade:
+            exchange.retry_head = head
+        self._spawn(self._forward(exchange, candidates, head))
 
-    async def _forward(self, exchange: Exchange, candidates: list, head: bytes) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        # The loop holds tasks weakly: keep a reference until each is done.
+        task = asyncio.get_running_loop().create_task(coro)
+        tasks = self.ctx.tasks
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    async def _forward(self, exchange: Exchange, candidates: list[Backend], head: bytes) -> None:
         conn: BackendConnection | None = None
         error: UpstreamError | None = None
         for backend in candidates:
@@ -307,13 +346,15 @@ class HttpProxyProtocol(asyncio.Protocol):
                     error = exc
                     conn = None
                     continue
+            exchange.backend = backend.address
             break
-        if self._closing or exchange not in self.queue:
+        if self._closing or exchange.response_done:
             if conn is not None:
                 conn.close()
             return
         if conn is None:
             assert error is not None
+            log.info("upstream %s: %s", error.kind, error)
             self._answer_error(exchange, _STATUS_FOR.get(error.kind, 502))
             return
         exchange.conn = conn
@@ -324,31 +365,57 @@ class HttpProxyProtocol(asyncio.Protocol):
             conn.write(b"".join(h1.chunk(b) for b in body) if exchange.chunked else b"".join(body))
         if exchange.request_done and exchange.chunked:
             conn.write(h1.LAST_CHUNK)
+        self._resume("buffer")
         if self._writing_paused:
             conn.pause_reading()
-        self._set_timer(self.config.response_timeout, self._response_timeout)
-        # Keep a retry copy only for idempotent requests without a body.
-        retryable = exchange.method in IDEMPOTENT and conn.reused and not body and exchange.request_done
-        exchange.retries = 1 if retryable else 0
-        self._retry_head = head
+        if not conn.reused:
+            exchange.retry_head = b""  # a fresh connection that fails is not a stale one
+        self._arm(self.config.response_timeout)
 
-    # --- ResponseSink (called by the backend connection) -----------------------------------
+    async def _answer_challenge(self, exchange: Exchange) -> None:
+        token = exchange.target[len(_CHALLENGE_PREFIX) :].split(b"?", 1)[0].decode("latin-1")
+        assert self.ctx.challenge is not None
+        try:
+            value = await self.ctx.challenge(token) if token and "/" not in token else None
+        except Exception as exc:  # a store error must not kill the connection
+            log.error("ACME challenge lookup failed: %s", exc)
+            value = None
+        if self.transport is None or exchange.response_done:
+            return
+        if value is None:
+            self._answer_error(exchange, 404)
+            return
+        exchange.status = 200
+        exchange.response_bytes = len(value)
+        keep = exchange.keep_alive and (exchange.request_done or not exchange.body_expected)
+        exchange.keep_alive = keep
+        self.transport.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: %d\r\n"
+            b"Connection: %b\r\n\r\n%b" % (len(value), b"keep-alive" if keep else b"close", value)
+        )
+        self._finish(exchange)
+
+    # --- ResponseSink (called by the backend connection) ------------------------------------
     def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
                       keep_alive: bool, chunked: bool, content_length: int | None) -> None:
         exchange = self.queue[0]
         if self.transport is None:
             return
-        if 100 <= status < 200:
-            self.transport.write(b"HTTP/1.1 %d %b\r\n\r\n" % (status, reason or b"Continue"))
+        if status == 101:
+            self._open_tunnel(exchange, reason, headers)
             return
-        self._cancel_timer()
+        if 100 <= status < 200:
+            # Interim answers (100 Continue, 103 Early Hints) go straight through.
+            self.transport.write(
+                h1.response_head(status, reason, headers, content_length=None, chunked=False, keep_alive=True)
+            )
+            return
         exchange.responded = True
-        client_keep_alive = exchange.keep_alive and not self._closing
+        exchange.status = status
+        exchange.retry_head = b""
+        client_keep_alive = exchange.keep_alive and not self.ctx.draining and not exchange.upgrade
         no_body = exchange.method == b"HEAD" or status in (204, 304)
-        if no_body:
-            out_chunked = False
-            out_length = content_length
-        elif content_length is not None and not chunked:
+        if no_body or (content_length is not None and not chunked):
             out_chunked, out_length = False, content_length
         elif exchange.version == "1.1":
             out_chunked, out_length = True, None
@@ -361,10 +428,16 @@ class HttpProxyProtocol(asyncio.Protocol):
             h1.response_head(status, reason, headers, content_length=out_length,
                              chunked=out_chunked, keep_alive=client_keep_alive)
         )
+        self._arm(self.config.response_timeout)
 
     def response_body(self, data: bytes) -> None:
-        if self.transport is not None:
-            self.transport.write(h1.chunk(data) if self._response_chunked else data)
+        if self.transport is None:
+            return
+        if self._tunnel is None and self.queue:
+            self.queue[0].response_bytes += len(data)
+            # Activity pushes the stall deadline back; the timer itself is not touched.
+            self._timer_deadline = asyncio.get_running_loop().time() + self.config.response_timeout
+        self.transport.write(h1.chunk(data) if self._response_chunked else data)
 
     def response_complete(self) -> None:
         exchange = self.queue[0]
@@ -375,47 +448,68 @@ class HttpProxyProtocol(asyncio.Protocol):
         self._finish(exchange)
 
     def upstream_failed(self, error: UpstreamError) -> None:
+        if self._tunnel is not None:
+            self._tunnel = None
+            self._close()
+            return
         exchange = self.queue[0] if self.queue else None
         if exchange is None:
             return
         exchange.conn = None
         if exchange.responded:
             # Half a response went out: the only honest signal left is to close.
+            log.info("upstream %s mid-response: %s", error.kind, error)
             self._close()
             return
-        if error.kind == "reset" and exchange.retries > 0:
-            # A reused keep-alive connection the backend had closed: retry once
-            # on a fresh connection, safe for idempotent requests (RFC 9110 §9.2.2).
-            exchange.retries -= 1
+        if error.kind == "reset" and exchange.retry_head:
+            # A reused keep-alive connection the backend had closed meanwhile.
+            head, exchange.retry_head = exchange.retry_head, b""
             exchange.body = []
-            app = self.router.app_for(self._host(exchange) or "")
+            app = self.ctx.router.app_for(exchange.host)
             if app is not None:
-                asyncio.get_running_loop().create_task(
-                    self._forward(exchange, self.router.pool_for(app).candidates(), self._retry_head)
-                )
+                self._spawn(self._forward(exchange, self.ctx.router.pool_for(app).candidates(), head))
                 return
         log.info("upstream %s: %s", error.kind, error)
         self._answer_error(exchange, _STATUS_FOR.get(error.kind, 502))
 
     def upstream_pause(self) -> None:
-        if self.transport is not None and not self._reading_paused:
-            self.transport.pause_reading()
+        self._pause("upstream")
 
     def upstream_resume(self) -> None:
-        if self.transport is not None and not self._reading_paused:
-            self.transport.resume_reading()
+        self._resume("upstream")
 
-    # --- answers -----------------------------------------------------------------------
-    def _answer_error(self, exchange: Exchange, status: int) -> None:
-        if self.transport is None:
-            return
+    # --- upgrade -------------------------------------------------------------------------
+    def _open_tunnel(self, exchange: Exchange, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        assert self.transport is not None
+        exchange.responded = True
+        exchange.status = 101
         self._cancel_timer()
+        conn = exchange.conn
+        self.transport.write(h1.response_head(101, reason, headers, content_length=None, chunked=False,
+                                              keep_alive=True))
+        if self.ctx.access_log:
+            log_access(exchange, self.client_ip, self.tls_version, self.tls.source.value if self.tls else "")
+        self.queue.clear()
+        self._tunnel = conn
+        pending, self._tunnel_pending = self._tunnel_pending or b"", None
+        if conn is not None and pending:
+            conn.write(bytes(pending))
+        self._paused.clear()
+        self.transport.resume_reading()
+
+    # --- answers ----------------------------------------------------------------------------
+    def _answer_error(self, exchange: Exchange, status: int) -> None:
+        if self.transport is None or exchange.response_done:
+            return
         keep = (
             exchange.keep_alive
             and status not in (400, 408, 414, 431)
             and (exchange.request_done or not exchange.body_expected)
+            and not exchange.upgrade
+            and not self.ctx.draining
         )
         exchange.keep_alive = keep
+        exchange.status = status
         self.transport.write(error_response(status, keep))
         self._finish(exchange)
 
@@ -424,8 +518,9 @@ class HttpProxyProtocol(asyncio.Protocol):
         port = self.listener.https_port
         authority = host if port == 443 else f"{host}:{port}"
         location = b"https://" + authority.encode() + exchange.target
-        keep = exchange.keep_alive and (exchange.request_done or not exchange.body_expected)
+        keep = exchange.keep_alive and (exchange.request_done or not exchange.body_expected) and not exchange.upgrade
         exchange.keep_alive = keep
+        exchange.status = 301
         self.transport.write(
             b"HTTP/1.1 301 Moved Permanently\r\nLocation: %b\r\nContent-Length: 0\r\nConnection: %b\r\n\r\n"
             % (location, b"keep-alive" if keep else b"close")
@@ -433,7 +528,7 @@ class HttpProxyProtocol(asyncio.Protocol):
         self._finish(exchange)
 
     def _refuse(self, status: int) -> None:
-        """A malformed request: answer and close (the stream cannot be trusted)."""
+        """A malformed or too slow request: answer and close (the stream cannot be trusted)."""
         if self.transport is None:
             return
         for exchange in self.queue:
@@ -445,14 +540,16 @@ class HttpProxyProtocol(asyncio.Protocol):
 
     def _finish(self, exchange: Exchange) -> None:
         exchange.response_done = True
+        if self.ctx.access_log:
+            log_access(exchange, self.client_ip, self.tls_version, self.tls.source.value if self.tls else "")
         if self.queue and self.queue[0] is exchange:
             self.queue.popleft()
         if exchange.conn is not None:
             exchange.conn.close()
             exchange.conn = None
-        if not exchange.keep_alive or (exchange.body_expected and not exchange.request_done):
+        if not exchange.keep_alive or (exchange.body_expected and not exchange.request_done) or exchange.upgrade:
             # Closing mid-body (an early error answer) avoids reading a body
-            # nobody wants; a client that wants more opens a new connection.
+            # nobody wants; after a refused upgrade the parser is spent.
             self._close()
             return
         if self.queue:
@@ -460,15 +557,20 @@ class HttpProxyProtocol(asyncio.Protocol):
             if nxt.method:  # its head is complete
                 self._start(nxt)
             else:
-                self._set_timer(self.config.request_head_timeout, self._head_timeout)
+                self._arm(self.config.request_head_timeout)
         else:
-            self._set_timer(self.config.idle_timeout, self._idle_timeout)
-        if self._reading_paused and len(self.queue) <= 1 and self.transport is not None:
-            self._reading_paused = False
-            self.transport.resume_reading()
+            self._arm(self.config.idle_timeout)
+        if len(self.queue) <= 1:
+            self._resume("pipeline")
 
     def _close(self) -> None:
         self._closing = True
         self._cancel_timer()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+
+    # --- shutdown ------------------------------------------------------------------------------
+    def drain(self) -> None:
+        """Shutdown: close now when idle; otherwise after the response in flight."""
+        if not self.queue and self._tunnel is None:
+            self._close()

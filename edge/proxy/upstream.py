@@ -20,6 +20,9 @@ import httptools
 log = logging.getLogger(__name__)
 
 DOWN_FOR = 5.0  # seconds a backend that refused a connection is skipped
+# Idle keep-alive connections older than this are not reused: many servers
+# close theirs after 5-60 s, and reusing one they just closed costs a retry.
+IDLE_REUSE = 30.0
 
 
 class UpstreamError(Exception):
@@ -27,7 +30,7 @@ class UpstreamError(Exception):
 
     def __init__(self, kind: str, detail: str = "") -> None:
         super().__init__(detail or kind)
-        self.kind = kind  # "refused", "timeout", "reset", "protocol"
+        self.kind = kind  # "refused", "timeout", "reset", "protocol", "closed"
 
 
 class ResponseSink(Protocol):
@@ -53,6 +56,7 @@ class BackendConnection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._got_response = False
         self._done = False
+        self._tunnel = False  # after a 101: bytes flow both ways unparsed
 
     # --- owner's side -----------------------------------------------------------
     def start(self, sink: ResponseSink, head_only: bool) -> None:
@@ -93,12 +97,21 @@ class BackendConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self._tunnel:
+            if self.sink is not None:
+                self.sink.response_body(data)
+            return
         if self.sink is None or self._parser is None:
             # Bytes on an idle connection: the backend broke the protocol.
             self.close()
             return
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            # 101 Switching Protocols: what follows the head belongs to the new protocol.
+            rest = data[exc.args[0] :] if exc.args else b""
+            if rest and self.sink is not None:
+                self.sink.response_body(rest)
         except httptools.HttpParserError as exc:
             if not self._done:
                 self._fail(UpstreamError("protocol", f"bad response from {self.backend}: {exc}"))
@@ -109,6 +122,9 @@ class BackendConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self.backend.pool_forget(self)
+        if self._tunnel:
+            self._fail(UpstreamError("closed", f"{self.backend} closed the upgraded connection"))
+            return
         if self.sink is not None and not self._done:
             if self._parser is not None and self._got_response:
                 # A close-delimited body ends with the connection (RFC 9112 §6.3 item 8).
@@ -148,7 +164,12 @@ class BackendConnection(asyncio.Protocol):
         status = parser.get_status_code()
         headers, self._headers = self._headers, []
         reason, self._reason = self._reason, b""
-        if 100 <= status < 200 and status != 101:
+        if status == 101:
+            self._got_response = True
+            self._tunnel = True
+            self.sink.response_head(status, reason, headers, False, False, None)
+            return
+        if 100 <= status < 200:
             # Interim response (100 Continue, 103 Early Hints): pass it on; the
             # final response follows on the same connection (RFC 9110 §15.2).
             self.sink.response_head(status, reason, headers, True, False, None)
@@ -172,8 +193,8 @@ class BackendConnection(asyncio.Protocol):
             self.sink.response_body(body)
 
     def on_message_complete(self) -> None:
-        if not self._got_response or self._done:
-            return  # the end of an interim 1xx response, or a HEAD already finished
+        if not self._got_response or self._done or self._tunnel:
+            return  # the end of an interim 1xx response, a HEAD already finished, or a 101
         assert self._parser is not None
         self._finish(self._parser.should_keep_alive())
 
@@ -219,10 +240,15 @@ class Backend:
             pass
 
     def take_idle(self) -> BackendConnection | None:
+        oldest_usable = time.monotonic() - IDLE_REUSE
         while self.idle:
             conn = self.idle.pop()  # most recently used: least likely to have timed out
-            if conn.transport is not None and not conn.transport.is_closing():
-                return conn
+            if conn.transport is None or conn.transport.is_closing():
+                continue
+            if conn.idle_since < oldest_usable:
+                conn.close()
+                continue
+            return conn
         return None
 
     async def connect(self, timeout: float) -> BackendConnection:

@@ -9,6 +9,7 @@ Key space (the same for every backend):
     apps/<app>                        JSON  {"backends": [...], "force_https": true}
     domains/<domain>                  JSON  {"app": "<app>"}
     certs/<source>-<keytype>/<domain> one JSON header line, then PEM chain + key (secret)
+    acme/challenges/<token>           HTTP-01 key authorization (RFC 8555 §8.3)
 
 ``<domain>`` is canonical (see ``edge.tls.names``) and may be ``*.example.com``.
 """
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 APPS = "apps/"
 DOMAINS = "domains/"
 CERTS = "certs/"
+CHALLENGES = "acme/challenges/"
 
 
 class StoreError(RuntimeError):
@@ -52,6 +54,10 @@ def domain_key(domain: str) -> str:
 
 def cert_key(domain: str, source: str, key_type: str) -> str:
     return f"{CERTS}{source}-{key_type}/{domain}"
+
+
+def challenge_key(token: str) -> str:
+    return CHALLENGES + token
 
 
 def parse_cert_key(key: str) -> tuple[str, str, str] | None:

@@ -32,22 +32,36 @@ class EchoHandler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
 
-    def _read_body(self) -> bytes:
+    def _read_body(self) -> tuple[int, str]:
+        """Read the request body as it streams in: (length, sha256), nothing kept."""
+        digest = hashlib.sha256()
+        total = 0
         if "chunked" in (self.headers.get("Transfer-Encoding") or ""):
-            body = bytearray()
             while True:
                 size = int(self.rfile.readline().split(b";")[0], 16)
                 if size == 0:
                     while self.rfile.readline() not in (b"\r\n", b"\n", b""):
                         pass
-                    return bytes(body)
-                body += self.rfile.read(size)
+                    return total, digest.hexdigest()
+                left = size
+                while left:
+                    piece = self.rfile.read(min(left, 1 << 20))
+                    digest.update(piece)
+                    left -= len(piece)
+                total += size
                 self.rfile.readline()
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
+        left = int(self.headers.get("Content-Length") or 0)
+        while left:
+            piece = self.rfile.read(min(left, 1 << 20))
+            if not piece:
+                break
+            digest.update(piece)
+            total += len(piece)
+            left -= len(piece)
+        return total, digest.hexdigest()
 
     def _answer(self) -> None:
-        body = self._read_body()
+        body_length, body_sha256 = self._read_body()
         if self.path.startswith("/chunked"):
             self.send_response(200)
             self.send_header("Transfer-Encoding", "chunked")
@@ -56,13 +70,25 @@ class EchoHandler(BaseHTTPRequestHandler):
                 self.wfile.write(b"%x\r\n%b\r\n" % (len(piece), piece))
             self.wfile.write(b"0\r\n\r\n")
             return
+        if self.path.startswith("/bytes/"):
+            size = int(self.path.split("/")[2])
+            self.send_response(200)
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            block = b"x" * (1 << 16)
+            while size > 0:
+                self.wfile.write(block[: min(size, len(block))])
+                size -= len(block)
+            return
+        if self.path.startswith("/slow/"):
+            time.sleep(int(self.path.split("/")[2]) / 1000)
         payload = json.dumps(
             {
                 "method": self.command,
                 "path": self.path,
                 "headers": [[k.lower(), v] for k, v in self.headers.items()],
-                "body_length": len(body),
-                "body_sha256": hashlib.sha256(body).hexdigest(),
+                "body_length": body_length,
+                "body_sha256": body_sha256,
                 "backend": self.server.server_address[1],
                 "client_port": self.client_address[1],
             }

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from edge.config import ProxyConfig
-from edge.proxy.protocol import HttpProxyProtocol, ListenerInfo
+from edge.proxy.exchange import ListenerInfo, ProxyContext
+from edge.proxy.protocol import HttpProxyProtocol
 from edge.proxy.routing import Router
 from edge.store.base import Event, EventKind
 from edge.store.index import CertMeta, Index, bundle_header
@@ -53,7 +54,7 @@ def make_protocol(tls_name="demo.apps.test", https=True, force_https=True, **lim
     router = Router(index, selector, "apps.test", 4)
     info = TlsInfo(tls_name, Source.PLATFORM, ()) if https else None
     listener = ListenerInfo(b"https" if https else b"http", b"443", 443)
-    protocol = HttpProxyProtocol(router, ProxyConfig(**limits), listener, info)
+    protocol = HttpProxyProtocol(ProxyContext(router, ProxyConfig(**limits)), listener, info)
     transport = FakeTransport()
     protocol.connection_made(transport)
     return protocol, transport

@@ -1,0 +1,117 @@
+"""Per-request state, and what the data path shares across connections."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from edge.config import ProxyConfig
+from edge.proxy.routing import Router
+from edge.proxy.upstream import BackendConnection
+
+access_log = logging.getLogger("edge.access")
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerInfo:
+    scheme: bytes  # b"https" or b"http"
+    port: bytes  # the listener's port, for X-Forwarded-Port
+    https_port: int  # where redirects to https point
+
+
+@dataclass(eq=False)
+class ProxyContext:
+    """What every client connection of one edge process shares."""
+
+    router: Router
+    config: ProxyConfig
+    access_log: bool = False
+    # Looks up an ACME HTTP-01 key authorization by token (RFC 8555 §8.3).
+    challenge: Callable[[str], Awaitable[bytes | None]] | None = None
+    connections: set = field(default_factory=set)  # open HttpProxyProtocol objects
+    tasks: set = field(default_factory=set)  # forwarding tasks in flight (strong references)
+    draining: bool = False  # shutting down: finish what is in flight, take nothing new
+
+
+class Exchange:
+    """One request and its response."""
+
+    __slots__ = (
+        "backend",
+        "body",
+        "body_expected",
+        "buffered",
+        "chunked",
+        "conn",
+        "content_length",
+        "head_bytes",
+        "headers",
+        "host",
+        "keep_alive",
+        "method",
+        "request_done",
+        "request_id",
+        "responded",
+        "response_bytes",
+        "response_done",
+        "retry_head",
+        "started",
+        "status",
+        "t0",
+        "target",
+        "upgrade",
+        "version",
+    )
+
+    def __init__(self) -> None:
+        self.method = b""
+        self.target = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.version = "1.1"
+        self.keep_alive = True
+        self.chunked = False
+        self.content_length: int | None = None
+        self.body_expected = False
+        self.upgrade = False
+        # Body pieces read before a backend connection is ready; None once streaming.
+        self.body: list[bytes] | None = []
+        self.buffered = 0
+        self.request_done = False
+        self.started = False
+        self.conn: BackendConnection | None = None
+        self.responded = False  # the response head went to the client
+        self.response_done = False
+        self.retry_head = b""  # the head to send again on a retry; empty: not retryable
+        self.head_bytes = 0
+        self.t0 = time.monotonic()
+        self.status = 0
+        self.response_bytes = 0
+        self.host = ""
+        self.backend = ""
+        self.request_id = b""
+
+
+def log_access(exchange: Exchange, client_ip: bytes, tls_version: str, cert_source: str) -> None:
+    """One JSON line per request (SPEC §5); never headers, bodies or keys."""
+    access_log.info(
+        json.dumps(
+            {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "client": client_ip.decode(),
+                "host": exchange.host,
+                "method": exchange.method.decode("latin-1"),
+                "path": exchange.target.decode("latin-1"),
+                "status": exchange.status,
+                "bytes": exchange.response_bytes,
+                "duration_ms": round((time.monotonic() - exchange.t0) * 1000, 3),
+                "backend": exchange.backend,
+                "tls": tls_version,
+                "cert": cert_source,
+                "request_id": exchange.request_id.decode("latin-1"),
+            },
+            separators=(",", ":"),
+        )
+    )
