@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint check clean
+.PHONY: serve test lint check clean bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,3 +29,10 @@ check: $(STAMP)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
+
+# Benchmarks: edge side by side with nginx and HAProxy (see benchmarks/README.md).
+# `make bench QUICK=1` runs every scenario briefly.
+bench: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python -m benchmarks.setup
+	$(BIN)/python -m benchmarks.suite $(if $(QUICK),--quick,)

@@ -47,9 +47,13 @@ class Exchange:
         "chunked",
         "conn",
         "content_length",
+        "framing",
+        "has_connection",
         "head_bytes",
         "headers",
         "host",
+        "host_header",
+        "host_headers",
         "keep_alive",
         "method",
         "request_done",
@@ -92,6 +96,11 @@ class Exchange:
         self.host = ""
         self.backend = ""
         self.request_id = b""
+        # Noted while the head is parsed, so the head is walked once.
+        self.framing = False  # a Content-Length or Transfer-Encoding field came
+        self.has_connection = False
+        self.host_header: bytes | None = None
+        self.host_headers = 0
 
 
 def log_access(exchange: Exchange, client_ip: bytes, tls_version: str, cert_source: str) -> None:

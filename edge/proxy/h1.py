@@ -27,6 +27,11 @@ HOP_BY_HOP = frozenset(
     }
 )
 _FORWARDED_BY_EDGE = frozenset({b"x-forwarded-proto", b"x-forwarded-port"})
+# Not copied to the backend: hop-by-hop fields, what edge sets itself, and the
+# framing it rewrites (RFC 9110 §7.6.1, RFC 9112 §6).
+_NOT_FORWARDED = HOP_BY_HOP | _FORWARDED_BY_EDGE | {b"content-length", b"x-forwarded-for"}
+# Request fields the proxy itself reads; the others pass through untouched.
+FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 
 
 def connection_tokens(headers: Headers) -> set[bytes]:
@@ -74,36 +79,34 @@ def request_head(
     target: bytes,
     headers: Headers,
     *,
-    host: bytes,
+    host: bytes | None,
     client_ip: bytes,
     proto: bytes,
     port: bytes,
-    request_id: bytes,
+    request_id: bytes | None,
     content_length: int | None,
     chunked: bool,
     upgrade: bytes | None = None,
+    has_connection: bool = True,
 ) -> bytes:
     """The request head sent to the backend (always HTTP/1.1 keep-alive).
 
+    ``host``: a Host field to add (None when the client sent one).
+    ``request_id``: an X-Request-ID to add (None when the client sent one).
     ``upgrade``: the protocol a client asked to switch to (RFC 9110 §7.8);
     Upgrade and Connection are then kept so the backend can answer 101.
+    ``has_connection=False`` tells there is no Connection field to read.
     """
-    drop = connection_tokens(headers)
+    skip = _NOT_FORWARDED | connection_tokens(headers) if has_connection else _NOT_FORWARDED
     out = [method, b" ", target, b" HTTP/1.1\r\n"]
     forwarded_for = b""
-    have_host = have_request_id = False
     for name, value in headers:
-        if name in HOP_BY_HOP or name in drop or name in _FORWARDED_BY_EDGE or name == b"content-length":
+        if name in skip:
+            if name == b"x-forwarded-for":
+                forwarded_for = forwarded_for + b", " + value if forwarded_for else value
             continue
-        if name == b"x-forwarded-for":
-            forwarded_for = forwarded_for + b", " + value if forwarded_for else value
-            continue
-        if name == b"host":
-            have_host = True
-        elif name == b"x-request-id":
-            have_request_id = True
         out += (name, b": ", value, b"\r\n")
-    if not have_host:
+    if host is not None:
         out += (b"host: ", host, b"\r\n")
     # Appended, as nginx's $proxy_add_x_forwarded_for does.
     out += (
@@ -115,14 +118,14 @@ def request_head(
         port,
         b"\r\n",
     )
-    if not have_request_id:
+    if request_id is not None:
         out += (b"x-request-id: ", request_id, b"\r\n")
     if upgrade is not None:
         out += (b"connection: upgrade\r\nupgrade: ", upgrade, b"\r\n")
     if chunked:
         out.append(b"transfer-encoding: chunked\r\n")
     elif content_length is not None:
-        out += (b"content-length: ", str(content_length).encode(), b"\r\n")
+        out += (b"content-length: ", b"%d" % content_length, b"\r\n")
     out.append(b"\r\n")
     return b"".join(out)
 

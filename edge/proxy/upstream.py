@@ -38,6 +38,8 @@ class ResponseSink(Protocol):
                       keep_alive: bool, chunked: bool, content_length: int | None) -> None: ...
     def response_body(self, data: bytes) -> None: ...
     def response_complete(self) -> None: ...
+    def batch_begin(self) -> None: ...
+    def batch_end(self) -> None: ...
     def upstream_failed(self, error: UpstreamError) -> None: ...
     def upstream_pause(self) -> None: ...
     def upstream_resume(self) -> None: ...
@@ -63,7 +65,10 @@ class BackendConnection(asyncio.Protocol):
         """Own the connection for one exchange; ``head_only`` for HEAD requests."""
         self.sink = sink
         self._head_only = head_only
-        self._parser = httptools.HttpResponseParser(self)
+        if self._parser is None:
+            # One parser serves every response of a keep-alive connection;
+            # only a HEAD answer (no body despite its Content-Length) spends it.
+            self._parser = httptools.HttpResponseParser(self)
         self._headers = []
         self._reason = b""
         self._got_response = False
@@ -101,10 +106,12 @@ class BackendConnection(asyncio.Protocol):
             if self.sink is not None:
                 self.sink.response_body(data)
             return
-        if self.sink is None or self._parser is None:
+        sink = self.sink
+        if sink is None or self._parser is None:
             # Bytes on an idle connection: the backend broke the protocol.
             self.close()
             return
+        sink.batch_begin()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -115,6 +122,8 @@ class BackendConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             if not self._done:
                 self._fail(UpstreamError("protocol", f"bad response from {self.backend}: {exc}"))
+        finally:
+            sink.batch_end()
 
     def eof_received(self) -> bool | None:
         return False
@@ -201,7 +210,8 @@ class BackendConnection(asyncio.Protocol):
     def _finish(self, keep_alive: bool) -> None:
         self._done = True
         sink, self.sink = self.sink, None
-        self._parser = None
+        if self._head_only:
+            self._parser = None
         self.reused = True
         if keep_alive and self.transport is not None and not self.transport.is_closing():
             self.backend.release(self)
@@ -277,14 +287,27 @@ class Pool:
         self.backends = [Backend(b, pool_size) for b in backends]
         self._next = 0
 
-    def candidates(self) -> list[Backend]:
-        """Backends in round-robin order, healthy first, skipped ones last."""
-        n = len(self.backends)
-        if n == 0:
+    def pick(self) -> Backend:
+        """The next backend round-robin, skipping those marked down while any is up."""
+        backends = self.backends
+        n = len(backends)
+        start = self._next
+        self._next = (start + 1) % n
+        backend = backends[start % n]
+        if backend.down_until and backend.down_until > time.monotonic():
+            for candidate in self.candidates(first=backend):
+                if candidate.down_until <= time.monotonic():
+                    return candidate
+        return backend
+
+    def candidates(self, first: Backend | None = None) -> list[Backend]:
+        """Every backend to try in turn: ``first``, then the others round-robin,
+        healthy ones before those marked down."""
+        backends = self.backends
+        if not backends:
             return []
-        start = self._next % n
-        self._next += 1
-        ordered = self.backends[start:] + self.backends[:start]
+        start = backends.index(first) if first is not None else self._next % len(backends)
+        ordered = backends[start:] + backends[:start]
         now = time.monotonic()
         healthy = [b for b in ordered if b.down_until <= now]
         return healthy + [b for b in ordered if b.down_until > now]

@@ -165,8 +165,10 @@ class FileStore(Store):
     async def watch(self, start_revision: int) -> AsyncIterator[list[Event]]:  # type: ignore[override]
         """Follow the directory with inotify.
 
-        ``debounce=0, step=1``: watchfiles' default 1.6 s debounce would miss the
-        100 ms goal; a rename is seen ~2 ms after it happens. The snapshot was
+        ``debounce=0, step=10``: watchfiles' default 1.6 s debounce would miss the
+        100 ms goal. ``step`` is how often its thread wakes (and takes the GIL)
+        to look for events: 1 ms cost ~4% of a busy proxy's CPU in profiles,
+        10 ms costs nothing measurable and still applies a change within ~12 ms. The snapshot was
         taken before this started, so the caller loads it *after* the watch is
         armed (see ``Index``): a change between the two is then seen twice,
         never missed, and applying it twice is harmless.
@@ -176,7 +178,7 @@ class FileStore(Store):
         async for changes in watchfiles.awatch(
             self.root,
             debounce=0,
-            step=1,
+            step=10,
             watch_filter=lambda _change, path: not Path(path).name.startswith("."),
             recursive=True,
             force_polling=False,

@@ -96,7 +96,7 @@ class TlsAcceptor:
         # name -> [context, number of handshakes in flight using it]
         self._pins: dict[str, list] = {}
         self._listeners: list[socket.socket] = []
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task] = set()
         self._peeking: set[socket.socket] = set()
         listener_context.sni_callback = self._sni_callback
 
@@ -104,6 +104,10 @@ class TlsAcceptor:
     def listen(self, sock: socket.socket, protocol_factory: ProtocolFactory) -> None:
         """Accept TLS connections on ``sock``; ``protocol_factory`` makes their protocol."""
         sock.setblocking(False)
+        # Wake accept() only once the client has sent data (its ClientHello), as
+        # nginx's "deferred" does: the peek then succeeds at once, without an
+        # extra epoll registration and wake-up per connection.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, max(1, int(self.handshake_timeout)))
         self._listeners.append(sock)
         asyncio.get_running_loop().add_reader(sock.fileno(), self._accept_ready, sock, protocol_factory)
 
@@ -216,68 +220,97 @@ class TlsAcceptor:
             sock.close()
             return
         if choice.source is Source.DEFAULT:
-            ctx = self.listener_context
+            ctx: ssl.SSLContext | None = self.listener_context
         elif choice.source is Source.PLATFORM:
             ctx = self.platform_context
         else:
             ctx = self.cache.get_nowait(choice.cache_key)
-        task = asyncio.get_running_loop().create_task(self._handshake(sock, factory, name, hello, choice, ctx))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        if ctx is None:
+            # A cold name: build its context off the loop, then hand over.
+            task = asyncio.get_running_loop().create_task(self._cold(sock, factory, name, hello, choice))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        self._handover(sock, factory, name, hello, choice, ctx)
 
-    async def _handshake(
+    async def _cold(
         self,
         sock: socket.socket,
         factory: ProtocolFactory,
         name: str | None,
         hello: clienthello.ClientHello,
         choice: Choice,
-        ctx: ssl.SSLContext | None,
     ) -> None:
-        loop = asyncio.get_running_loop()
-        if ctx is None:
-            try:
-                ctx = await asyncio.wait_for(self.cache.get(choice.cache_key), self.handshake_timeout)
-            except (ContextBuildError, OSError, TimeoutError, ValueError) as exc:
-                # A stored bundle OpenSSL refuses (edited by hand) or a store
-                # that went away: fall through to the default certificate, as
-                # for an unknown name, rather than failing the handshake.
-                log.error("no TLS context for %s (%s): %s; serving the default certificate",
-                          name, choice.source.value, exc)
-                self.stats.fail("context")
-                if self.selector.strict_sni:
-                    sock.close()
-                    return
-                ctx = self.listener_context
+        try:
+            ctx = await asyncio.wait_for(self.cache.get(choice.cache_key), self.handshake_timeout)
+        except (ContextBuildError, OSError, TimeoutError, ValueError) as exc:
+            # A stored bundle OpenSSL refuses (edited by hand) or a store that
+            # went away: fall through to the default certificate, as for an
+            # unknown name, rather than failing the handshake.
+            log.error("no TLS context for %s (%s): %s; serving the default certificate",
+                      name, choice.source.value, exc)
+            self.stats.fail("context")
+            if self.selector.strict_sni:
+                sock.close()
+                return
+            ctx = self.listener_context
+        self._handover(sock, factory, name, hello, choice, ctx)
+
+    def _handover(
+        self,
+        sock: socket.socket,
+        factory: ProtocolFactory,
+        name: str | None,
+        hello: clienthello.ClientHello,
+        choice: Choice,
+        ctx: ssl.SSLContext,
+    ) -> None:
+        """Pin ``ctx`` for the SNI callback and start the TLS handshake.
+
+        No coroutine of ours wraps it: the hot path is one task (uvloop's
+        ``connect_accepted_socket``) and a done callback.
+        """
         info = TlsInfo(name, choice.source, hello.alpn)
         # The listener context needs no swap: nothing to pin.
-        pinned = name is not None and ctx is not self.listener_context
-        if pinned:
-            pin = self._pins.get(name)  # type: ignore[arg-type]
+        pinned = name if name is not None and ctx is not self.listener_context else None
+        if pinned is not None:
+            pin = self._pins.get(pinned)
             if pin is None or pin[0] is not ctx:
                 # A newer context replaces an older pin: handshakes already
                 # past their callback keep the one they got.
-                self._pins[name] = pin = [ctx, 0]  # type: ignore[index]
+                self._pins[pinned] = pin = [ctx, 0]
             pin[1] += 1
-        try:
-            await loop.connect_accepted_socket(
+        task = asyncio.get_running_loop().create_task(
+            asyncio.get_running_loop().connect_accepted_socket(
                 lambda: factory(info),
                 sock,
                 ssl=self.listener_context,
                 ssl_handshake_timeout=self.handshake_timeout,
             )
-            self.stats.done(choice.source)
-        except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
-            log.debug("handshake for %s failed: %s", name, exc)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(lambda done: self._handshake_done(done, sock, pinned, ctx, choice.source))
+
+    def _handshake_done(
+        self, task: asyncio.Task, sock: socket.socket, pinned: str | None, ctx: ssl.SSLContext, source: Source
+    ) -> None:
+        self._tasks.discard(task)
+        if pinned is not None:
+            pin = self._pins.get(pinned)
+            if pin is not None and pin[0] is ctx:
+                pin[1] -= 1
+                if pin[1] == 0:
+                    del self._pins[pinned]
+        if task.cancelled():
+            sock.close()
+            return
+        exc = task.exception()
+        if exc is None:
+            self.stats.done(source)
+        else:
+            log.debug("handshake for %s failed: %s", pinned, exc)
             self.stats.fail("handshake")
             sock.close()
-        finally:
-            if pinned:
-                pin = self._pins.get(name)  # type: ignore[arg-type]
-                if pin is not None and pin[0] is ctx:
-                    pin[1] -= 1
-                    if pin[1] == 0:
-                        del self._pins[name]  # type: ignore[arg-type]
 
     def _sni_callback(self, sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
         """Runs inside do_handshake: no I/O, one dict lookup (DESIGN.md)."""

@@ -26,6 +26,10 @@ def _valid_ascii(name: str) -> bool:
         # A single label ("localhost", "intranet") is no public name; SNI
         # (RFC 6066 §3) carries fully qualified names only.
         return False
+    if labels[-1].isdigit():
+        # An IPv4 literal ("127.0.0.1"), which RFC 6066 §3 forbids in SNI; no
+        # top-level domain is all digits (RFC 3696 §2).
+        return False
     return all(_LABEL.match(label) for label in labels)
 
 

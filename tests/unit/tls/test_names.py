@@ -24,6 +24,8 @@ from edge.tls import names
         ("a" * 64 + ".example.com", None),
         (".".join(["a" * 63] * 4), None),  # 255 characters: over 253
         ("192.168.0.1.example.com", "192.168.0.1.example.com"),
+        ("127.0.0.1", None),  # IP literals are not SNI host names (RFC 6066 §3)
+        ("10.0.0.1.", None),
         (b"\xff\xfe.example.com", None),
         ("space .example.com", None),
     ],

@@ -1,0 +1,111 @@
+"""Benchmark output: a Markdown table with ratios, JSON with every raw figure, a plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+from benchmarks.systems import cpu_seconds
+
+cpu = cpu_seconds
+
+# scenario -> (figure, label, higher is better)
+HEADLINE = {
+    "handshakes-ecdsa": ("per_cpu_s", "full handshakes ECDSA P-256, per CPU-second", True),
+    "handshakes-rsa": ("per_cpu_s", "full handshakes RSA-2048, per CPU-second", True),
+    "keepalive-small": ("per_cpu_s", "keep-alive small responses, req per CPU-second", True),
+    "keepalive-64k": ("per_cpu_s", "keep-alive 64 KiB responses, req per CPU-second", True),
+    "idle-memory": ("kib_per_connection", "memory per idle TLS connection, KiB", False),
+}
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def _fmt(value: float) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
+
+
+def markdown(results: dict) -> str:
+    systems = [s for s in ("edge", "nginx", "haproxy") if any(s in r for r in results["scenarios"].values())]
+    lines = [
+        f"Run {results['started']} ({'quick' if results['quick'] else 'full'}) on {results['machine']['cpu']}, "
+        f"{results['machine']['cores']} cores, Linux {results['machine']['kernel']}; proxy pinned to core 0, "
+        "load and backend to core 1.",
+        "",
+        "| scenario | " + " | ".join(systems) + " | " + " | ".join(f"edge/{s}" for s in systems[1:]) + " |",
+        "|---" * (1 + len(systems) + len(systems) - 1) + "|",
+    ]
+    for scenario, by_system in results["scenarios"].items():
+        figure, label, _ = HEADLINE.get(scenario, ("per_cpu_s", scenario, True))
+        values = [by_system.get(s, {}).get(figure) for s in systems]
+        edge = by_system.get("edge", {}).get(figure)
+        ratios = []
+        for s in systems[1:]:
+            peer = by_system.get(s, {}).get(figure)
+            ratios.append(f"{edge / peer:.2f}x" if edge and peer else "-")
+        lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in values) + " | " + " | ".join(ratios) + " |")
+    lines += ["", "Wall rates and latency (p50 / p99 / p99.9 ms at a fixed rate of half each system's peak):", ""]
+    lines.append("| scenario | system | wall rate/s | p50 | p99 | p99.9 | errors |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for scenario, by_system in results["scenarios"].items():
+        for system, r in by_system.items():
+            if "rate" not in r:
+                continue
+            lines.append(
+                f"| {scenario} | {system} | {_fmt(r['rate'])} | {_fmt(r.get('fixed_p50_ms', r.get('p50_ms')))} | "
+                f"{_fmt(r.get('fixed_p99_ms', r.get('p99_ms')))} | {_fmt(r.get('fixed_p999_ms', r.get('p999_ms')))} "
+                f"| {int(r.get('errors', 0) + r.get('fixed_errors', 0))} |"
+            )
+    lines += ["", "Versions: " + "; ".join(results.get("versions", {}).values())]
+    if results.get("skipped"):
+        lines.append("Skipped: " + "; ".join(f"{k}: {v}" for k, v in results["skipped"].items()))
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    scenarios = [s for s in results["scenarios"] if s in HEADLINE]
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(3.2 * len(scenarios), 3.6), squeeze=False)
+    colours = {"edge": "#2a7ab9", "nginx": "#3a9a4a", "haproxy": "#c0603a"}
+    for ax, scenario in zip(axes[0], scenarios, strict=True):
+        figure, label, _ = HEADLINE[scenario]
+        by_system = results["scenarios"][scenario]
+        names = list(by_system)
+        values = [by_system[n].get(figure, 0) or 0 for n in names]
+        ax.bar(names, values, color=[colours.get(n, "grey") for n in names])
+        ax.set_title(label, fontsize=8, wrap=True)
+        ax.tick_params(labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write(results: dict, out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    paths = {"json": out / f"{stamp}.json", "md": out / f"{stamp}.md"}
+    paths["json"].write_text(json.dumps(results, indent=2) + "\n")
+    paths["md"].write_text(markdown(results))
+    png = out / f"{stamp}.png"
+    if plot(results, png):
+        paths["png"] = png
+    for kind, path in list(paths.items()):
+        shutil.copyfile(path, out / f"latest.{kind}")
+    return paths

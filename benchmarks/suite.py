@@ -1,0 +1,190 @@
+"""The benchmark suite: each scenario against edge, nginx and HAProxy in turn,
+in the same run, reporting rates per second of proxy CPU and ratios.
+
+    make bench            # complete
+    make bench QUICK=1    # every scenario briefly
+
+Results: benchmarks/results/<stamp>.{md,json,png} and latest.{md,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from benchmarks import load, report
+from benchmarks.certs import bench_certificates
+from benchmarks.systems import LOAD_CORE, PEERS, Backend, Certificates, System, available_peers, rss_kib
+
+RESULTS = Path(__file__).parent / "results"
+
+
+class Run:
+    def __init__(self, quick: bool, workdir: Path, certs: Certificates, peers: list[str]) -> None:
+        self.quick = quick
+        self.workdir = workdir
+        self.certs = certs
+        self.peers = peers
+        self.duration = 3.0 if quick else 10.0
+        self.rounds = 1 if quick else 2
+        self.backend = Backend("backend", workdir, 0, certs)
+        self.backend.start()
+        self.names_file = workdir / "names.txt"
+        self.names_file.write_text("bench.example.test\n")
+        self.versions: dict[str, str] = {}
+
+    def system(self, name: str, key_type: str = "ecdsa", workers: int = 1) -> System:
+        system = PEERS[name](name, self.workdir, self.backend.port, self.certs, key_type=key_type, workers=workers)
+        system.start()
+        self.versions[name] = system.version
+        return system
+
+    def measure(self, system: System, work: Callable[[], dict[str, float]]) -> dict[str, float]:
+        """Run ``work`` against ``system``; add CPU seconds and the rate per CPU second."""
+        pids = system.pids()
+        before = report.cpu(pids)
+        result = work()
+        cpu = report.cpu(pids) - before
+        result["proxy_cpu_s"] = cpu
+        result["per_cpu_s"] = result["requests" if "requests" in result else "handshakes"] / cpu if cpu else 0.0
+        return result
+
+    def each_system(self, scenario: str, run_one: Callable[[System], dict[str, float]],
+                    key_type: str = "ecdsa") -> dict[str, dict[str, float]]:
+        """Every peer in turn, ``rounds`` times (alternating order), medians kept."""
+        samples: dict[str, list[dict[str, float]]] = {p: [] for p in self.peers}
+        for round_number in range(self.rounds):
+            order = self.peers if round_number % 2 == 0 else list(reversed(self.peers))
+            for name in order:
+                system = self.system(name, key_type)
+                try:
+                    samples[name].append(run_one(system))
+                finally:
+                    system.stop()
+                print(f"  {scenario:<24} {name:<8} {_short(samples[name][-1])}", flush=True)
+        return {name: _median(values) for name, values in samples.items()}
+
+    # --- scenarios ------------------------------------------------------------------------
+    def keepalive(self, path: str) -> dict[str, dict[str, float]]:
+        connections = 50
+
+        def run_one(system: System) -> dict[str, float]:
+            load.wrk(system.port, path, connections, 1.0)  # warm-up: pools, caches
+            peak = self.measure(system, lambda: load.wrk(system.port, path, connections, self.duration))
+            # Latency at a fixed rate of half the peak this system reached.
+            log = self.workdir / f"h2load-{system.name}.log"
+            fixed = load.h2load_fixed_rate(system.port, path, peak["rate"] / 2, connections, self.duration, log)
+            peak.update({f"fixed_{k}": v for k, v in fixed.items()})
+            return peak
+
+        return self.each_system(f"keep-alive {path}", run_one)
+
+    def handshakes(self, key_type: str) -> dict[str, dict[str, float]]:
+        def run_one(system: System) -> dict[str, float]:
+            load.handshakes(system.port, self.names_file, 1.0, 8)
+            return self.measure(system, lambda: load.handshakes(system.port, self.names_file, self.duration, 8))
+
+        return self.each_system(f"handshakes {key_type}", run_one, key_type)
+
+    def idle_memory(self) -> dict[str, dict[str, float]]:
+        count = 1000 if self.quick else 10000
+
+        def run_one(system: System) -> dict[str, float]:
+            pids = system.pids()
+            time.sleep(0.5)
+            before = rss_kib(pids)
+            holder = subprocess.Popen(
+                ["taskset", "-c", LOAD_CORE, sys.executable, "-m", "benchmarks.idle_clients", "--port",
+                 str(system.port), "--count", str(count)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent,
+            )
+            assert holder.stdout is not None and holder.stdin is not None
+            line = holder.stdout.readline().split()
+            time.sleep(1.0)
+            after = rss_kib(system.pids())
+            holder.stdin.close()
+            holder.wait(60)
+            held = int(line[1]) if len(line) > 1 else 0
+            return {"connections": held, "failed": int(line[3]) if len(line) > 3 else count,
+                    "rss_before_kib": before, "rss_after_kib": after,
+                    "kib_per_connection": (after - before) / held if held else float("nan")}
+
+        return self.each_system("idle TLS connections", run_one)
+
+    def close(self) -> None:
+        self.backend.stop()
+
+
+def _median(values: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(v[k] for v in values) for k in values[0] if all(k in v for v in values)}
+
+
+def _short(result: dict[str, float]) -> str:
+    keys = ("rate", "per_cpu_s", "p99_ms", "fixed_p99_ms", "kib_per_connection", "errors")
+    return " ".join(f"{k}={result[k]:.1f}" for k in keys if k in result)
+
+
+SCENARIOS = ["handshakes-ecdsa", "handshakes-rsa", "keepalive-small", "keepalive-64k", "idle-memory"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="edge side by side with nginx and HAProxy")
+    parser.add_argument("--quick", action="store_true", help="every scenario briefly")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--peers", default="edge,nginx,haproxy")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if len(os.sched_getaffinity(0)) < 2:
+        print("benchmarks need 2 cores: the proxy on one, load and backend on the other", file=sys.stderr)
+        return 2
+    # 10k idle connections need 10k descriptors in each process: raise the soft
+    # limit to the hard one; the children inherit it.
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    found, skipped = available_peers()
+    peers = [p for p in args.peers.split(",") if p in found]
+    for name, why in skipped.items():
+        print(f"skipping {name}: {why}", file=sys.stderr)
+    results: dict[str, object] = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "quick": args.quick,
+        "machine": {"cpu": report.cpu_model(), "cores": os.cpu_count(), "kernel": platform.release(),
+                    "python": sys.version.split()[0]},
+        "skipped": skipped,
+        "scenarios": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp:
+        run = Run(args.quick, Path(tmp), bench_certificates(), peers)
+        try:
+            wanted = args.scenarios.split(",")
+            table: dict[str, Callable[[], dict[str, dict[str, float]]]] = {
+                "handshakes-ecdsa": lambda: run.handshakes("ecdsa"),
+                "handshakes-rsa": lambda: run.handshakes("rsa"),
+                "keepalive-small": lambda: run.keepalive("/small"),
+                "keepalive-64k": lambda: run.keepalive("/64k"),
+                "idle-memory": run.idle_memory,
+            }
+            for scenario in wanted:
+                print(f"{scenario}", flush=True)
+                results["scenarios"][scenario] = table[scenario]()  # type: ignore[index]
+        finally:
+            run.close()
+        results["versions"] = run.versions
+    results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    paths = report.write(results, args.out)
+    print("\n" + paths["md"].read_text())
+    print(f"results in {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
