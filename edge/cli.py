@@ -210,11 +210,11 @@ def _serve(cfg: config_mod.Config) -> int:
     from edge.server import StartupError, serve
 
     _setup_logging(cfg.log.level)
-    if cfg.server.workers > 1:
-        logging.getLogger("edge").warning(
-            "workers = %d: multi-process serving is not built yet; running one process", cfg.server.workers
-        )
     try:
+        if cfg.server.workers > 1:
+            from edge.workers import supervise
+
+            return supervise(cfg)
         uvloop.run(serve(cfg))
     except StartupError as exc:
         return _fail(str(exc))

@@ -67,11 +67,38 @@ def load_fixed_context(cert: str, key: str, min_version: str) -> ssl.SSLContext:
     return ctx
 
 
+@dataclass(frozen=True)
+class FixedContexts:
+    """The always-loaded contexts. Built before workers fork, so every worker's
+    listener context shares one set of TLS session-ticket keys."""
+
+    platform: ssl.SSLContext
+    default: ssl.SSLContext
+
+
+def load_fixed_contexts(cfg: Config) -> FixedContexts:
+    platform = cfg.platform
+    if platform.dev_certificates:
+        message = devcert.ensure_dev_certificates(platform.domain, platform.cert, platform.key)
+        if message:
+            log.warning("%s", message)
+    min_version = cfg.tls.min_version
+    platform_ctx = load_fixed_context(str(platform.cert), str(platform.key), min_version)
+    if cfg.tls.default_cert and cfg.tls.default_key:
+        default_ctx = load_fixed_context(str(cfg.tls.default_cert), str(cfg.tls.default_key), min_version)
+    else:
+        # The platform certificate is the default: one context serves both.
+        default_ctx = platform_ctx
+    return FixedContexts(platform_ctx, default_ctx)
+
+
 @dataclass
 class Edge:
-    """One running edge process."""
+    """One running edge process (the only one, or one of the workers)."""
 
     config: Config
+    fixed: FixedContexts | None = None  # built here unless a supervisor did it
+    reuse_port: bool = False  # workers share their ports with SO_REUSEPORT
     store: Store = field(init=False)
     index: Index = field(init=False)
     selector: Selector = field(init=False)
@@ -91,17 +118,8 @@ class Edge:
     async def start(self) -> None:
         cfg = self.config
         platform = cfg.platform
-        if platform.dev_certificates:
-            message = devcert.ensure_dev_certificates(platform.domain, platform.cert, platform.key)
-            if message:
-                log.warning("%s", message)
-        min_version = cfg.tls.min_version
-        platform_ctx = load_fixed_context(str(platform.cert), str(platform.key), min_version)
-        if cfg.tls.default_cert and cfg.tls.default_key:
-            default_ctx = load_fixed_context(str(cfg.tls.default_cert), str(cfg.tls.default_key), min_version)
-        else:
-            # The platform certificate is the default: one context serves both.
-            default_ctx = platform_ctx
+        fixed = self.fixed or load_fixed_contexts(cfg)
+        platform_ctx, default_ctx = fixed.platform, fixed.default
 
         self.store = open_store(cfg)
         self.index = Index()
@@ -125,7 +143,7 @@ class Edge:
             cache=self.cache,
             handshake_timeout=cfg.proxy.handshake_timeout,
         )
-        self.https_sockets = [bind(address) for address in cfg.server.https]
+        self.https_sockets = [bind(address, self.reuse_port) for address in cfg.server.https]
         # Redirects from port 80 point at the first TLS listener's real port.
         https_port = self.https_sockets[0].getsockname()[1] if self.https_sockets else 443
         for sock in self.https_sockets:
@@ -133,7 +151,7 @@ class Edge:
             self.acceptor.listen(sock, self._https_protocol_factory(listener))
         loop = asyncio.get_running_loop()
         for address in cfg.server.http:
-            sock = bind(address)
+            sock = bind(address, self.reuse_port)
             listener = ListenerInfo(b"http", str(sock.getsockname()[1]).encode(), https_port)
             server = await loop.create_server(
                 lambda listener=listener: HttpProxyProtocol(self.proxy, listener, None),
@@ -254,8 +272,8 @@ class Edge:
         await self._stopped.wait()
 
 
-async def serve(config: Config) -> None:
-    edge = Edge(config)
+async def serve(config: Config, fixed: FixedContexts | None = None, reuse_port: bool = False) -> None:
+    edge = Edge(config, fixed=fixed, reuse_port=reuse_port)
     try:
         await edge.start()
     except StoreError as exc:
