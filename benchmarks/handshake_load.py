@@ -44,6 +44,8 @@ def _worker(args: argparse.Namespace, names: list[str], seed: int, out: mp.Queue
         ctx.maximum_version = ssl.TLSVersion.TLSv1_2
         ctx.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256")
     cdf = _zipf_cdf(len(names)) if args.zipf else None
+    sessions: dict[str, ssl.SSLSession] = {}
+    resumed = 0
     latencies: list[float] = []
     failures = 0
     first_error = ""
@@ -55,20 +57,24 @@ def _worker(args: argparse.Namespace, names: list[str], seed: int, out: mp.Queue
             name = names[rng.randrange(len(names))]
         started = time.perf_counter()
         try:
+            session = sessions.get(name) if args.resume else None
             with socket.create_connection((args.host, args.port), timeout=10) as raw, \
-                    ctx.wrap_socket(raw, server_hostname=name) as tls:
+                    ctx.wrap_socket(raw, server_hostname=name, session=session) as tls:
                 tls.sendall(f"GET {args.path} HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n".encode())
                 response = b""
                 while chunk := tls.recv(65536):
                     response += chunk
                 if not response.startswith(b"HTTP/1.1 2"):
                     raise ValueError(response[:60])
+                resumed += tls.session_reused
+                if args.resume and tls.session is not None:
+                    sessions[name] = tls.session  # TLS 1.3: a fresh ticket each time
         except (OSError, ValueError) as exc:
             failures += 1
             first_error = first_error or repr(exc)
             continue
         latencies.append(time.perf_counter() - started)
-    out.put((latencies, failures, first_error))
+    out.put((latencies, failures, first_error, resumed))
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -94,6 +100,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     return {
         "handshakes": len(latencies),
         "failures": sum(r[1] for r in results),
+        "resumed": sum(r[3] for r in results),
         "first_error": next((r[2] for r in results if r[2]), ""),
         "seconds": elapsed,
         "rate": len(latencies) / args.duration,
@@ -114,6 +121,7 @@ def main() -> None:
     parser.add_argument("--zipf", action="store_true", help="Zipf(1) over the names instead of uniform")
     parser.add_argument("--rsa-only", action="store_true", help="offer only ECDHE-RSA (TLS 1.2)")
     parser.add_argument("--tls12", action="store_true")
+    parser.add_argument("--resume", action="store_true", help="resume each name's TLS session (tickets)")
     print(json.dumps(run(parser.parse_args())))
 
 

@@ -72,12 +72,15 @@ def h2load_fixed_rate(port: int, path: str, rate: float, connections: int, durat
             "p50_ms": q(0.5), "p99_ms": q(0.99), "p999_ms": q(0.999)}
 
 
-def handshakes(port: int, names_file: Path, duration: float, procs: int, zipf: bool = False) -> dict[str, float]:
-    """Full handshakes, one request each, over the names in ``names_file``."""
+def handshakes(port: int, names_file: Path, duration: float, procs: int, zipf: bool = False,
+               resume: bool = False) -> dict[str, float]:
+    """Handshakes (full, or resumed from a ticket), one request each, over the names in ``names_file``."""
     argv = ["taskset", "-c", LOAD_CORE, sys.executable, "-m", "benchmarks.handshake_load", "--port", str(port),
             "--names-file", str(names_file), "--duration", str(duration), "--procs", str(procs)]
     if zipf:
         argv.append("--zipf")
+    if resume:
+        argv.append("--resume")
     out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 120,
                          cwd=Path(__file__).parent.parent)
     if out.returncode != 0:

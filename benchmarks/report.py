@@ -16,6 +16,7 @@ cpu = cpu_seconds
 HEADLINE = {
     "handshakes-ecdsa": ("per_cpu_s", "full handshakes ECDSA P-256, per CPU-second", True),
     "handshakes-rsa": ("per_cpu_s", "full handshakes RSA-2048, per CPU-second", True),
+    "resumed": ("per_cpu_s", "resumed handshakes (TLS 1.3 tickets, 2 workers), per CPU-second", True),
     "keepalive-small": ("per_cpu_s", "keep-alive small responses, req per CPU-second", True),
     "keepalive-64k": ("per_cpu_s", "keep-alive 64 KiB responses, req per CPU-second", True),
     "idle-memory": ("kib_per_connection", "memory per idle TLS connection, KiB", False),
@@ -46,7 +47,9 @@ def markdown(results: dict) -> str:
         "|---" * (1 + len(systems) + len(systems) - 1) + "|",
     ]
     for scenario, by_system in results["scenarios"].items():
-        figure, label, _ = HEADLINE.get(scenario, ("per_cpu_s", scenario, True))
+        if scenario not in HEADLINE:
+            continue
+        figure, label, _ = HEADLINE[scenario]
         values = [by_system.get(s, {}).get(figure) for s in systems]
         edge = by_system.get("edge", {}).get(figure)
         ratios = []
@@ -54,10 +57,31 @@ def markdown(results: dict) -> str:
             peer = by_system.get(s, {}).get(figure)
             ratios.append(f"{edge / peer:.2f}x" if edge and peer else "-")
         lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in values) + " | " + " | ".join(ratios) + " |")
+    names = results["scenarios"].get("many-names")
+    if names:
+        lines += ["", "Many names (SNI drawn uniformly = cold, Zipf = warm; handshakes per CPU-second):", "",
+                  "| system @ names | start to first handshake, s | RSS serving, MiB | cold /CPU-s | warm /CPU-s "
+                  "| cold p99 ms | errors |", "|---|---|---|---|---|---|---|"]
+        for key, r in names.items():
+            if "error" in r:
+                lines.append(f"| {key} | could not load: {r['error']} | | | | | |")
+                continue
+            lines.append(f"| {key} | {r['start_s']:.2f} | {r['rss_mib']:.0f} | {_fmt(r['cold_per_cpu_s'])} | "
+                         f"{_fmt(r['warm_per_cpu_s'])} | {_fmt(r['cold_p99_ms'])} | {int(r['errors'])} |")
+    updates = results["scenarios"].get("update-latency")
+    if updates:
+        lines += ["", "Certificate update latency, from the command returning to the new certificate served "
+                  "(edge: `edge domains-ssl`, file store; nginx: files replaced + `nginx -s reload`):", "",
+                  "| system | updates | p50 ms | p99 ms | max ms |", "|---|---|---|---|---|"]
+        for system, r in updates.items():
+            lines.append(f"| {system} | {r['updates']} | {_fmt(r['p50_ms'])} | {_fmt(r['p99_ms'])} | "
+                         f"{_fmt(r['max_ms'])} |")
     lines += ["", "Wall rates and latency (p50 / p99 / p99.9 ms at a fixed rate of half each system's peak):", ""]
     lines.append("| scenario | system | wall rate/s | p50 | p99 | p99.9 | errors |")
     lines.append("|---|---|---|---|---|---|---|")
     for scenario, by_system in results["scenarios"].items():
+        if scenario not in HEADLINE:
+            continue
         for system, r in by_system.items():
             if "rate" not in r:
                 continue
@@ -73,6 +97,7 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> bool:
+    """Per-CPU rates per scenario and system; start time and RSS against the number of names."""
     try:
         import matplotlib
 
@@ -81,16 +106,37 @@ def plot(results: dict, path: Path) -> bool:
     except ImportError:
         return False
     scenarios = [s for s in results["scenarios"] if s in HEADLINE]
-    fig, axes = plt.subplots(1, len(scenarios), figsize=(3.2 * len(scenarios), 3.6), squeeze=False)
+    names = results["scenarios"].get("many-names") or {}
+    panels = len(scenarios) + (2 if names else 0)
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, panels, figsize=(3.0 * panels, 3.6), squeeze=False)
     colours = {"edge": "#2a7ab9", "nginx": "#3a9a4a", "haproxy": "#c0603a"}
-    for ax, scenario in zip(axes[0], scenarios, strict=True):
+    for ax, scenario in zip(axes[0], scenarios, strict=False):
         figure, label, _ = HEADLINE[scenario]
         by_system = results["scenarios"][scenario]
-        names = list(by_system)
-        values = [by_system[n].get(figure, 0) or 0 for n in names]
-        ax.bar(names, values, color=[colours.get(n, "grey") for n in names])
-        ax.set_title(label, fontsize=8, wrap=True)
-        ax.tick_params(labelsize=8)
+        systems = list(by_system)
+        ax.bar(systems, [by_system[n].get(figure, 0) or 0 for n in systems],
+               color=[colours.get(n, "grey") for n in systems])
+        ax.set_title(label, fontsize=7, wrap=True)
+        ax.tick_params(labelsize=7)
+    if names:
+        start_ax, rss_ax = axes[0][len(scenarios)], axes[0][len(scenarios) + 1]
+        for system in ("edge", "nginx", "haproxy"):
+            points = sorted(
+                (r["names"], r) for k, r in names.items() if k.startswith(system + "@") and "error" not in r
+            )
+            if not points:
+                continue
+            xs = [p[0] for p in points]
+            start_ax.plot(xs, [p[1]["start_s"] for p in points], "o-", label=system, color=colours[system])
+            rss_ax.plot(xs, [p[1]["rss_mib"] for p in points], "o-", label=system, color=colours[system])
+        for ax, title in ((start_ax, "start to first handshake, s"), (rss_ax, "RSS serving, MiB")):
+            ax.set_xscale("log")
+            ax.set_xlabel("names in the store", fontsize=7)
+            ax.set_title(title, fontsize=7)
+            ax.tick_params(labelsize=7)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

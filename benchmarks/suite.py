@@ -29,13 +29,14 @@ RESULTS = Path(__file__).parent / "results"
 
 
 class Run:
-    def __init__(self, quick: bool, workdir: Path, certs: Certificates, peers: list[str]) -> None:
-        self.quick = quick
+    def __init__(self, quick: bool, workdir: Path, certs: Certificates, peers: list[str], tiny: bool = False) -> None:
+        self.quick = quick or tiny
+        self.tiny = tiny  # for the test suite: proves every scenario runs, measures nothing worth reading
         self.workdir = workdir
         self.certs = certs
         self.peers = peers
-        self.duration = 3.0 if quick else 10.0
-        self.rounds = 1 if quick else 2
+        self.duration = 1.0 if tiny else 3.0 if quick else 10.0
+        self.rounds = 1 if self.quick else 2
         self.backend = Backend("backend", workdir, 0, certs)
         self.backend.start()
         self.names_file = workdir / "names.txt"
@@ -59,13 +60,13 @@ class Run:
         return result
 
     def each_system(self, scenario: str, run_one: Callable[[System], dict[str, float]],
-                    key_type: str = "ecdsa") -> dict[str, dict[str, float]]:
+                    key_type: str = "ecdsa", workers: int = 1) -> dict[str, dict[str, float]]:
         """Every peer in turn, ``rounds`` times (alternating order), medians kept."""
         samples: dict[str, list[dict[str, float]]] = {p: [] for p in self.peers}
         for round_number in range(self.rounds):
             order = self.peers if round_number % 2 == 0 else list(reversed(self.peers))
             for name in order:
-                system = self.system(name, key_type)
+                system = self.system(name, key_type, workers)
                 try:
                     samples[name].append(run_one(system))
                 finally:
@@ -95,8 +96,48 @@ class Run:
 
         return self.each_system(f"handshakes {key_type}", run_one, key_type)
 
+    def resumed(self) -> dict[str, dict[str, float]]:
+        """TLS 1.3 resumption from tickets, two workers (processes or threads) per system."""
+
+        def run_one(system: System) -> dict[str, float]:
+            load.handshakes(system.port, self.names_file, 1.0, 8, resume=True)
+            result = self.measure(system, lambda: load.handshakes(system.port, self.names_file, self.duration, 8,
+                                                                  resume=True))
+            result["resumed_share"] = result["resumed"] / result["handshakes"] if result["handshakes"] else 0.0
+            return result
+
+        return self.each_system("resumed, 2 workers", run_one, workers=2)
+
+    def update_latency(self) -> dict[str, dict[str, float]]:
+        """From `edge domains-ssl` returning to the new certificate served (file store)."""
+        from benchmarks.updates import measure_updates
+
+        updates = 3 if self.tiny else 20 if self.quick else 100
+        system = self.system("edge")
+        try:
+            result = measure_updates(system, self.certs, self.workdir, updates)
+        finally:
+            system.stop()
+        print(f"  {'certificate updates':<24} edge     {_short(result)}", flush=True)
+        out = {"edge": result}
+        if "nginx" in self.peers:
+            from benchmarks.updates import measure_nginx_reload
+
+            nginx = self.system("nginx")
+            try:
+                out["nginx"] = measure_nginx_reload(nginx, self.certs, self.workdir, min(updates, 20))
+            finally:
+                nginx.stop()
+            print(f"  {'certificate updates':<24} nginx    {_short(out['nginx'])}", flush=True)
+        return out
+
+    def many_names(self) -> dict[str, dict[str, float]]:
+        from benchmarks.names import run_many_names
+
+        return run_many_names(self)
+
     def idle_memory(self) -> dict[str, dict[str, float]]:
-        count = 1000 if self.quick else 10000
+        count = 50 if self.tiny else 1000 if self.quick else 10000
 
         def run_one(system: System) -> dict[str, float]:
             pids = system.pids()
@@ -125,20 +166,30 @@ class Run:
 
 
 def _median(values: list[dict[str, float]]) -> dict[str, float]:
-    return {k: statistics.median(v[k] for v in values) for k in values[0] if all(k in v for v in values)}
+    """Figure by figure, the median over rounds; text (an error message) from the first round."""
+    out = {}
+    for key, first in values[0].items():
+        if isinstance(first, int | float) and all(isinstance(v.get(key), int | float) for v in values):
+            out[key] = statistics.median(v[key] for v in values)
+        else:
+            out[key] = first
+    return out
 
 
 def _short(result: dict[str, float]) -> str:
-    keys = ("rate", "per_cpu_s", "p99_ms", "fixed_p99_ms", "kib_per_connection", "errors")
+    keys = ("rate", "per_cpu_s", "p50_ms", "p99_ms", "fixed_p99_ms", "kib_per_connection", "resumed_share",
+            "start_s", "rss_mib", "errors")
     return " ".join(f"{k}={result[k]:.1f}" for k in keys if k in result)
 
 
-SCENARIOS = ["handshakes-ecdsa", "handshakes-rsa", "keepalive-small", "keepalive-64k", "idle-memory"]
+SCENARIOS = ["handshakes-ecdsa", "handshakes-rsa", "resumed", "keepalive-small", "keepalive-64k", "many-names",
+             "update-latency", "idle-memory"]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="edge side by side with nginx and HAProxy")
     parser.add_argument("--quick", action="store_true", help="every scenario briefly")
+    parser.add_argument("--tiny", action="store_true", help="every scenario for a second (tests)")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--peers", default="edge,nginx,haproxy")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -156,14 +207,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipping {name}: {why}", file=sys.stderr)
     results: dict[str, object] = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "quick": args.quick,
+        "quick": args.quick or args.tiny,
+        "tiny": args.tiny,
         "machine": {"cpu": report.cpu_model(), "cores": os.cpu_count(), "kernel": platform.release(),
                     "python": sys.version.split()[0]},
         "skipped": skipped,
         "scenarios": {},
     }
     with tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp:
-        run = Run(args.quick, Path(tmp), bench_certificates(), peers)
+        run = Run(args.quick, Path(tmp), bench_certificates(), peers, tiny=args.tiny)
         try:
             wanted = args.scenarios.split(",")
             table: dict[str, Callable[[], dict[str, dict[str, float]]]] = {
@@ -171,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
                 "handshakes-rsa": lambda: run.handshakes("rsa"),
                 "keepalive-small": lambda: run.keepalive("/small"),
                 "keepalive-64k": lambda: run.keepalive("/64k"),
+                "resumed": run.resumed,
+                "many-names": run.many_names,
+                "update-latency": run.update_latency,
                 "idle-memory": run.idle_memory,
             }
             for scenario in wanted:

@@ -1,0 +1,192 @@
+"""Many names: 10k, 100k (and more) certificates in the store.
+
+For each size: time from start to the first handshake, RSS once serving, and
+handshake rates over SNI names drawn uniformly (cold: more names than the
+context cache holds) and Zipf-distributed (warm). nginx and HAProxy load
+every certificate at start, so they run at the sizes they can load; how long
+that took is recorded.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import ssl
+import subprocess
+import textwrap
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from benchmarks import load
+from benchmarks.certs import many_names
+from benchmarks.systems import EDGE_BIN, PROXY_CORE, System, free_port, rss_kib
+
+if TYPE_CHECKING:
+    from benchmarks.suite import Run
+
+
+def _first_handshake(port: int, names: list[str], proc: subprocess.Popen[bytes], timeout: float) -> float:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    started = time.monotonic()
+    name = random.choice(names)
+    while time.monotonic() - started < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode} while starting")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+                    ctx.wrap_socket(raw, server_hostname=name) as tls:
+                cert = tls.getpeercert(binary_form=True)
+                if cert:
+                    return time.monotonic() - started
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"no handshake within {timeout}s")
+
+
+class _NamesSystem(System):
+    names_dir: Path
+    start_s: float = 0.0
+
+    def spawn_timed(self, argv: list[str], names: list[str], timeout: float = 900.0) -> None:
+        log = self.workdir / f"{self.name}-names.log"
+        with open(log, "ab") as out:
+            began = time.monotonic()
+            self.proc = subprocess.Popen(["taskset", "-c", PROXY_CORE, *argv], stdout=out, stderr=subprocess.STDOUT)
+        try:
+            _first_handshake(self.port, names, self.proc, timeout)
+            self.start_s = time.monotonic() - began
+        except RuntimeError as exc:
+            self.stop()
+            raise RuntimeError(f"{self.name}: {exc}\n{log.read_text()[-1500:]}") from None
+
+
+class EdgeNames(_NamesSystem):
+    def start(self) -> None:
+        root = self.workdir / "edge-names"
+        subprocess.run(["rm", "-rf", str(root)], check=True)
+        root.mkdir(parents=True)
+        # Hard links: the store is the cached one, without copying gigabytes.
+        subprocess.run(["cp", "-al", str(self.names_dir / "store"), str(root / "store")], check=True)
+        (root / "store" / "apps").mkdir(exist_ok=True)
+        (root / "store" / "apps" / "bench.json").write_text(
+            f'{{"backends": ["127.0.0.1:{self.backend_port}"], "force_https": true}}\n')
+        config = root / "edge.toml"
+        config.write_text(textwrap.dedent(f"""
+            [server]
+            https = ["127.0.0.1:{self.port}"]
+            http = ["127.0.0.1:{free_port()}"]
+            admin = ""
+            [platform]
+            domain = "edge.bench"
+            cert = "dev/platform.crt"
+            key = "dev/platform.key"
+            [store]
+            path = "store"
+            [log]
+            level = "warning"
+        """))
+        names = (self.names_dir / "names.txt").read_text().split()
+        self.spawn_timed([EDGE_BIN, "serve", "--config", str(config)], names)
+
+
+class NginxNames(_NamesSystem):
+    def start(self) -> None:
+        root = self.workdir / "nginx-names"
+        root.mkdir(parents=True, exist_ok=True)
+        names = (self.names_dir / "names.txt").read_text().split()
+        key = self.names_dir / "shared.key"
+        servers = "".join(
+            f"server {{ listen 127.0.0.1:{self.port} ssl; server_name {n}; ssl_certificate "
+            f"{self.names_dir / 'pem' / (n + '.crt')}; ssl_certificate_key {key}; "
+            "location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }\n"
+            for n in names
+        )
+        conf = root / "nginx.conf"
+        conf.write_text(textwrap.dedent(f"""
+            worker_processes 1;
+            pid {root}/nginx.pid;
+            error_log {root}/error.log warn;
+            events {{ worker_connections 20000; }}
+            http {{
+              access_log off;
+              server_names_hash_max_size 4194304;
+              server_names_hash_bucket_size 128;
+              client_body_temp_path {root}/tmp;
+              proxy_temp_path {root}/tmp;
+              upstream app {{ server 127.0.0.1:{self.backend_port}; keepalive 64; }}
+        """) + servers + "}\n")
+        self.spawn_timed(["nginx", "-p", str(root), "-c", str(conf), "-g", "daemon off; user root;"], names)
+
+
+class HaproxyNames(_NamesSystem):
+    def start(self) -> None:
+        root = self.workdir / "haproxy-names"
+        root.mkdir(parents=True, exist_ok=True)
+        names = (self.names_dir / "names.txt").read_text().split()
+        crt_list = root / "crt-list.txt"
+        crt_list.write_text("".join(f"{self.names_dir / 'combined' / (n + '.pem')}\n" for n in names))
+        conf = root / "haproxy.cfg"
+        conf.write_text(textwrap.dedent(f"""
+            global
+              nbthread 1
+              maxconn 5000
+            defaults
+              mode http
+              timeout connect 5s
+              timeout client 75s
+              timeout server 60s
+            frontend fe
+              bind 127.0.0.1:{self.port} ssl crt-list {crt_list} alpn http/1.1
+              default_backend be
+            backend be
+              http-reuse always
+              server app 127.0.0.1:{self.backend_port}
+        """))
+        self.spawn_timed(["haproxy", "-db", "-f", str(conf)], names)
+
+
+CLASSES = {"edge": EdgeNames, "nginx": NginxNames, "haproxy": HaproxyNames}
+
+
+def run_many_names(run: Run) -> dict[str, dict[str, float]]:
+    if run.tiny:
+        sizes = [100]
+    elif run.quick:
+        sizes = [1000]
+    else:
+        sizes = [int(s) for s in os.environ.get("EDGE_BENCH_NAMES", "10000,100000").split(",")]
+    peer_limit = int(os.environ.get("EDGE_BENCH_PEER_NAMES", "10000"))
+    duration = run.duration
+    out: dict[str, dict[str, float]] = {}
+    for size in sizes:
+        directory = many_names(size)
+        for system_name in run.peers:
+            if system_name != "edge" and size > peer_limit:
+                continue
+            system = CLASSES[system_name](system_name, run.workdir, run.backend.port, run.certs)
+            system.names_dir = directory
+            try:
+                system.start()
+                rss = rss_kib(system.pids()) / 1024
+                cold = run.measure(system, lambda s=system, d=directory: load.handshakes(
+                    s.port, d / "names.txt", duration, 8))
+                warm = run.measure(system, lambda s=system, d=directory: load.handshakes(
+                    s.port, d / "names.txt", duration, 8, zipf=True))
+                result = {"names": size, "start_s": system.start_s, "rss_mib": rss,
+                          "rss_after_mib": rss_kib(system.pids()) / 1024,
+                          "cold_rate": cold["rate"], "cold_per_cpu_s": cold["per_cpu_s"], "cold_p99_ms": cold["p99_ms"],
+                          "warm_rate": warm["rate"], "warm_per_cpu_s": warm["per_cpu_s"], "warm_p99_ms": warm["p99_ms"],
+                          "errors": cold["errors"] + warm["errors"]}
+            except RuntimeError as exc:
+                result = {"names": size, "error": str(exc).splitlines()[0]}
+            finally:
+                system.stop()
+            out[f"{system_name}@{size}"] = result
+            shown = {k: v for k, v in result.items() if isinstance(v, float | int)}
+            print(f"  {'names ' + str(size):<24} {system_name:<8} " +
+                  " ".join(f"{k}={v:.1f}" for k, v in shown.items()), flush=True)
+    return out

@@ -1,0 +1,38 @@
+"""The benchmark suite runs every scenario (in a tiny mode) and writes its
+outputs. No speed is judged here: that is what the suite itself reports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.integration.conftest import require_tool
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_suite_runs_every_scenario_and_writes_results(tmp_path: Path) -> None:
+    for tool in ("nginx", "haproxy", "wrk", "h2load", "taskset"):
+        require_tool(tool)
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.suite", "--tiny", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads((tmp_path / "latest.json").read_text())
+    scenarios = data["scenarios"]
+    assert set(scenarios) == {"handshakes-ecdsa", "handshakes-rsa", "resumed", "keepalive-small", "keepalive-64k",
+                              "many-names", "update-latency", "idle-memory"}
+    for name in ("handshakes-ecdsa", "handshakes-rsa", "resumed", "keepalive-small", "keepalive-64k"):
+        for system in ("edge", "nginx", "haproxy"):
+            figures = scenarios[name][system]
+            assert figures["per_cpu_s"] > 0 and figures["errors"] == 0, (name, system, figures)
+    assert scenarios["resumed"]["edge"]["resumed_share"] > 0.9
+    assert scenarios["idle-memory"]["edge"]["connections"] == 50
+    assert scenarios["update-latency"]["edge"]["updates"] == 3
+    assert "error" not in scenarios["many-names"]["edge@100"]
+    markdown = (tmp_path / "latest.md").read_text()
+    assert "| scenario | edge | nginx | haproxy | edge/nginx | edge/haproxy |" in markdown
+    assert (tmp_path / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
