@@ -110,7 +110,12 @@ def plot(results: dict, path: Path) -> bool:
     panels = len(scenarios) + (2 if names else 0)
     if not panels:
         return False
-    fig, axes = plt.subplots(1, panels, figsize=(3.0 * panels, 3.6), squeeze=False)
+    columns = (panels + 1) // 2 if panels > 4 else panels
+    rows = 2 if panels > 4 else 1
+    fig, grid = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.4 * rows), squeeze=False)
+    axes = [[ax for row in grid for ax in row]]
+    for spare in axes[0][panels:]:
+        spare.set_visible(False)
     colours = {"edge": "#2a7ab9", "nginx": "#3a9a4a", "haproxy": "#c0603a"}
     for ax, scenario in zip(axes[0], scenarios, strict=False):
         figure, label, _ = HEADLINE[scenario]

@@ -70,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--app")
     p.add_argument("--json", action="store_true")
 
+    p = command("certs-import", "bulk import of PEM bundles (chain + key per file, crt directories, crt-lists)")
+    p.add_argument("--app", required=True)
+    p.add_argument("paths", nargs="+", metavar="PATH")
+
     p = command("csr", "write DOMAIN.key (0600) and DOMAIN.csr to send to a CA")
     p.add_argument("domain")
     p.add_argument("--key-type", default="rsa2048", choices=["rsa2048", "rsa4096", "ec256", "ec384"])
@@ -154,6 +158,18 @@ async def _run(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         _print_result(await ops.domains_ssl(args.domain, args.cert, args.key, args.disable))
     elif cmd == "domains-remove":
         _print_result(await ops.domains_remove(args.domain))
+    elif cmd == "certs-import":
+        from edge.importer import import_bundles
+
+        report = await import_bundles(ops, args.app, args.paths, progress=True)
+        for problem in report.skipped_files:
+            print(f"edge: skipped: {problem}", file=sys.stderr)
+        for problem in report.skipped_names:
+            print(f"edge: skipped name: {problem}", file=sys.stderr)
+        print(f"imported {report.imported_names} names from {report.files - len(report.skipped_files)} of "
+              f"{report.files} files into app {args.app}"
+              + (f"; {len(report.skipped_files)} files skipped" if report.skipped_files else ""))
+        return 0 if report.files > len(report.skipped_files) or not report.files else 1
     elif cmd == "domains":
         rows = await ops.domains(args.app)
         if args.json:

@@ -81,6 +81,11 @@ class Store(ABC):
     async def put(self, key: str, value: bytes, *, secret: bool = False) -> None:
         """Write atomically; ``secret`` values are readable by the owner only."""
 
+    async def put_many(self, items: list[tuple[str, bytes, bool]]) -> None:
+        """Write many (key, value, secret) at once; backends may batch the syncing."""
+        for key, value, secret in items:
+            await self.put(key, value, secret=secret)
+
     @abstractmethod
     async def delete(self, key: str) -> bool:
         """Remove ``key``; False when it was not there."""

@@ -75,7 +75,7 @@ class FileStore(Store):
         except OSError as exc:
             raise StoreError(f"cannot read {self.path_of(key)}: {exc.strerror}") from None
 
-    def _write(self, key: str, value: bytes, secret: bool) -> None:
+    def _write(self, key: str, value: bytes, secret: bool, sync: bool = True) -> None:
         path = self.path_of(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,8 +86,9 @@ class FileStore(Store):
                     os.fchmod(fd, 0o644)
                 with os.fdopen(fd, "wb") as f:
                     f.write(value)
-                    f.flush()
-                    os.fsync(f.fileno())
+                    if sync:
+                        f.flush()
+                        os.fsync(f.fileno())
                 os.replace(tmp, path)
             except BaseException:
                 try:
@@ -95,9 +96,18 @@ class FileStore(Store):
                 except FileNotFoundError:
                     pass
                 raise
-            self._fsync_dir(path.parent)
+            if sync:
+                self._fsync_dir(path.parent)
         except OSError as exc:
             raise StoreError(f"cannot write {path}: {exc.strerror}") from None
+
+    def _write_many(self, items: list[tuple[str, bytes, bool]]) -> None:
+        # Each file is still written to a temporary name and renamed (readers
+        # never see half of one); the data reaches the disk in one sync at the
+        # end instead of two fsyncs per file, which made bulk imports disk-bound.
+        for key, value, secret in items:
+            self._write(key, value, secret, sync=False)
+        os.sync()
 
     def _read_many(self, keys: list[str]) -> list[tuple[str, bytes | None]]:
         return [(key, self._read(key)) for key in keys]
@@ -146,6 +156,9 @@ class FileStore(Store):
 
     async def put(self, key: str, value: bytes, *, secret: bool = False) -> None:
         await asyncio.to_thread(self._write, key, value, secret)
+
+    async def put_many(self, items: list[tuple[str, bytes, bool]]) -> None:
+        await asyncio.to_thread(self._write_many, items)
 
     async def delete(self, key: str) -> bool:
         return await asyncio.to_thread(self._remove, key)

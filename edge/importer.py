@@ -1,0 +1,128 @@
+"""``edge certs-import``: bulk import of PEM bundles as custom certificates.
+
+Takes what HAProxy setups hold: files with the chain and the key in one PEM,
+directories of them (``crt /etc/haproxy/certs/``), and crt-lists (one bundle
+path per line, optional SSL options and SNI filters after it). Each bundle is
+validated like an upload and stored for every DNS name it covers; a bad file
+is reported and skipped, the rest imported.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge.operations import OperationError, Operations
+from edge.store import base
+from edge.store.index import CertMeta, bundle_header
+from edge.tls import bundle as bundles
+from edge.tls import names
+
+_BLOCK = re.compile(rb"-----BEGIN ([A-Z ]+)-----.*?-----END \1-----\r?\n?", re.S)
+# HAProxy loads every file of a crt directory but these companions.
+_SKIPPED_SUFFIXES = (".key", ".ocsp", ".issuer", ".sctl", ".txt")
+_BATCH = 500
+
+
+@dataclass
+class ImportReport:
+    files: int = 0
+    imported_names: int = 0
+    skipped_files: list[str] = field(default_factory=list)
+    skipped_names: list[str] = field(default_factory=list)
+
+
+def split_pem(data: bytes) -> tuple[bytes, bytes]:
+    """(certificate blocks, private key block) of one combined PEM file."""
+    certs, keys = [], []
+    for match in _BLOCK.finditer(data):
+        label = match.group(1)
+        block = match.group(0) if match.group(0).endswith(b"\n") else match.group(0) + b"\n"
+        if label == b"CERTIFICATE":
+            certs.append(block)
+        elif label.endswith(b"PRIVATE KEY"):
+            keys.append(block)
+    return b"".join(certs), b"".join(keys)
+
+
+def _crt_list_paths(path: Path) -> Iterator[Path]:
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        target = Path(line.split()[0])
+        yield target if target.is_absolute() else path.parent / target
+
+
+def bundle_paths(paths: list[str]) -> Iterator[Path]:
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            for child in sorted(path.iterdir()):
+                if child.is_file() and not child.name.startswith(".") and not child.name.endswith(_SKIPPED_SUFFIXES):
+                    yield child
+        elif path.is_file() and b"-----BEGIN" not in path.read_bytes()[:65536]:
+            yield from _crt_list_paths(path)  # a crt-list
+        else:
+            yield path
+
+
+async def import_bundles(ops: Operations, app: str, paths: list[str], progress: bool = True) -> ImportReport:
+    if await ops.store.get(base.app_key(app)) is None:
+        raise OperationError(f"no app named {app!r}; add it first with `edge apps-add {app} --backend HOST:PORT`")
+    owners = {key[len(base.DOMAINS):]: json.loads(value).get("app")
+              for key, value in (await ops.store.items(base.DOMAINS)).items()}
+    report = ImportReport()
+    batch: list[tuple[str, bytes, bool]] = []
+    started = time.monotonic()
+    all_paths = list(bundle_paths(paths))
+    for number, path in enumerate(all_paths, 1):
+        report.files += 1
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            report.skipped_files.append(f"{path}: {exc.strerror}")
+            continue
+        cert_pem, key_pem = split_pem(data)
+        try:
+            if not key_pem:
+                raise bundles.BundleError(f"{path}: no private key in the file; HAProxy-style bundles hold "
+                                          "the chain and the key together")
+            validated = bundles.validate(cert_pem, key_pem, None, cert_path=str(path), key_path=str(path))
+        except bundles.BundleError as exc:
+            report.skipped_files.append(str(exc))
+            continue
+        for name in validated.names:
+            domain = names.normalize_pattern(name)
+            bare = domain[2:] if domain and names.is_wildcard(domain) else domain
+            if domain is None or bare is None or names.is_under(bare, ops.platform_domain):
+                report.skipped_names.append(f"{name} ({path}): under the platform domain or invalid")
+                continue
+            owner = owners.get(domain)
+            if owner is not None and owner != app:
+                report.skipped_names.append(f"{domain} ({path}): attached to app {owner}")
+                continue
+            key = base.cert_key(domain, "custom", validated.key_type)
+            meta = CertMeta(key, domain, "custom", validated.key_type, validated.not_before,
+                            validated.not_after, validated.fingerprint)
+            batch.append((key, bundle_header(meta) + validated.pem, True))
+            if owner is None:
+                batch.append((base.domain_key(domain), json.dumps({"app": app}).encode() + b"\n", False))
+                owners[domain] = app
+            report.imported_names += 1
+        if len(batch) >= _BATCH:
+            await ops.store.put_many(batch)
+            batch = []
+        if progress and (number % 1000 == 0 or number == len(all_paths)):
+            rate = number / max(time.monotonic() - started, 1e-9)
+            print(f"\rimported {number}/{len(all_paths)} files ({rate:.0f}/s)", end="", file=sys.stderr, flush=True)
+    if batch:
+        await ops.store.put_many(batch)
+    if progress and all_paths:
+        print(file=sys.stderr)
+    return report
