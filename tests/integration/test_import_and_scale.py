@@ -4,6 +4,7 @@ CI can afford: 20k names, a context cache far smaller, every lookup cold."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import random
 from pathlib import Path
 
@@ -39,7 +40,8 @@ def test_import_files_directories_and_crt_lists(edge: EdgeProcess, ca: trustme.C
     assert edge.handshake("b.import.test") == good["b.import.test"].leaf_der
     assert edge.handshake("x.wild.import.test") == good["*.wild.import.test"].leaf_der
     assert edge.handshake("c.import.test") == listed.leaf_der
-    assert "a.import.test  demo" in edge.cli("domains", "--app", "demo").stdout
+    rows = {r["domain"]: r for r in json.loads(edge.cli("domains", "--json", "--app", "demo").stdout)}
+    assert rows["a.import.test"]["serving"] == "custom" and rows["*.wild.import.test"]["app"] == "demo"
 
 
 def _many(directory: Path, count: int) -> dict[str, int]:
