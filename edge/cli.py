@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edge import config as config_mod
-from edge.operations import OperationError, Operations, Result
+from edge.operations import OperationError, Operations, Result, Upload
 from edge.store.base import StoreError
 from edge.store.open import open_store
 from edge.tls import names
@@ -151,11 +151,17 @@ async def _run(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         rows = await ops.apps()
         print(json.dumps(rows, indent=2) if args.json else _table(rows, ["app", "backends", "force_https", "domains"]))
     elif cmd == "domains-add":
-        _print_result(await ops.domains_add(args.domain, args.app, args.cert, args.key))
+        if (args.cert is None) != (args.key is None):
+            return _fail("give both --cert and --key, or neither", EXIT_USAGE)
+        upload = Upload.from_files(args.cert, args.key) if args.cert and args.key else None
+        _print_result(await ops.domains_add(args.domain, args.app, upload))
     elif cmd == "domains-ssl":
         if args.disable and (args.cert or args.key):
             return _fail("--disable takes no --cert/--key", EXIT_USAGE)
-        _print_result(await ops.domains_ssl(args.domain, args.cert, args.key, args.disable))
+        if not args.disable and (args.cert is None or args.key is None):
+            return _fail("give --cert FILE and --key FILE, or --disable", EXIT_USAGE)
+        upload = Upload.from_files(args.cert, args.key) if args.cert and args.key else None
+        _print_result(await ops.domains_ssl(args.domain, upload, args.disable))
     elif cmd == "domains-remove":
         _print_result(await ops.domains_remove(args.domain))
     elif cmd == "certs-import":

@@ -255,7 +255,7 @@ def parse(text: str, path: Path) -> Config:
         https=_addresses(t, "https", d.https),
         http=_addresses(t, "http", d.http),
         admin=admin,
-        admin_token=t.get("admin_token", str, ""),
+        admin_token=t.get("admin_token", str, "") or os.environ.get("EDGE_ADMIN_TOKEN", ""),
         workers=workers,
     )
     t.done()
@@ -342,6 +342,8 @@ def parse(text: str, path: Path) -> Config:
     t.done()
 
     if server.admin and not server.admin.is_loopback and not server.admin_token:
-        raise src.error("server", "admin", "the admin API is bound beyond loopback; set admin_token too")
+        raise src.error(
+            "server", "admin", "the admin API is bound beyond loopback; set admin_token (or EDGE_ADMIN_TOKEN) too"
+        )
 
     return Config(path, server, platform, store, acme, tls, proxy, log)

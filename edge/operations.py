@@ -41,6 +41,31 @@ class OperationError(ValueError):
     """A refused management command; nothing was changed."""
 
 
+class NotFoundError(OperationError):
+    """The app or domain named does not exist."""
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A certificate upload: the PEM bytes and the names to quote in messages."""
+
+    cert_pem: bytes
+    key_pem: bytes
+    cert_label: str = "certificate"
+    key_label: str = "key"
+
+    @classmethod
+    def from_files(cls, cert_path: str, key_path: str) -> Upload:
+        try:
+            with open(cert_path, "rb") as f:
+                cert_pem = f.read(bundles.MAX_BUNDLE_BYTES + 1)
+            with open(key_path, "rb") as f:
+                key_pem = f.read(bundles.MAX_BUNDLE_BYTES + 1)
+        except OSError as exc:
+            raise OperationError(f"{exc.filename}: {exc.strerror}") from None
+        return cls(cert_pem, key_pem, cert_path, key_path)
+
+
 @dataclass(frozen=True)
 class Result:
     message: str
@@ -93,7 +118,7 @@ class Operations:
 
     async def apps_remove(self, name: str) -> Result:
         if await self.store.get(base.app_key(name)) is None:
-            raise OperationError(f"no app named {name!r}; `edge apps` lists them")
+            raise NotFoundError(f"no app named {name!r}; `edge apps` lists them")
         attached = sorted(
             domain for key, value in (await self.store.items(base.DOMAINS)).items()
             if parse_domain(value) == name and (domain := key[len(base.DOMAINS):])
@@ -131,21 +156,12 @@ class Operations:
             )
         return domain
 
-    async def _validated_bundle(self, domain: str, cert_path: str, key_path: str) -> bundles.Bundle:
+    @staticmethod
+    def _validated_bundle(domain: str, upload: Upload) -> bundles.Bundle:
         try:
-            with open(cert_path, "rb") as f:
-                cert_pem = f.read(bundles.MAX_BUNDLE_BYTES + 1)
-            with open(key_path, "rb") as f:
-                key_pem = f.read(bundles.MAX_BUNDLE_BYTES + 1)
-        except OSError as exc:
-            raise OperationError(f"{exc.filename}: {exc.strerror}") from None
-        return self.validate_bundle(domain, cert_pem, key_pem, cert_path, key_path)
-
-    def validate_bundle(
-        self, domain: str, cert_pem: bytes, key_pem: bytes, cert_path: str = "certificate", key_path: str = "key"
-    ) -> bundles.Bundle:
-        try:
-            return bundles.validate(cert_pem, key_pem, domain, cert_path=cert_path, key_path=key_path)
+            return bundles.validate(
+                upload.cert_pem, upload.key_pem, domain, cert_path=upload.cert_label, key_path=upload.key_label
+            )
         except bundles.BundleError as exc:
             raise OperationError(str(exc)) from None
 
@@ -159,22 +175,20 @@ class Operations:
         for key_type in KEY_TYPES:
             await self.store.delete(base.cert_key(domain, "custom", key_type))
 
-    async def domains_add(self, raw: str, app: str, cert: str | None = None, key: str | None = None) -> Result:
+    async def domains_add(self, raw: str, app: str, upload: Upload | None = None) -> Result:
         domain = self._domain(raw)
-        if (cert is None) != (key is None):
-            raise OperationError("give both --cert and --key, or neither")
         if await self.store.get(base.app_key(app)) is None:
-            raise OperationError(f"no app named {app!r}; add it first with `edge apps-add {app} --backend HOST:PORT`")
+            raise NotFoundError(f"no app named {app!r}; add it first with `edge apps-add {app} --backend HOST:PORT`")
         current = await self.store.get(base.domain_key(domain))
         if current is not None:
             owner = parse_domain(current)
             if owner != app:
                 raise OperationError(f"{domain} is already attached to app {owner}; a domain serves one app")
-            if cert is None:
+            if upload is None:
                 raise OperationError(
                     f"{domain} is already attached to {app}; use `edge domains-ssl` to set its certificate"
                 )
-        validated = await self._validated_bundle(domain, cert, key) if cert and key else None
+        validated = self._validated_bundle(domain, upload) if upload is not None else None
         warnings: list[str] = list(validated.warnings) if validated else []
         if validated is not None:
             await self._write_bundle(domain, "custom", validated)
@@ -187,16 +201,16 @@ class Operations:
         what = f" with a custom {validated.key_type.upper()} certificate" if validated else ""
         return Result(f"domain {domain} added to app {app}{what}", tuple(warnings))
 
-    async def domains_ssl(self, raw: str, cert: str | None, key: str | None, disable: bool = False) -> Result:
+    async def domains_ssl(self, raw: str, upload: Upload | None, disable: bool = False) -> Result:
         domain = self._domain(raw)
         if await self.store.get(base.domain_key(domain)) is None:
-            raise OperationError(f"no domain {domain}; add it with `edge domains-add {domain} --app APP`")
+            raise NotFoundError(f"no domain {domain}; add it with `edge domains-add {domain} --app APP`")
         if disable:
             await self._drop_custom(domain)
             return Result(f"custom certificate of {domain} removed; an acme certificate takes over where one is held")
-        if cert is None or key is None:
+        if upload is None:
             raise OperationError("give --cert FILE and --key FILE, or --disable")
-        validated = await self._validated_bundle(domain, cert, key)
+        validated = self._validated_bundle(domain, upload)
         # An upload replaces the bundle of its key type and keeps the other, as
         # nginx serves one ssl_certificate per key type: RSA + ECDSA side by side.
         await self._write_bundle(domain, "custom", validated)
@@ -219,7 +233,7 @@ class Operations:
     async def domains_remove(self, raw: str) -> Result:
         domain = self._domain(raw)
         if await self.store.get(base.domain_key(domain)) is None:
-            raise OperationError(f"no domain {domain}; `edge domains` lists them")
+            raise NotFoundError(f"no domain {domain}; `edge domains` lists them")
         await self.store.delete(base.domain_key(domain))
         for source in SOURCES:
             for key_type in KEY_TYPES:

@@ -16,6 +16,7 @@ import logging
 import signal
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -99,6 +100,7 @@ class Edge:
     config: Config
     fixed: FixedContexts | None = None  # built here unless a supervisor did it
     reuse_port: bool = False  # workers share their ports with SO_REUSEPORT
+    serve_admin: bool = True  # with workers, only the first serves the admin API
     store: Store = field(init=False)
     index: Index = field(init=False)
     selector: Selector = field(init=False)
@@ -110,6 +112,8 @@ class Edge:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _stopping: bool = False
+    reloads: int = 0
+    sync_lag: float = 0.0  # seconds from the last store change to it being applied here
 
     def __post_init__(self) -> None:
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="edge-tls")
@@ -158,6 +162,8 @@ class Edge:
                 sock=sock,
             )
             self.http_servers.append(server)
+        if cfg.server.admin is not None and self.serve_admin:
+            await self._start_admin()
         log.info(
             "edge serving https on %s, http on %s (platform domain %s; %d apps, %d domains in the store)",
             ", ".join(self.bound_https()), ", ".join(self.bound_http()), platform.domain,
@@ -171,6 +177,38 @@ class Edge:
             return HttpProxyProtocol(proxy, listener, info)
 
         return factory
+
+    async def _start_admin(self) -> None:
+        from aiohttp import web
+
+        from edge.admin.app import make_app
+
+        address = self.config.server.admin
+        assert address is not None
+        self.admin_runner = web.AppRunner(make_app(self, self.config.server.admin_token), access_log=None)
+        await self.admin_runner.setup()
+        site = web.TCPSite(self.admin_runner, address.host, address.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartupError(f"cannot serve the admin API on {address}: {exc.strerror}") from None
+        self.admin_address = site.name
+        log.info("admin API on %s", site.name)
+
+    async def health_problems(self) -> list[str]:
+        """Why edge should not get traffic now; empty when it is fine."""
+        problems = []
+        if self._stopping:
+            problems.append("shutting down")
+        if not self.https_sockets or any(s.fileno() < 0 for s in self.https_sockets):
+            problems.append("TLS listeners closed")
+        if any(task.done() for task in self._tasks):
+            problems.append("the store follower stopped")
+        try:
+            problems += await self.store.check()
+        except StoreError as exc:
+            problems.append(f"store: {exc}")
+        return problems
 
     def bound_https(self) -> list[str]:
         return [f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in self.https_sockets]
@@ -210,6 +248,7 @@ class Edge:
             log.error("store reload failed, keeping the current index: %s", exc)
             return
         self.index.replace_with(fresh)
+        self.reloads += 1
 
     async def _watch(self, armed: asyncio.Event) -> None:
         backoff = 0.1
@@ -224,6 +263,8 @@ class Edge:
                 while True:
                     for event in batch:
                         self.index.apply(event)
+                    if batch and batch[-1].changed_at:
+                        self.sync_lag = max(0.0, time.time() - batch[-1].changed_at)
                     batch = await stream.__anext__()
             except asyncio.CancelledError:
                 raise
@@ -265,6 +306,8 @@ class Edge:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self.router.close()
+        if getattr(self, "admin_runner", None) is not None:
+            await self.admin_runner.cleanup()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self._stopped.set()
 
@@ -272,8 +315,10 @@ class Edge:
         await self._stopped.wait()
 
 
-async def serve(config: Config, fixed: FixedContexts | None = None, reuse_port: bool = False) -> None:
-    edge = Edge(config, fixed=fixed, reuse_port=reuse_port)
+async def serve(
+    config: Config, fixed: FixedContexts | None = None, reuse_port: bool = False, serve_admin: bool = True
+) -> None:
+    edge = Edge(config, fixed=fixed, reuse_port=reuse_port, serve_admin=serve_admin)
     try:
         await edge.start()
     except StoreError as exc:

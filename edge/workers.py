@@ -54,7 +54,8 @@ def _worker(config: Config, fixed: FixedContexts, number: int) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
         log.info("worker %d (pid %d) starting", number, os.getpid())
-        uvloop.run(serve(config, fixed=fixed, reuse_port=True))
+        # The admin API (one port, no SO_REUSEPORT) is served by the first worker.
+        uvloop.run(serve(config, fixed=fixed, reuse_port=True, serve_admin=number == 0))
     except StartupError as exc:
         print(f"edge: error: worker {number}: {exc}", file=sys.stderr)
         code = 3

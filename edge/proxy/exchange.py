@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import time
@@ -22,6 +23,29 @@ class ListenerInfo:
     https_port: int  # where redirects to https point
 
 
+# Request duration buckets, seconds (Prometheus histogram upper bounds).
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class ProxyStats:
+    """Plain counters the hot path bumps; the metrics module reads them at
+    scrape time, so a request costs an index increment, not a lock."""
+
+    def __init__(self) -> None:
+        self.status_classes = [0] * 6  # index = status // 100
+        self.duration_buckets = [0] * (len(DURATION_BUCKETS) + 1)  # the last one is +Inf
+        self.duration_sum = 0.0
+        self.upstream_errors: dict[str, int] = {}
+
+    def request_done(self, status: int, seconds: float) -> None:
+        self.status_classes[status // 100 if 0 < status < 600 else 0] += 1
+        self.duration_buckets[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+        self.duration_sum += seconds
+
+    def upstream_error(self, kind: str) -> None:
+        self.upstream_errors[kind] = self.upstream_errors.get(kind, 0) + 1
+
+
 @dataclass(eq=False)
 class ProxyContext:
     """What every client connection of one edge process shares."""
@@ -31,6 +55,7 @@ class ProxyContext:
     access_log: bool = False
     # Looks up an ACME HTTP-01 key authorization by token (RFC 8555 §8.3).
     challenge: Callable[[str], Awaitable[bytes | None]] | None = None
+    stats: ProxyStats = field(default_factory=ProxyStats)
     connections: set = field(default_factory=set)  # open HttpProxyProtocol objects
     tasks: set = field(default_factory=set)  # forwarding tasks in flight (strong references)
     draining: bool = False  # shutting down: finish what is in flight, take nothing new

@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Coroutine
 from typing import Any
@@ -431,6 +432,7 @@ class HttpProxyProtocol(asyncio.BufferedProtocol):
         if conn is None:
             assert error is not None
             log.info("upstream %s: %s", error.kind, error)
+            self.ctx.stats.upstream_error(error.kind)
             self._answer_error(exchange, _STATUS_FOR.get(error.kind, 502))
             return
         self._attach(exchange, conn, head)
@@ -538,6 +540,7 @@ class HttpProxyProtocol(asyncio.BufferedProtocol):
         if exchange.responded:
             # Half a response went out: the only honest signal left is to close.
             log.info("upstream %s mid-response: %s", error.kind, error)
+            self.ctx.stats.upstream_error(error.kind)
             self._close()
             return
         if error.kind == "reset" and exchange.retry_head:
@@ -549,6 +552,7 @@ class HttpProxyProtocol(asyncio.BufferedProtocol):
                 self._spawn(self._forward(exchange, self.ctx.router.pool_for(app).candidates(), head))
                 return
         log.info("upstream %s: %s", error.kind, error)
+        self.ctx.stats.upstream_error(error.kind)
         self._answer_error(exchange, _STATUS_FOR.get(error.kind, 502))
 
     def upstream_pause(self) -> None:
@@ -619,6 +623,7 @@ class HttpProxyProtocol(asyncio.BufferedProtocol):
 
     def _finish(self, exchange: Exchange) -> None:
         exchange.response_done = True
+        self.ctx.stats.request_done(exchange.status, time.monotonic() - exchange.t0)
         if self.ctx.access_log:
             log_access(exchange, self.client_ip, self.tls_version, self.tls.source.value if self.tls else "")
         if self.queue and self.queue[0] is exchange:

@@ -42,6 +42,7 @@ class Event:
     key: str
     value: bytes | None
     revision: int
+    changed_at: float = 0.0  # wall-clock time of the change, when the backend knows it
 
 
 def app_key(app: str) -> str:

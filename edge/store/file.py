@@ -17,6 +17,7 @@ import itertools
 import logging
 import os
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -109,8 +110,17 @@ class FileStore(Store):
             self._write(key, value, secret, sync=False)
         os.sync()
 
-    def _read_many(self, keys: list[str]) -> list[tuple[str, bytes | None]]:
-        return [(key, self._read(key)) for key in keys]
+    def _read_many(self, keys: list[str]) -> list[tuple[str, bytes | None, float]]:
+        """(key, value or None, when it changed) for each key."""
+        out = []
+        for key in keys:
+            value = self._read(key)
+            try:
+                changed = self.path_of(key).stat().st_mtime if value is not None else time.time()
+            except FileNotFoundError:
+                changed = time.time()
+            out.append((key, value, changed))
+        return out
 
     def _remove(self, key: str) -> bool:
         path = self.path_of(key)
@@ -201,10 +211,10 @@ class FileStore(Store):
                 continue
             values = await asyncio.to_thread(self._read_many, sorted(keys))
             batch = []
-            for key, value in values:
+            for key, value, changed in values:
                 self._revision = next(counter)
                 kind = EventKind.DELETE if value is None else EventKind.PUT
-                batch.append(Event(kind, key, value, self._revision))
+                batch.append(Event(kind, key, value, self._revision, changed))
             yield batch
 
     async def check(self) -> list[str]:

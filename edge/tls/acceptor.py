@@ -22,6 +22,7 @@ TLS versions and options come from the listener; certificate, ALPN and TLS
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import socket
 import ssl
@@ -60,17 +61,27 @@ class TlsInfo:
 ProtocolFactory = Callable[[TlsInfo], asyncio.BaseProtocol]
 
 
+HANDSHAKE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
 class HandshakeStats:
-    """Counters for the metrics module to read; no labels per name."""
+    """Counters for the metrics module to read at scrape time; no label whose
+    values grow with the number of names."""
 
     def __init__(self) -> None:
-        self.completed: dict[str, int] = {}
+        self.completed: dict[tuple[str, str], int] = {}  # (TLS version, certificate source) -> count
         self.failed: dict[str, int] = {}
         self.refused_sni = 0
+        self.unknown_sni = 0  # a name was sent that no certificate covers: served the default
         self.not_tls = 0
+        self.duration_buckets = [0] * (len(HANDSHAKE_BUCKETS) + 1)
+        self.duration_sum = 0.0
 
-    def done(self, source: Source) -> None:
-        self.completed[source.value] = self.completed.get(source.value, 0) + 1
+    def done(self, version: str, source: Source, seconds: float) -> None:
+        key = (version, source.value)
+        self.completed[key] = self.completed.get(key, 0) + 1
+        self.duration_buckets[bisect.bisect_left(HANDSHAKE_BUCKETS, seconds)] += 1
+        self.duration_sum += seconds
 
     def fail(self, reason: str) -> None:
         self.failed[reason] = self.failed.get(reason, 0) + 1
@@ -211,6 +222,8 @@ class TlsAcceptor:
     def _start(self, sock: socket.socket, factory: ProtocolFactory, hello: clienthello.ClientHello) -> None:
         name = names.normalize(hello.server_name)
         choice = self.selector.select(name)
+        if choice is not None and name is not None and choice.source is Source.DEFAULT:
+            self.stats.unknown_sni += 1
         if choice is None:
             self.stats.refused_sni += 1
             try:
@@ -289,10 +302,12 @@ class TlsAcceptor:
             )
         )
         self._tasks.add(task)
-        task.add_done_callback(lambda done: self._handshake_done(done, sock, pinned, ctx, choice.source))
+        started = asyncio.get_running_loop().time()
+        task.add_done_callback(lambda done: self._handshake_done(done, sock, pinned, ctx, choice.source, started))
 
     def _handshake_done(
-        self, task: asyncio.Task, sock: socket.socket, pinned: str | None, ctx: ssl.SSLContext, source: Source
+        self, task: asyncio.Task, sock: socket.socket, pinned: str | None, ctx: ssl.SSLContext, source: Source,
+        started: float,
     ) -> None:
         self._tasks.discard(task)
         if pinned is not None:
@@ -306,7 +321,10 @@ class TlsAcceptor:
             return
         exc = task.exception()
         if exc is None:
-            self.stats.done(source)
+            transport = task.result()[0]
+            sslobj = transport.get_extra_info("ssl_object")
+            version = (sslobj.version() if sslobj is not None else None) or "unknown"
+            self.stats.done(version, source, asyncio.get_running_loop().time() - started)
         else:
             log.debug("handshake for %s failed: %s", pinned, exc)
             self.stats.fail("handshake")
