@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import socket
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from edge import config as config_mod
 from edge.config import Address, Config
 from edge.proxy.exchange import ListenerInfo, ProxyContext
 from edge.proxy.protocol import HttpProxyProtocol
@@ -75,6 +77,20 @@ class FixedContexts:
 
     platform: ssl.SSLContext
     default: ssl.SSLContext
+
+
+def _reload_certificates(cfg: Config, fixed: FixedContexts) -> None:
+    """Load the configured platform/default certificates into the live contexts.
+
+    Checked on a scratch context first: a broken file changes nothing.
+    """
+    pairs = [(fixed.platform, cfg.platform.cert, cfg.platform.key)]
+    if cfg.tls.default_cert and cfg.tls.default_key and fixed.default is not fixed.platform:
+        pairs.append((fixed.default, cfg.tls.default_cert, cfg.tls.default_key))
+    for _ctx, cert, key in pairs:
+        load_fixed_context(str(cert), str(key), cfg.tls.min_version)  # raises StartupError when broken
+    for ctx, cert, key in pairs:
+        ctx.load_cert_chain(str(cert), str(key))
 
 
 def load_fixed_contexts(cfg: Config) -> FixedContexts:
@@ -238,6 +254,44 @@ class Edge:
         await armed.wait()
         await self.reload_store()
 
+    async def reload_config(self) -> bool:
+        """SIGHUP: read the configuration again and apply what can change live.
+
+        A configuration that does not validate is refused with its error and
+        the running one kept. Certificates are loaded into the live contexts,
+        so the listener keeps its session-ticket keys (shared by workers).
+        """
+        if self.config.path is None:
+            return False
+        try:
+            new = config_mod.load(self.config.path)
+            fixed = self.fixed or FixedContexts(self.acceptor.platform_context, self.acceptor.listener_context)
+            await asyncio.get_running_loop().run_in_executor(None, _reload_certificates, new, fixed)
+        except (config_mod.ConfigError, StartupError) as exc:
+            log.error("configuration refused, the running one is kept: %s", exc)
+            return False
+        old = self.config
+        for what, before, after in (
+            ("[server] https", old.server.https, new.server.https),
+            ("[server] http", old.server.http, new.server.http),
+            ("[server] admin", old.server.admin, new.server.admin),
+            ("[server] workers", old.server.workers, new.server.workers),
+            ("[store]", old.store, new.store),
+            ("[platform] domain", old.platform.domain, new.platform.domain),
+        ):
+            if before != after:
+                log.warning("%s changed: it takes effect at the next restart", what)
+        self.selector.strict_sni = new.platform.strict_sni
+        self.cache.size = new.tls.context_cache_size
+        self.proxy.config = new.proxy  # new connections take the new timeouts and limits
+        self.proxy.access_log = new.log.access_log
+        logging.getLogger().setLevel(new.log.level.upper())
+        # What needs a restart stays as it runs until then.
+        platform = dataclasses.replace(new.platform, domain=old.platform.domain)
+        self.config = dataclasses.replace(new, server=old.server, store=old.store, platform=platform)
+        log.info("configuration reloaded from %s", new.path)
+        return True
+
     async def reload_store(self) -> None:
         """Load the whole store again (start-up, SIGHUP)."""
         fresh = Index()
@@ -336,9 +390,13 @@ async def serve(
             log.info("stopping")
             spawn(edge.stop())
 
+    async def reload() -> None:
+        await edge.reload_config()
+        await edge.reload_store()
+
     def on_hup() -> None:
-        log.info("SIGHUP: reloading the store")
-        spawn(edge.reload_store())
+        log.info("SIGHUP: reloading the configuration and the store")
+        spawn(reload())
 
     loop.add_signal_handler(signal.SIGTERM, on_term)
     loop.add_signal_handler(signal.SIGINT, on_term)

@@ -152,7 +152,6 @@ def test_openapi_matches_routes(admin_edge: EdgeProcess) -> None:
     status, served = call(admin_edge, "GET", "/openapi.json")
     assert status == 200 and served == json.loads(OPENAPI.read_text())
     from edge.admin.app import make_app
-
     from edge.config import parse
 
     class Stub:

@@ -1,0 +1,70 @@
+"""SIGHUP re-reads configuration and store; a broken configuration is refused."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import ssl
+import time
+from pathlib import Path
+
+import pytest
+import trustme
+
+from tests import pki
+from tests.integration.conftest import EdgeProcess, wait_for
+
+
+@pytest.fixture
+def hup_edge(tmp_path: Path, backend: str, ca: trustme.CA):
+    process = EdgeProcess(tmp_path / "edge")
+    process.start()
+    process.cli("apps-add", "demo", "--backend", backend)
+    yield process
+    process.stop()
+
+
+def _hup(edge: EdgeProcess) -> None:
+    assert edge.proc is not None
+    edge.proc.send_signal(signal.SIGHUP)
+
+
+def test_sighup_applies_a_good_config(hup_edge: EdgeProcess, ca: trustme.CA, tmp_path: Path) -> None:
+    new_platform = pki.issue(ca, "*.edge.test", "edge.test")
+    (tmp_path / "p.crt").write_bytes(new_platform.cert)
+    (tmp_path / "p.key").write_bytes(new_platform.key)
+    text = hup_edge.config.read_text()
+    text = text.replace('cert = "dev/platform.crt"', f'cert = "{tmp_path / "p.crt"}"')
+    text = text.replace('key = "dev/platform.key"', f'key = "{tmp_path / "p.key"}"\nstrict_sni = true')
+    hup_edge.config.write_text(text)
+    _hup(hup_edge)
+    wait_for(lambda: b"configuration reloaded" in hup_edge.log)
+    assert hup_edge.handshake("demo.edge.test") == new_platform.leaf_der  # new platform certificate, live
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        hup_edge.handshake("unknown.example.org")  # strict_sni now on
+
+
+def test_sighup_refuses_a_broken_config_and_keeps_serving(hup_edge: EdgeProcess) -> None:
+    before = hup_edge.handshake("demo.edge.test")
+    hup_edge.config.write_text(hup_edge.config.read_text().replace("[proxy]", "[proxy]\nidle_timeout = -5"))
+    _hup(hup_edge)
+    wait_for(lambda: b"configuration refused, the running one is kept" in hup_edge.log)
+    assert b"idle_timeout: must be a positive number" in hup_edge.log
+    assert hup_edge.handshake("demo.edge.test") == before
+    result = hup_edge.curl(f"https://demo.edge.test:{hup_edge.https_port}/", "-k", "-o", "/dev/null",
+                           "-w", "%{http_code}")
+    assert result.stdout == "200"
+    assert hup_edge.proc is not None and hup_edge.proc.poll() is None
+
+
+def test_sighup_refuses_a_broken_certificate(hup_edge: EdgeProcess, tmp_path: Path) -> None:
+    before = hup_edge.handshake("demo.edge.test")
+    (tmp_path / "bad.crt").write_text("not a certificate")
+    hup_edge.config.write_text(hup_edge.config.read_text().replace(
+        'cert = "dev/platform.crt"', f'cert = "{tmp_path / "bad.crt"}"'))
+    _hup(hup_edge)
+    wait_for(lambda: b"configuration refused" in hup_edge.log)
+    time.sleep(0.1)
+    assert hup_edge.handshake("demo.edge.test") == before
+    with socket.create_connection(("127.0.0.1", hup_edge.https_port), timeout=2):
+        pass
