@@ -1,0 +1,75 @@
+"""deploy/ checked by what can run here: the systemd unit verified, the YAML
+parsed with its required fields, the Dockerfile's instructions, the configs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from edge import config
+
+DEPLOY = Path(__file__).parents[1] / "deploy"
+
+
+def test_systemd_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
+    text = (DEPLOY / "edge.service").read_text()
+    for setting in ("User=edge", "AmbientCapabilities=CAP_NET_BIND_SERVICE", "NoNewPrivileges=true",
+                    "ProtectSystem=strict", "PrivateTmp=true", "ExecReload=/bin/kill -HUP $MAINPID"):
+        assert setting in text, setting
+    tool = shutil.which("systemd-analyze")
+    assert tool is not None, "systemd-analyze is missing: .ci/run installs systemd"
+    unit = tmp_path / "edge.service"
+    # Point ExecStart at this checkout's edge so verify can check the binary exists.
+    unit.write_text(text.replace("/opt/edge/.venv/bin/edge", str(Path(sys.executable).parent / "edge")))
+    result = subprocess.run([tool, "verify", str(unit)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_kubernetes_manifests(monkeypatch) -> None:
+    monkeypatch.setenv("EDGE_ADMIN_TOKEN", "from-the-secret")  # as the DaemonSet sets it
+    docs = [d for f in sorted((DEPLOY / "kubernetes").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text())]
+    kinds = {d["kind"]: d for d in docs}
+    assert {"DaemonSet", "ConfigMap", "Secret"} <= set(kinds)
+    for doc in docs:
+        assert doc["apiVersion"] and doc["metadata"]["name"] and doc["metadata"]["namespace"] == "edge"
+    pod = kinds["DaemonSet"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert {p["hostPort"] for p in container["ports"] if "hostPort" in p} == {443, 80}
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert any(e["name"] == "EDGE_ADMIN_TOKEN" for e in container["env"])
+    # The ConfigMap holds a configuration edge accepts.
+    toml_text = kinds["ConfigMap"]["data"]["edge.toml"]
+    cfg = config.parse(toml_text, Path("/etc/edge/edge.toml"))
+    assert cfg.server.admin is not None and cfg.store.backend == "etcd"
+
+
+def test_prometheus_alerts_and_grafana_dashboard() -> None:
+    rules = yaml.safe_load((DEPLOY / "prometheus-alerts.yaml").read_text())["groups"][0]["rules"]
+    assert all({"alert", "expr"} <= set(rule) for rule in rules)
+    dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    for metric in ("edge_requests_total", "edge_handshakes_total", "edge_certificate_nearest_expiry_days",
+                   "edge_upstream_errors_total", "edge_tls_context_cache_size"):
+        assert metric in exprs, metric
+
+
+def test_dockerfile_runs_as_non_root_with_a_healthcheck() -> None:
+    lines = [line.strip() for line in (DEPLOY / "Dockerfile").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    instructions = [line.split()[0] for line in lines if line.split()[0].isupper()]
+    assert instructions[0] == "FROM" and "slim" in lines[0]
+    assert any(line.startswith("USER ") and line.split()[1] not in ("root", "0") for line in lines)
+    assert "HEALTHCHECK" in instructions and "ENTRYPOINT" in instructions
+
+
+def test_production_config_is_valid() -> None:
+    cfg = config.load(DEPLOY / "edge.toml")
+    assert cfg.platform.dev_certificates is False and cfg.server.https[0].port == 443
