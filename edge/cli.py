@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -104,14 +103,6 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     return "\n".join(lines)
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 async def _check(cfg: config_mod.Config) -> int:
@@ -229,9 +220,10 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(cfg: config_mod.Config) -> int:
     import uvloop
 
+    from edge import logs
     from edge.server import StartupError, serve
 
-    _setup_logging(cfg.log.level)
+    logs.setup(cfg.log)
     try:
         if cfg.server.workers > 1:
             from edge.workers import supervise

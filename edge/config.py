@@ -95,6 +95,8 @@ class ProxyConfig:
 class LogConfig:
     level: str = "info"
     access_log: bool = False
+    format: str = "text"  # "text" or "json" (one object per line)
+    file: Path | None = None  # None: standard error; SIGUSR1 reopens it (logrotate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,7 +340,11 @@ def parse(text: str, path: Path) -> Config:
     level = t.get("level", str, "info").lower()
     if level not in ("debug", "info", "warning", "error"):
         raise t.fail("level", f"expected debug, info, warning or error, got {level!r}")
-    log = LogConfig(level=level, access_log=t.get("access_log", bool, False))
+    log_format = t.get("format", str, "text")
+    if log_format not in ("text", "json"):
+        raise t.fail("format", f'expected "text" or "json", got {log_format!r}')
+    log = LogConfig(level=level, access_log=t.get("access_log", bool, False), format=log_format,
+                    file=t.path("file", None, base))
     t.done()
 
     if server.admin and not server.admin.is_loopback and not server.admin_token:

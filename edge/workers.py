@@ -19,6 +19,7 @@ import socket
 import sys
 import time
 
+from edge import logs
 from edge.config import Address, Config
 from edge.server import FixedContexts, StartupError, load_fixed_contexts, serve
 
@@ -51,7 +52,7 @@ def _worker(config: Config, fixed: FixedContexts, number: int) -> None:
 
     code = 0
     try:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             signal.signal(sig, signal.SIG_DFL)
         log.info("worker %d (pid %d) starting", number, os.getpid())
         # The admin API (one port, no SO_REUSEPORT) is served by the first worker.
@@ -86,7 +87,7 @@ def supervise(config: Config) -> int:
     def on_signal(signum: int, _frame: object) -> None:
         received.append(signum)
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(sig, on_signal)
 
     def start(number: int) -> None:
@@ -105,6 +106,8 @@ def supervise(config: Config) -> int:
             signum = received.pop(0)
             if signum in (signal.SIGTERM, signal.SIGINT):
                 stopping = True
+            elif signum == signal.SIGUSR1:
+                logs.reopen()
             for pid in children:
                 try:
                     os.kill(pid, signal.SIGTERM if signum == signal.SIGINT else signum)

@@ -68,3 +68,44 @@ def test_sighup_refuses_a_broken_certificate(hup_edge: EdgeProcess, tmp_path: Pa
     assert hup_edge.handshake("demo.edge.test") == before
     with socket.create_connection(("127.0.0.1", hup_edge.https_port), timeout=2):
         pass
+
+
+def test_json_log_file_reopened_on_sigusr1(tmp_path: Path, backend: str) -> None:
+    import json
+
+    log_file = tmp_path / "edge.log"
+    process = EdgeProcess(tmp_path / "edge")
+    process.config.write_text(process.config.read_text().replace(
+        'level = "debug"', f'level = "info"\nformat = "json"\naccess_log = true\nfile = "{log_file}"'))
+    # The log goes to the file, so wait for the port rather than the log line.
+    assert process.proc is None
+    import subprocess
+
+    from tests.integration.conftest import EDGE
+
+    https_port = _free_port()
+    process.config.write_text(process.config.read_text().replace('https = ["127.0.0.1:0"]',
+                                                                 f'https = ["127.0.0.1:{https_port}"]'))
+    process.https_port = https_port
+    process.proc = subprocess.Popen([EDGE, "serve", "--config", str(process.config)])
+    try:
+        wait_for(lambda: log_file.exists() and b"edge serving https" in log_file.read_bytes())
+        first = [json.loads(line) for line in log_file.read_text().splitlines()]
+        assert all({"time", "level", "logger", "message"} <= set(entry) for entry in first)
+        log_file.rename(tmp_path / "edge.log.1")  # what logrotate does
+        process.proc.send_signal(signal.SIGUSR1)
+        process.cli("apps-add", "demo", "--backend", backend)
+        wait_for(lambda: process.curl(f"https://demo.edge.test:{https_port}/", "-k", "-o", "/dev/null",
+                                      "-w", "%{http_code}").stdout == "200")
+        wait_for(lambda: log_file.exists() and b'"host":"demo.edge.test"' in log_file.read_bytes())
+        access = [json.loads(line) for line in log_file.read_text().splitlines() if '"host"' in line]
+        assert access[0]["status"] == 200
+        assert b"PRIVATE KEY" not in log_file.read_bytes() + (tmp_path / "edge.log.1").read_bytes()
+    finally:
+        process.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
