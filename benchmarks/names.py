@@ -158,7 +158,7 @@ def run_many_names(run: Run) -> dict[str, dict[str, float]]:
     elif run.quick:
         sizes = [1000]
     else:
-        sizes = [int(s) for s in os.environ.get("EDGE_BENCH_NAMES", "10000,100000").split(",")]
+        sizes = [int(s) for s in os.environ.get("EDGE_BENCH_NAMES", "10000,100000,1000000").split(",")]
     peer_limit = int(os.environ.get("EDGE_BENCH_PEER_NAMES", "10000"))
     duration = run.duration
     out: dict[str, dict[str, float]] = {}

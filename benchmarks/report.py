@@ -38,14 +38,18 @@ def _fmt(value: float) -> str:
 
 def markdown(results: dict) -> str:
     systems = [s for s in ("edge", "nginx", "haproxy") if any(s in r for r in results["scenarios"].values())]
+    headline = [s for s in results["scenarios"] if s in HEADLINE]
     lines = [
         f"Run {results['started']} ({'quick' if results['quick'] else 'full'}) on {results['machine']['cpu']}, "
         f"{results['machine']['cores']} cores, Linux {results['machine']['kernel']}; proxy pinned to core 0, "
         "load and backend to core 1.",
-        "",
-        "| scenario | " + " | ".join(systems) + " | " + " | ".join(f"edge/{s}" for s in systems[1:]) + " |",
-        "|---" * (1 + len(systems) + len(systems) - 1) + "|",
     ]
+    if headline:
+        lines += [
+            "",
+            "| scenario | " + " | ".join(systems) + " | " + " | ".join(f"edge/{s}" for s in systems[1:]) + " |",
+            "|---" * (1 + len(systems) + len(systems) - 1) + "|",
+        ]
     for scenario, by_system in results["scenarios"].items():
         if scenario not in HEADLINE:
             continue
@@ -76,9 +80,10 @@ def markdown(results: dict) -> str:
         for system, r in updates.items():
             lines.append(f"| {system} | {r['updates']} | {_fmt(r['p50_ms'])} | {_fmt(r['p99_ms'])} | "
                          f"{_fmt(r['max_ms'])} |")
-    lines += ["", "Wall rates and latency (p50 / p99 / p99.9 ms at a fixed rate of half each system's peak):", ""]
-    lines.append("| scenario | system | wall rate/s | p50 | p99 | p99.9 | errors |")
-    lines.append("|---|---|---|---|---|---|---|")
+    if headline:
+        lines += ["", "Wall rates and latency (p50 / p99 / p99.9 ms at a fixed rate of half each system's peak):", ""]
+        lines.append("| scenario | system | wall rate/s | p50 | p99 | p99.9 | errors |")
+        lines.append("|---|---|---|---|---|---|---|")
     for scenario, by_system in results["scenarios"].items():
         if scenario not in HEADLINE:
             continue
