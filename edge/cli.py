@@ -125,7 +125,7 @@ async def _check(cfg: config_mod.Config) -> int:
     if problems:
         return EXIT_ERROR
     print(f"{cfg.path}: ok ({len(index.apps)} apps, {len(index.domains)} domains, "
-          f"{sum(len(s) for c in index.certs.values() for s in c.by_source.values())} certificates)")
+          f"{sum(len(c) for c in index.certs.values())} certificates)")
     return 0
 
 

@@ -108,7 +108,7 @@ async def import_bundles(ops: Operations, app: str, paths: list[str], progress: 
                 report.skipped_names.append(f"{domain} ({path}): attached to app {owner}")
                 continue
             key = base.cert_key(domain, "custom", validated.key_type)
-            meta = CertMeta(key, domain, "custom", validated.key_type, validated.not_before,
+            meta = CertMeta(domain, "custom", validated.key_type, validated.not_before,
                             validated.not_after, validated.fingerprint)
             batch.append((key, bundle_header(meta) + validated.pem, True))
             if owner is None:

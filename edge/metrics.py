@@ -50,14 +50,14 @@ class EdgeCollector(Collector):
         nearest: dict[str, float] = {}
         within = {(s, d): 0 for s in ("custom", "acme") for d in EXPIRY_BUCKETS_DAYS}
         for held in list(self.edge.index.certs.values()):
-            for source, by_type in held.by_source.items():
-                for meta in by_type.values():
-                    counts[source] = counts.get(source, 0) + 1
-                    days = (meta.not_after - now) / 86400
-                    nearest[source] = min(nearest.get(source, days), days)
-                    for limit in EXPIRY_BUCKETS_DAYS:
-                        if days <= limit:
-                            within[(source, limit)] = within.get((source, limit), 0) + 1
+            for meta in held:
+                source = meta.source
+                counts[source] = counts.get(source, 0) + 1
+                days = (meta.not_after - now) / 86400
+                nearest[source] = min(nearest.get(source, days), days)
+                for limit in EXPIRY_BUCKETS_DAYS:
+                    if days <= limit:
+                        within[(source, limit)] = within.get((source, limit), 0) + 1
         summary = {"counts": counts, "nearest": nearest, "within": within}
         self._expiry = (now, summary)
         return summary

@@ -167,7 +167,7 @@ class Operations:
 
     async def _write_bundle(self, domain: str, source: str, validated: bundles.Bundle) -> None:
         key = base.cert_key(domain, source, validated.key_type)
-        meta = CertMeta(key, domain, source, validated.key_type, validated.not_before,
+        meta = CertMeta(domain, source, validated.key_type, validated.not_before,
                         validated.not_after, validated.fingerprint)
         await self.store.put(key, bundle_header(meta) + validated.pem, secret=True)
 

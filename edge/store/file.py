@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 _SUFFIX = {APPS: ".json", DOMAINS: ".json", CERTS: ".pem"}
 _TMP_PREFIX = ".tmp-"
+_SNAPSHOT_BATCH = 5000
+_READ_SIZE = 1 << 17  # larger than any valid entry (bundles are capped at 64 KiB)
 
 
 def _suffix(key: str) -> str:
@@ -141,25 +143,6 @@ class FileStore(Store):
         finally:
             os.close(fd)
 
-    def _scan(self, prefix: str) -> list[tuple[str, bytes]]:
-        base = self.root / prefix.rstrip("/")
-        out: list[tuple[str, bytes]] = []
-        if not base.is_dir():
-            return out
-        for dirpath, _dirs, files in os.walk(base):
-            for file in files:
-                path = Path(dirpath, file)
-                key = self.key_of(path)
-                if key is None:
-                    continue
-                try:
-                    out.append((key, path.read_bytes()))
-                except FileNotFoundError:
-                    continue  # removed while we walked: the watch reports it
-                except OSError as exc:
-                    log.error("store: cannot read %s: %s; skipped", path, exc.strerror)
-        return out
-
     # --- Store --------------------------------------------------------------
     async def get(self, key: str) -> bytes | None:
         return await asyncio.to_thread(self._read, key)
@@ -174,12 +157,64 @@ class FileStore(Store):
         return await asyncio.to_thread(self._remove, key)
 
     async def items(self, prefix: str) -> dict[str, bytes]:
-        return dict(await asyncio.to_thread(self._scan, prefix))
+        listed = await asyncio.to_thread(self._list, prefix)
+        return dict(await asyncio.to_thread(self._read_paths, listed))
+
+    def _list(self, prefix: str) -> list[tuple[str, str]]:
+        """(key, path) of every entry under ``prefix`` (two directory levels at most)."""
+        out: list[tuple[str, str]] = []
+        suffix = _SUFFIX.get(prefix, ".dat")
+        todo = [(str(self.root / prefix.rstrip("/")), prefix)]
+        while todo:
+            directory, key_prefix = todo.pop()
+            try:
+                entries = list(os.scandir(directory))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                name = entry.name
+                if name.startswith("."):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    todo.append((entry.path, f"{key_prefix}{name}/"))
+                elif name.endswith(suffix):
+                    stem = name[: -len(suffix)]
+                    if stem.startswith("_."):
+                        stem = "*" + stem[1:]
+                    out.append((key_prefix + stem, entry.path))
+        return out
+
+    @staticmethod
+    def _read_paths(items: list[tuple[str, str]]) -> list[tuple[str, bytes]]:
+        out = []
+        for key, path in items:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue  # removed since it was listed: the watch reports it
+            except OSError as exc:
+                log.error("store: cannot read %s: %s; skipped", path, exc.strerror)
+                continue
+            try:
+                data = os.read(fd, _READ_SIZE)
+                if len(data) == _READ_SIZE:  # a short read is the end of a regular file
+                    chunks = [data]
+                    while chunk := os.read(fd, _READ_SIZE):
+                        chunks.append(chunk)
+                    data = b"".join(chunks)
+            finally:
+                os.close(fd)
+            out.append((key, data))
+        return out
 
     async def snapshot(self) -> AsyncIterator[tuple[str, bytes]]:  # type: ignore[override]
+        """Every entry, read in batches off the event loop: at a million names
+        the whole store is never held in memory at once."""
         for prefix in (APPS, DOMAINS, CERTS):
-            for item in await asyncio.to_thread(self._scan, prefix):
-                yield item
+            listed = await asyncio.to_thread(self._list, prefix)
+            for start in range(0, len(listed), _SNAPSHOT_BATCH):
+                for item in await asyncio.to_thread(self._read_paths, listed[start : start + _SNAPSHOT_BATCH]):
+                    yield item
 
     @property
     def revision(self) -> int:

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass
 
-from edge.store.base import APPS, CERTS, DOMAINS, Event, EventKind, parse_cert_key
+from edge.store.base import APPS, CERTS, DOMAINS, Event, EventKind, cert_key, parse_cert_key
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("custom", "acme")
 KEY_TYPES = ("ecdsa", "rsa")
+_INTERNED = {s: s for s in (*SOURCES, *KEY_TYPES)}
 
 
 class EntryError(ValueError):
@@ -36,9 +38,12 @@ class App:
 
 @dataclass(frozen=True, slots=True)
 class CertMeta:
-    """The header of one stored bundle; enough to choose it without parsing it."""
+    """The header of one stored bundle; enough to choose it without parsing it.
 
-    store_key: str
+    Kept small (a million of these is the index at scale): the store key is
+    derived, and the short strings are interned.
+    """
+
     domain: str
     source: str
     key_type: str
@@ -46,21 +51,32 @@ class CertMeta:
     not_after: float
     fingerprint: str
 
+    @property
+    def store_key(self) -> str:
+        return cert_key(self.domain, self.source, self.key_type)
+
     def valid_at(self, now: float) -> bool:
         return self.not_before <= now < self.not_after
 
 
-@dataclass(slots=True)
-class DomainCerts:
-    """Bundles held for one domain, by source then key type."""
+class DomainCerts(tuple):
+    """The bundles held for one domain (at most one per source and key type),
+    ordered by source then key type. A tuple: no per-name dictionaries."""
 
-    by_source: dict[str, dict[str, CertMeta]] = field(default_factory=dict)
+    __slots__ = ()
 
     def valid(self, source: str, now: float) -> tuple[CertMeta, ...]:
-        held = self.by_source.get(source)
-        if not held:
-            return ()
-        return tuple(m for m in held.values() if m.valid_at(now))
+        return tuple(m for m in self if m.source == source and m.valid_at(now))
+
+    def of(self, source: str) -> tuple[CertMeta, ...]:
+        return tuple(m for m in self if m.source == source)
+
+    def replaced(self, meta: CertMeta) -> DomainCerts:
+        kept = [m for m in self if (m.source, m.key_type) != (meta.source, meta.key_type)]
+        return DomainCerts(sorted([*kept, meta], key=lambda m: (m.source, m.key_type)))
+
+    def without(self, source: str, key_type: str) -> DomainCerts:
+        return DomainCerts(m for m in self if (m.source, m.key_type) != (source, key_type))
 
 
 def bundle_header(meta: CertMeta | dict[str, object]) -> bytes:
@@ -102,7 +118,7 @@ def parse_domain(value: bytes) -> str:
         raise EntryError(f"not a domain record ({exc.__class__.__name__}: {exc})") from None
     if not isinstance(app, str):
         raise EntryError("'app' is not a string")
-    return app
+    return sys.intern(app)  # one string per app, however many domains it has
 
 
 def parse_cert(key: str, value: bytes) -> CertMeta:
@@ -118,16 +134,18 @@ def parse_cert(key: str, value: bytes) -> CertMeta:
     try:
         data = json.loads(header)
         return CertMeta(
-            store_key=key,
-            domain=domain,
-            source=source,
-            key_type=key_type,
+            domain=sys.intern(domain),
+            source=_INTERNED[source],
+            key_type=_INTERNED[key_type],
             not_before=float(data["not_before"]),
             not_after=float(data["not_after"]),
             fingerprint=str(data["fingerprint"]),
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise EntryError(f"bad header line ({exc.__class__.__name__}: {exc})") from None
+
+
+_EMPTY = DomainCerts()
 
 
 class Index:
@@ -185,7 +203,7 @@ class Index:
             self.domains.pop(domain, None)
         else:
             assert event.value is not None
-            self.domains[domain] = parse_domain(event.value)
+            self.domains[sys.intern(domain)] = parse_domain(event.value)
 
     def _apply_cert(self, key: str, event: Event) -> None:
         if event.kind is EventKind.DELETE:
@@ -194,17 +212,16 @@ class Index:
                 return
             domain, source, key_type = parts
             held = self.certs.get(domain)
-            if held and key_type in held.by_source.get(source, {}):
-                del held.by_source[source][key_type]
-                if not held.by_source[source]:
-                    del held.by_source[source]
-                if not held.by_source:
+            if held is not None:
+                rest = held.without(source, key_type)
+                if rest:
+                    self.certs[domain] = rest
+                else:
                     del self.certs[domain]
         else:
             assert event.value is not None
             meta = parse_cert(key, event.value)
-            held = self.certs.setdefault(meta.domain, DomainCerts())
-            held.by_source.setdefault(meta.source, {})[meta.key_type] = meta
+            self.certs[meta.domain] = self.certs.get(meta.domain, _EMPTY).replaced(meta)
 
     def app_of(self, host: str) -> App | None:
         app = self.domains.get(host)

@@ -48,7 +48,7 @@ def make_protocol(tls_name="demo.apps.test", https=True, force_https=True, **lim
     index.apply(Event(EventKind.PUT, "apps/demo", json.dumps(
         {"backends": ["127.0.0.1:9"], "force_https": force_https}).encode(), 1))
     index.apply(Event(EventKind.PUT, "domains/www.custom.test", b'{"app": "demo"}', 1))
-    meta = CertMeta("certs/custom-ecdsa/www.custom.test", "www.custom.test", "custom", "ecdsa", 0, 4e9, "f")
+    meta = CertMeta("www.custom.test", "custom", "ecdsa", 0, 4e9, "f")
     index.apply(Event(EventKind.PUT, meta.store_key, bundle_header(meta) + PEM, 1))
     selector = Selector(index, "apps.test", False)
     router = Router(index, selector, "apps.test", 4)

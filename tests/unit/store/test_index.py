@@ -8,7 +8,7 @@ PEM = b"-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n-----BEGIN PR
 
 def bundle(domain, source="custom", key_type="ecdsa", not_after=2e9, fingerprint="f1"):
     key = cert_key(domain, source, key_type)
-    meta = CertMeta(key, domain, source, key_type, 0.0, not_after, fingerprint)
+    meta = CertMeta(domain, source, key_type, 0.0, not_after, fingerprint)
     return key, bundle_header(meta) + PEM
 
 
@@ -24,7 +24,7 @@ def test_apps_domains_and_certs():
     put(index, *bundle("www.example.com", key_type="rsa"))
     assert index.app_of("www.example.com").backends == ("127.0.0.1:1",)
     held = index.certs["www.example.com"]
-    assert sorted(held.by_source["custom"]) == ["ecdsa", "rsa"]
+    assert [m.key_type for m in held.of("custom")] == ["ecdsa", "rsa"]
     assert [m.key_type for m in held.valid("custom", 1.0)] == ["ecdsa", "rsa"]
     assert held.valid("custom", 3e9) == ()  # expired
     assert held.valid("acme", 1.0) == ()
@@ -44,7 +44,7 @@ def test_corrupt_value_keeps_previous_and_is_reported():
     key, value = bundle("a.example.com", fingerprint="good")
     put(index, key, value)
     put(index, key, b"{broken\n" + PEM)
-    assert index.certs["a.example.com"].by_source["custom"]["ecdsa"].fingerprint == "good"
+    assert index.certs["a.example.com"][0].fingerprint == "good"
     assert "bad header line" in index.errors[key]
     put(index, "apps/demo", b"[1, 2]")
     assert "apps/demo" in index.errors and "demo" not in index.apps

@@ -12,7 +12,7 @@ NOW = 1_000_000.0
 
 def add(index, domain, source, key_type="ecdsa", not_before=0.0, not_after=2e9, fp="fp"):
     key = cert_key(domain, source, key_type)
-    meta = CertMeta(key, domain, source, key_type, not_before, not_after, fp)
+    meta = CertMeta(domain, source, key_type, not_before, not_after, fp)
     index.apply(Event(EventKind.PUT, key, bundle_header(meta) + PEM, 1))
     index.apply(Event(EventKind.PUT, f"domains/{domain}", json.dumps({"app": "a"}).encode(), 1))
 
