@@ -8,9 +8,14 @@ counted by source, expiry as counts per bucket and the nearest expiry.
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+import os
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
@@ -20,6 +25,8 @@ from edge.tls.acceptor import HANDSHAKE_BUCKETS
 
 if TYPE_CHECKING:
     from edge.server import Edge
+
+log = logging.getLogger(__name__)
 
 EXPIRY_BUCKETS_DAYS = (0, 7, 14, 30)  # certificates expiring within N days ("0": already expired)
 _EXPIRY_CACHE_SECONDS = 60.0  # the expiry summary walks every certificate: not on every scrape
@@ -64,21 +71,24 @@ class EdgeCollector(Collector):
 
     def collect(self) -> Iterator[object]:
         edge = self.edge
-        hs = edge.acceptor.stats
+        # Traffic counters: this process's, plus the other workers' last snapshots.
+        c = merge([counters(edge), *peer_counters(os.getpid())])
         family = CounterMetricFamily("edge_handshakes", "TLS handshakes by result, version and certificate source",
                                      labels=["result", "version", "source"])
-        for (version, source), count in sorted(hs.completed.items()):
+        for key, count in sorted(c["handshakes_ok"].items()):
+            version, source = key.split("|")
             family.add_metric(["ok", version, source], count)
-        for reason, count in sorted(hs.failed.items()):
+        for reason, count in sorted(c["handshakes_failed"].items()):
             family.add_metric([f"failed_{reason}", "", ""], count)
-        family.add_metric(["refused_sni", "", ""], hs.refused_sni)
-        family.add_metric(["not_tls", "", ""], hs.not_tls)
+        family.add_metric(["refused_sni", "", ""], c["refused_sni"])
+        family.add_metric(["not_tls", "", ""], c["not_tls"])
         yield family
         yield _histogram("edge_handshake_duration_seconds", "From accept to the end of the TLS handshake",
-                         HANDSHAKE_BUCKETS, hs.duration_buckets, hs.duration_sum)
+                         HANDSHAKE_BUCKETS, c["handshake_buckets"], c["handshake_sum"])
         yield CounterMetricFamily("edge_unknown_sni", "Handshakes naming a host no certificate covers",
-                                  value=hs.unknown_sni)
+                                  value=c["unknown_sni"])
 
+        # What every worker holds alike (the same store): this process's view.
         summary = self._expiry_summary()
         held = GaugeMetricFamily("edge_certificates", "Certificates held, by source", labels=["source"])
         for source, count in sorted(summary["counts"].items()):
@@ -96,32 +106,113 @@ class EdgeCollector(Collector):
             within.add_metric([source, str(limit)], count)
         yield within
 
-        stats = edge.proxy.stats
         requests = CounterMetricFamily("edge_requests", "HTTP requests answered, by status class", labels=["code"])
-        for klass, count in enumerate(stats.status_classes):
+        for klass, count in enumerate(c["status_classes"]):
             if klass:
                 requests.add_metric([f"{klass}xx"], count)
         yield requests
         yield _histogram("edge_request_duration_seconds", "From the first byte of a request to its last answer byte",
-                         DURATION_BUCKETS, stats.duration_buckets, stats.duration_sum)
+                         DURATION_BUCKETS, c["request_buckets"], c["request_sum"])
         upstream = CounterMetricFamily("edge_upstream_errors", "Backend failures, by kind", labels=["kind"])
         for kind in ("refused", "timeout", "reset", "protocol", "closed"):
-            upstream.add_metric([kind], stats.upstream_errors.get(kind, 0))
+            upstream.add_metric([kind], c["upstream_errors"].get(kind, 0))
         yield upstream
-        yield GaugeMetricFamily("edge_open_connections", "Client connections open", value=len(edge.proxy.connections))
-
-        cache = edge.cache
-        yield GaugeMetricFamily("edge_tls_context_cache_size", "TLS contexts built and cached", value=len(cache))
+        yield GaugeMetricFamily("edge_open_connections", "Client connections open", value=c["open_connections"])
+        yield GaugeMetricFamily("edge_tls_context_cache_size", "TLS contexts built and cached (all workers)",
+                                value=c["cache_size"])
         yield CounterMetricFamily("edge_tls_context_cache_hits", "Handshakes whose context was cached",
-                                  value=cache.hits)
-        yield CounterMetricFamily("edge_tls_context_cache_misses", "Contexts built on demand", value=cache.misses)
+                                  value=c["cache_hits"])
+        yield CounterMetricFamily("edge_tls_context_cache_misses", "Contexts built on demand", value=c["cache_misses"])
         yield CounterMetricFamily("edge_reloads", "Full reloads of the store (start, SIGHUP, /v1/reload)",
-                                  value=edge.reloads)
+                                  value=c["reloads"])
         yield GaugeMetricFamily("edge_store_sync_lag_seconds",
                                 "Seconds from a store change being seen to it being applied (last change)",
                                 value=edge.sync_lag)
         yield GaugeMetricFamily("edge_store_entries_skipped", "Store entries that do not parse (see edge check)",
                                 value=len(edge.index.errors))
+        yield GaugeMetricFamily("edge_workers_reporting", "Processes whose counters are summed here",
+                                value=c["processes"])
+
+
+# --- counters across workers -----------------------------------------------------------
+# With workers > 1 each worker writes its counters to $EDGE_METRICS_DIR every
+# second; the worker serving /metrics sums them with its own live ones.
+METRICS_DIR_ENV = "EDGE_METRICS_DIR"
+_STALE_SECONDS = 10.0
+
+
+def counters(edge: Edge) -> dict[str, Any]:
+    hs, stats, cache = edge.acceptor.stats, edge.proxy.stats, edge.cache
+    return {
+        "processes": 1,
+        "handshakes_ok": {f"{v}|{s}": n for (v, s), n in hs.completed.items()},
+        "handshakes_failed": dict(hs.failed),
+        "refused_sni": hs.refused_sni,
+        "not_tls": hs.not_tls,
+        "unknown_sni": hs.unknown_sni,
+        "handshake_buckets": list(hs.duration_buckets),
+        "handshake_sum": hs.duration_sum,
+        "status_classes": list(stats.status_classes),
+        "request_buckets": list(stats.duration_buckets),
+        "request_sum": stats.duration_sum,
+        "upstream_errors": dict(stats.upstream_errors),
+        "open_connections": len(edge.proxy.connections),
+        "cache_size": len(cache),
+        "cache_hits": cache.hits,
+        "cache_misses": cache.misses,
+        "reloads": edge.reloads,
+    }
+
+
+def merge(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
+    total = snapshots[0]
+    for other in snapshots[1:]:
+        for key, value in other.items():
+            mine = total.get(key)
+            if isinstance(value, dict):
+                merged = dict(mine or {})
+                for k, v in value.items():
+                    merged[k] = merged.get(k, 0) + v
+                total[key] = merged
+            elif isinstance(value, list):
+                total[key] = [a + b for a, b in zip(mine, value, strict=True)] if mine else list(value)
+            else:
+                total[key] = (mine or 0) + value
+    return total
+
+
+def peer_counters(own_pid: int) -> list[dict[str, Any]]:
+    directory = os.environ.get(METRICS_DIR_ENV)
+    if not directory:
+        return []
+    out = []
+    now = time.time()
+    for path in Path(directory).glob("worker-*.json"):
+        if path.name == f"worker-{own_pid}.json":
+            continue
+        try:
+            if now - path.stat().st_mtime > _STALE_SECONDS:
+                continue  # a worker that died: the supervisor has replaced it
+            out.append(json.loads(path.read_bytes()))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+async def publish_counters(edge: Edge, interval: float = 1.0) -> None:
+    """Worker side: write this process's counters for the /metrics worker to sum."""
+    directory = os.environ.get(METRICS_DIR_ENV)
+    if not directory:
+        return
+    path = Path(directory) / f"worker-{os.getpid()}.json"
+    tmp = path.with_suffix(".tmp")
+    while True:
+        try:
+            tmp.write_text(json.dumps(counters(edge)))
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("cannot publish metrics to %s: %s", directory, exc.strerror)
+        await asyncio.sleep(interval)
 
 
 def registry_for(edge: Edge) -> CollectorRegistry:

@@ -181,6 +181,10 @@ class Edge:
             self.http_servers.append(server)
         if cfg.server.admin is not None and self.serve_admin:
             await self._start_admin()
+        if self.reuse_port:  # a worker: publish counters for the one serving /metrics
+            from edge.metrics import publish_counters
+
+            self._tasks.append(asyncio.get_running_loop().create_task(publish_counters(self)))
         log.info(
             "edge serving https on %s, http on %s (platform domain %s; %d apps, %d domains in the store)",
             ", ".join(self.bound_https()), ", ".join(self.bound_http()), platform.domain,
@@ -219,7 +223,7 @@ class Edge:
             problems.append("shutting down")
         if not self.https_sockets or any(s.fileno() < 0 for s in self.https_sockets):
             problems.append("TLS listeners closed")
-        if any(task.done() for task in self._tasks):
+        if self._watch_task.done():
             problems.append("the store follower stopped")
         try:
             problems += await self.store.check()
@@ -251,7 +255,8 @@ class Edge:
     # --- store following ------------------------------------------------------------------
     async def _follow_store(self) -> None:
         armed = asyncio.Event()
-        self._tasks.append(asyncio.get_running_loop().create_task(self._watch(armed)))
+        self._watch_task = asyncio.get_running_loop().create_task(self._watch(armed))
+        self._tasks.append(self._watch_task)
         await armed.wait()
         await self.reload_store()
 

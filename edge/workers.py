@@ -14,9 +14,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 
 from edge import logs
@@ -77,6 +79,9 @@ def supervise(config: Config) -> int:
     )
     config = dataclasses.replace(config, server=server)
     fixed = load_fixed_contexts(config)
+    # Workers publish their counters here; the one serving /metrics sums them.
+    metrics_dir = tempfile.mkdtemp(prefix="edge-metrics-")
+    os.environ["EDGE_METRICS_DIR"] = metrics_dir
 
     children: dict[int, int] = {}  # pid -> worker number
     failures: dict[int, int] = {}  # worker number -> quick deaths in a row
@@ -139,4 +144,5 @@ def supervise(config: Config) -> int:
         start(number)
     for sock in holders:
         sock.close()
+    shutil.rmtree(metrics_dir, ignore_errors=True)
     return 1 if startup_failed else 0

@@ -92,3 +92,35 @@ def test_both_workers_follow_the_store(two_workers: EdgeProcess, backend: str) -
         ok += result.stdout == "200"
         time.sleep(0.01)
     assert ok == 20
+
+
+def test_metrics_sum_over_workers(tmp_path_factory: pytest.TempPathFactory, backend: str) -> None:
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        admin_port = s.getsockname()[1]
+    process = EdgeProcess(tmp_path_factory.mktemp("workers-metrics"))
+    process.config.write_text(process.config.read_text().replace(
+        'admin = ""', f'admin = "127.0.0.1:{admin_port}"\nworkers = 2'))
+    process.start()
+    try:
+        process.cli("apps-add", "demo", "--backend", backend)
+        wait_for(lambda: len(worker_pids(process)) == 2)
+        for _ in range(40):  # SO_REUSEPORT spreads these over both workers
+            result = process.curl(f"https://demo.edge.test:{process.https_port}/", "-k", "-o", "/dev/null",
+                                  "-w", "%{http_code}")
+            assert result.stdout == "200"
+
+        def summed() -> bool:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5) as response:
+                text = response.read().decode()
+            ok = next(float(line.split()[-1]) for line in text.splitlines()
+                      if line.startswith('edge_requests_total{code="2xx"}'))
+            workers = next(float(line.split()[-1]) for line in text.splitlines()
+                           if line.startswith("edge_workers_reporting"))
+            return ok >= 40 and workers == 2
+
+        wait_for(summed, timeout=5)
+    finally:
+        process.stop()
