@@ -133,7 +133,15 @@ async def _run(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     cmd = args.command
     if cmd == "check":
         return await _check(cfg)
-    ops = Operations(cfg, open_store(cfg))
+    store = open_store(cfg)
+    try:
+        return await _run_command(args, cfg, Operations(cfg, store))
+    finally:
+        await store.close()
+
+
+async def _run_command(args: argparse.Namespace, cfg: config_mod.Config, ops: Operations) -> int:
+    cmd = args.command
     if cmd == "apps-add":
         _print_result(await ops.apps_add(args.app, args.backend, force_https=not args.no_force_https))
     elif cmd == "apps-remove":

@@ -28,7 +28,7 @@ from edge.config import Address, Config
 from edge.proxy.exchange import ListenerInfo, ProxyContext
 from edge.proxy.protocol import HttpProxyProtocol
 from edge.proxy.routing import Router
-from edge.store.base import Store, StoreError, challenge_key
+from edge.store.base import ResyncNeeded, Store, StoreError, challenge_key
 from edge.store.index import Index, split_bundle
 from edge.store.open import open_store
 from edge.tls import contexts, devcert
@@ -254,11 +254,19 @@ class Edge:
 
     # --- store following ------------------------------------------------------------------
     async def _follow_store(self) -> None:
+        """Load the store and follow it, missing nothing.
+
+        etcd: snapshot at revision R, then watch from R+1. inotify cannot
+        replay the past: arm the watch first, then load (a change in between
+        is seen twice, harmlessly)."""
         armed = asyncio.Event()
+        if self.store.resumable:
+            await self.reload_store()
         self._watch_task = asyncio.get_running_loop().create_task(self._watch(armed))
         self._tasks.append(self._watch_task)
         await armed.wait()
-        await self.reload_store()
+        if not self.store.resumable:
+            await self.reload_store()
 
     async def reload_config(self) -> bool:
         """SIGHUP: read the configuration again and apply what can change live.
@@ -299,7 +307,7 @@ class Edge:
         return True
 
     async def reload_store(self) -> None:
-        """Load the whole store again (start-up, SIGHUP)."""
+        """Load the whole store again (start-up, SIGHUP, a compacted watch)."""
         fresh = Index()
         try:
             async for key, value in self.store.snapshot():
@@ -307,6 +315,7 @@ class Edge:
         except StoreError as exc:
             log.error("store reload failed, keeping the current index: %s", exc)
             return
+        fresh.revision = self.store.revision
         self.index.replace_with(fresh)
         self.reloads += 1
 
@@ -321,6 +330,7 @@ class Edge:
                 armed.set()
                 batch = await first
                 while True:
+                    backoff = 0.1
                     for event in batch:
                         self.index.apply(event)
                     if batch and batch[-1].changed_at:
@@ -328,12 +338,17 @@ class Edge:
                     batch = await stream.__anext__()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
+            except ResyncNeeded as exc:
+                armed.set()
+                log.warning("store: %s", exc)
+                await self.reload_store()
+            except Exception as exc:  # the follower must survive anything
                 armed.set()
                 log.error("store watch failed (%s); retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
-                await self.reload_store()
+                if not self.store.resumable:
+                    await self.reload_store()  # inotify may have missed changes meanwhile
 
     # --- stop ---------------------------------------------------------------------------
     @property

@@ -31,6 +31,10 @@ class StoreError(RuntimeError):
     """The store cannot be read or written (gone, full, permissions)."""
 
 
+class ResyncNeeded(StoreError):
+    """The watch cannot resume where it stopped (history compacted): reload in full."""
+
+
 class EventKind(enum.Enum):
     PUT = "put"
     DELETE = "delete"
@@ -74,6 +78,10 @@ def parse_cert_key(key: str) -> tuple[str, str, str] | None:
 
 class Store(ABC):
     """What every backend provides. All methods are safe on the event loop."""
+
+    #: A watch can restart from a past revision (etcd); otherwise (inotify) a
+    #: watch that broke may have missed changes and the index is reloaded.
+    resumable = False
 
     @abstractmethod
     async def get(self, key: str) -> bytes | None: ...

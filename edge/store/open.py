@@ -10,6 +10,8 @@ from edge.store.file import FileStore
 def open_store(config: Config) -> Store:
     if config.store.backend == "file":
         return FileStore(config.store.path)
-    raise StoreError(
-        f"store backend {config.store.backend!r} is not available in this build; use backend = \"file\""
-    )
+    if config.store.backend == "etcd":
+        from edge.store.etcd import EtcdStore
+
+        return EtcdStore(config.store.etcd_endpoints, config.store.etcd_prefix)
+    raise StoreError(f"unknown store backend {config.store.backend!r}; use \"file\" or \"etcd\"")
