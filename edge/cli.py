@@ -112,7 +112,11 @@ async def _check(cfg: config_mod.Config) -> int:
         if not path.exists() and not platform.dev_certificates:
             problems.append(f"{path}: no such file ([platform] cert/key)")
     store = open_store(cfg)
-    problems += await store.check()
+    store_problems = await store.check()
+    if store_problems:
+        for problem in problems + store_problems:
+            print(f"edge: error: {problem}", file=sys.stderr)
+        return EXIT_ERROR
     ops = Operations(cfg, store)
     index = await ops.load_index()
     for key, error in sorted(index.errors.items()):

@@ -261,12 +261,12 @@ class Edge:
         is seen twice, harmlessly)."""
         armed = asyncio.Event()
         if self.store.resumable:
-            await self.reload_store()
+            await self.reload_store(initial=True)
         self._watch_task = asyncio.get_running_loop().create_task(self._watch(armed))
         self._tasks.append(self._watch_task)
         await armed.wait()
         if not self.store.resumable:
-            await self.reload_store()
+            await self.reload_store(initial=True)
 
     async def reload_config(self) -> bool:
         """SIGHUP: read the configuration again and apply what can change live.
@@ -306,13 +306,19 @@ class Edge:
         log.info("configuration reloaded from %s", new.path)
         return True
 
-    async def reload_store(self) -> None:
-        """Load the whole store again (start-up, SIGHUP, a compacted watch)."""
+    async def reload_store(self, initial: bool = False) -> None:
+        """Load the whole store again (start-up, SIGHUP, a compacted watch).
+
+        A store that cannot be read keeps the current index in service; at
+        start-up there is none, so edge refuses to start (and its supervisor,
+        systemd or Kubernetes, tries again) rather than serve nothing."""
         fresh = Index()
         try:
             async for key, value in self.store.snapshot():
                 fresh.apply_put(key, value)
         except StoreError as exc:
+            if initial:
+                raise StartupError(f"cannot load the store: {exc}") from None
             log.error("store reload failed, keeping the current index: %s", exc)
             return
         fresh.revision = self.store.revision
@@ -383,6 +389,8 @@ class Edge:
         self.router.close()
         if getattr(self, "admin_runner", None) is not None:
             await self.admin_runner.cleanup()
+        with contextlib.suppress(Exception):
+            await self.store.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self._stopped.set()
 

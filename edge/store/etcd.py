@@ -50,8 +50,16 @@ class EtcdStore(Store):
     def _unkey(self, raw: bytes) -> str:
         return raw[len(self.prefix) :].decode()
 
-    def _error(self, exc: Exception) -> StoreError:
-        return StoreError(f"etcd at {self.endpoint}: {exc.__class__.__name__}: {exc}")
+    def _error(self, exc: BaseException) -> StoreError:
+        """One line an operator can act on, whatever gRPC or aetcd raised."""
+        details = getattr(exc, "details", None)
+        text = details() if callable(details) else str(exc)
+        code = getattr(exc, "code", None)
+        kind = code().name if callable(code) else exc.__class__.__name__
+        one_line = " ".join(str(text or kind).split())
+        return StoreError(
+            f"etcd at {self.endpoint}: {kind}: {one_line} (check [store.etcd] endpoints and that etcd runs)"
+        )
 
     # --- Store ----------------------------------------------------------------------------
     async def get(self, key: str) -> bytes | None:

@@ -29,6 +29,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from edge.store.base import StoreError
 from edge.tls import clienthello, names
 from edge.tls.contexts import ContextBuildError, ContextCache
 from edge.tls.selector import Choice, Selector, Source
@@ -256,7 +257,7 @@ class TlsAcceptor:
     ) -> None:
         try:
             ctx = await asyncio.wait_for(self.cache.get(choice.cache_key), self.handshake_timeout)
-        except (ContextBuildError, OSError, TimeoutError, ValueError) as exc:
+        except (ContextBuildError, StoreError, OSError, TimeoutError, ValueError) as exc:
             # A stored bundle OpenSSL refuses (edited by hand) or a store that
             # went away: fall through to the default certificate, as for an
             # unknown name, rather than failing the handshake.

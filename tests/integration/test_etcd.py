@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from edge.store.etcd import EtcdStore
-from tests.integration.conftest import EdgeProcess, require_tool, wait_for
+from tests.integration.conftest import EDGE, EdgeProcess, require_tool, wait_for
 
 
 def _port() -> int:
@@ -134,3 +134,14 @@ def test_frozen_node_reloads_after_compaction(two_nodes, etcd: Etcd, backend: st
     wait_for(lambda: all(_status(b, f"while-frozen{i}.edge.test") == "200" for i in range(1, 5)), timeout=15)
     assert _status(b, "while-frozen0.edge.test") == "404"
     assert b"compacted" in bytes(b.log)  # it reloaded in full
+
+
+def test_node_refuses_to_start_without_its_store(tmp_path: Path) -> None:
+    dead = Etcd(tmp_path)  # ports chosen, server never started
+    node = _node(tmp_path / "node", dead)
+    result = subprocess.run([EDGE, "serve", "--config", str(node.config)], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("edge: error: cannot load the store: etcd at 127.0.0.1:"), last
+    check = node.cli("check", check=False)
+    assert check.returncode != 0 and "etcd store unreachable" in check.stderr
