@@ -236,6 +236,7 @@ def websocket_backend() -> Iterator[str]:
 
 def test_websocket_echo_through_edge(edge: EdgeProcess, websocket_backend: str) -> None:
     edge.cli("apps-add", "chat", "--backend", websocket_backend)
+    edge.wait_routed("chat.edge.test", "/ws")
 
     async def talk() -> list[object]:
         ctx = ssl.create_default_context(cafile=str(edge.dev_ca))
@@ -318,7 +319,9 @@ def quick_edge(tmp_path_factory: pytest.TempPathFactory, backend: str, hung_back
     process.config.write_text(text)
     process.start()
     process.cli("apps-add", "demo", "--backend", backend)
+    process.wait_routed("demo.edge.test")
     process.cli("apps-add", "hung", "--backend", hung_backend)
+    process.wait_routed("hung.edge.test")
     yield process
     process.stop()
 
@@ -383,6 +386,7 @@ def test_sigterm_finishes_in_flight_request(tmp_path_factory: pytest.TempPathFac
     process = EdgeProcess(tmp_path_factory.mktemp("drain"))
     process.start()
     process.cli("apps-add", "demo", "--backend", backend)
+    process.wait_routed("demo.edge.test")
     assert process.proc is not None
     with tls_socket(process) as busy, tls_socket(process) as idle:
         idle.sendall(f"GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())

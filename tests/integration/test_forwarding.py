@@ -89,10 +89,12 @@ def test_dead_backend_502_and_failover(edge: EdgeProcess, backend: str) -> None:
     dead_address = f"127.0.0.1:{dead.getsockname()[1]}"
     dead.close()  # nothing listens there: connections are refused
     edge.cli("apps-add", "broken", "--backend", dead_address)
+    edge.wait_routed("broken.edge.test")
     conn = connect(edge, "broken.edge.test")
     response, data = request(conn, "GET", "/")
     assert response.status == 502 and b"502 Bad Gateway" in data
     edge.cli("apps-add", "halfway", "--backend", dead_address, "--backend", backend)
+    edge.wait_routed("halfway.edge.test")
     for _ in range(4):
         response, _ = request(connect(edge, "halfway.edge.test"), "GET", "/")
         assert response.status == 200
@@ -103,6 +105,7 @@ def test_http_port_redirects_or_serves(edge: EdgeProcess, backend: str) -> None:
                        "-w", "%{http_code} %{redirect_url}")
     assert result.stdout == f"301 https://demo.edge.test:{edge.https_port}/p?q=1"
     edge.cli("apps-add", "plain", "--backend", backend, "--no-force-https")
+    edge.wait_routed("plain.edge.test")
     result = edge.curl(f"http://plain.edge.test:{edge.http_port}/plain")
     echo = json.loads(result.stdout)
     assert echo["path"] == "/plain" and dict(echo["headers"])["x-forwarded-proto"] == "http"

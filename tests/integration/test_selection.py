@@ -31,7 +31,7 @@ def platform_der(edge: EdgeProcess) -> bytes:
 
 def served(edge: EdgeProcess, name: str | None, want: bytes, **kwargs: bool) -> bytes:
     """Wait until ``name`` is served ``want`` (the store is followed asynchronously)."""
-    return wait_for(lambda: edge.handshake(name, **kwargs) == want and want, timeout=5)
+    return wait_for(lambda: edge.handshake_or_empty(name, **kwargs) == want and want, timeout=5)
 
 
 def test_platform_app_domain_gets_platform_certificate(edge: EdgeProcess) -> None:
@@ -183,6 +183,7 @@ def strict_edge(tmp_path_factory, backend):
     process.config.write_text(text)
     process.start()
     process.cli("apps-add", "demo", "--backend", backend)
+    process.wait_routed("demo.edge.test")
     yield process
     process.stop()
 

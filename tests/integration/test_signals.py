@@ -20,6 +20,7 @@ def hup_edge(tmp_path: Path, backend: str, ca: trustme.CA):
     process = EdgeProcess(tmp_path / "edge")
     process.start()
     process.cli("apps-add", "demo", "--backend", backend)
+    process.wait_routed("demo.edge.test")
     yield process
     process.stop()
 
@@ -95,6 +96,7 @@ def test_json_log_file_reopened_on_sigusr1(tmp_path: Path, backend: str) -> None
         log_file.rename(tmp_path / "edge.log.1")  # what logrotate does
         process.proc.send_signal(signal.SIGUSR1)
         process.cli("apps-add", "demo", "--backend", backend)
+        process.wait_routed("demo.edge.test")
         wait_for(lambda: process.curl(f"https://demo.edge.test:{https_port}/", "-k", "-o", "/dev/null",
                                       "-w", "%{http_code}").stdout == "200")
         wait_for(lambda: log_file.exists() and b'"host":"demo.edge.test"' in log_file.read_bytes())

@@ -34,6 +34,7 @@ def two_workers(tmp_path_factory: pytest.TempPathFactory, backend: str):
     process.config.write_text(process.config.read_text().replace('admin = ""', 'admin = ""\nworkers = 2'))
     process.start()
     process.cli("apps-add", "demo", "--backend", backend)
+    process.wait_routed("demo.edge.test")
     wait_for(lambda: len(worker_pids(process)) == 2)
     yield process
     process.stop()
@@ -85,6 +86,7 @@ def test_killed_worker_is_replaced(two_workers: EdgeProcess) -> None:
 
 def test_both_workers_follow_the_store(two_workers: EdgeProcess, backend: str) -> None:
     two_workers.cli("apps-add", "second", "--backend", backend)
+    two_workers.wait_routed("second.edge.test")
     ok = 0
     for _ in range(20):
         result = two_workers.curl(f"https://second.edge.test:{two_workers.https_port}/", "-k", "-o", "/dev/null",
@@ -106,6 +108,7 @@ def test_metrics_sum_over_workers(tmp_path_factory: pytest.TempPathFactory, back
     process.start()
     try:
         process.cli("apps-add", "demo", "--backend", backend)
+        process.wait_routed("demo.edge.test")
         wait_for(lambda: len(worker_pids(process)) == 2)
         for _ in range(40):  # SO_REUSEPORT spreads these over both workers
             result = process.curl(f"https://demo.edge.test:{process.https_port}/", "-k", "-o", "/dev/null",
