@@ -46,12 +46,16 @@ def _histogram(name: str, doc: str, bounds: tuple[float, ...], counts: list[int]
 class EdgeCollector(Collector):
     def __init__(self, edge: Edge) -> None:
         self.edge = edge
-        self._expiry: tuple[float, dict] = (0.0, {})
+        self._expiry: tuple[float, int, dict] = (0.0, -1, {})
 
     def _expiry_summary(self) -> dict:
-        taken, summary = self._expiry
+        """Recomputed when the index changed, and at least every minute (days drift)."""
+        taken, changes, summary = self._expiry
         now = time.time()
-        if now - taken < _EXPIRY_CACHE_SECONDS:
+        index = self.edge.index
+        # The walk costs ~1 us a certificate: at scale, not more than every few seconds.
+        settle = 0.0 if len(index.certs) < 50_000 else 5.0
+        if now - taken < _EXPIRY_CACHE_SECONDS and (changes == index.changes or now - taken < settle):
             return summary
         counts: dict[str, int] = {}
         nearest: dict[str, float] = {}
@@ -66,7 +70,7 @@ class EdgeCollector(Collector):
                     if days <= limit:
                         within[(source, limit)] = within.get((source, limit), 0) + 1
         summary = {"counts": counts, "nearest": nearest, "within": within}
-        self._expiry = (now, summary)
+        self._expiry = (now, self.edge.index.changes, summary)
         return summary
 
     def collect(self) -> Iterator[object]:

@@ -162,6 +162,7 @@ class Index:
         self.certs: dict[str, DomainCerts] = {}
         self.revision = 0
         self.errors: dict[str, str] = {}  # store key -> why it was skipped
+        self.changes = 0  # bumped by every applied change: lets readers cache derived views
 
     def apply_put(self, key: str, value: bytes) -> None:
         self.apply(Event(EventKind.PUT, key, value, 0))
@@ -171,8 +172,10 @@ class Index:
         self.apps, self.domains, self.certs = fresh.apps, fresh.domains, fresh.certs
         self.errors = fresh.errors
         self.revision = max(self.revision, fresh.revision)
+        self.changes += 1
 
     def apply(self, event: Event) -> None:
+        self.changes += 1
         key = event.key
         if event.revision:
             self.revision = max(self.revision, event.revision)

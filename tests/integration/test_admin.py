@@ -149,6 +149,51 @@ def test_metrics_move_with_traffic(admin_edge: EdgeProcess) -> None:
     assert "demo.edge.test" not in after and "unknown.example.org" not in after
 
 
+def test_every_metric_moves(admin_edge: EdgeProcess, ca: trustme.CA, backend: str) -> None:
+    """The rest of SPEC §8 over real traffic: certificates, expiry, cache, upstream
+    errors, open connections, reloads, store sync lag."""
+    import socket as socket_mod
+    import ssl
+
+    _, before = call(admin_edge, "GET", "/metrics")
+    assert isinstance(before, str)
+    pem = pki.issue(ca, "metrics.api.test")
+    call(admin_edge, "POST", "/v1/domains", {"domain": "metrics.api.test", "app": "demo",
+                                             "cert": pem.cert.decode(), "key": pem.key.decode()})
+    wait_for(lambda: admin_edge.handshake_or_empty("metrics.api.test") == pem.leaf_der)
+    assert admin_edge.handshake("metrics.api.test") == pem.leaf_der  # served from the context cache
+    with socket_mod.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    call(admin_edge, "POST", "/v1/apps", {"app": "dead", "backends": [f"127.0.0.1:{dead}"]})
+    admin_edge.wait_routed("dead.edge.test")
+    call(admin_edge, "POST", "/v1/reload")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    held = ctx.wrap_socket(socket_mod.create_connection(("127.0.0.1", admin_edge.https_port)),
+                           server_hostname="demo.edge.test")
+    try:
+        _, after = call(admin_edge, "GET", "/metrics")
+    finally:
+        held.close()
+    assert isinstance(after, str)
+
+    def moved(line_start: str, by: float = 1) -> bool:
+        return _metric(after, line_start) >= _metric(before, line_start) + by
+
+    assert moved('edge_certificates{source="custom"}')
+    assert _metric(after, 'edge_certificate_nearest_expiry_days{source="custom"}') > 0
+    assert 'edge_certificates_expiring{source="custom",within_days="30"}' in after
+    assert moved("edge_tls_context_cache_misses_total") and moved("edge_tls_context_cache_size")
+    assert moved("edge_tls_context_cache_hits_total")
+    assert moved('edge_upstream_errors_total{kind="refused"}')
+    assert moved("edge_reloads_total")
+    assert _metric(after, "edge_open_connections") >= 1
+    assert 0 <= _metric(after, "edge_store_sync_lag_seconds") < 5
+    assert 'edge_handshakes_total{result="ok",source="custom",version="TLSv1.3"}' in after
+
+
 def test_openapi_matches_routes(admin_edge: EdgeProcess) -> None:
     status, served = call(admin_edge, "GET", "/openapi.json")
     assert status == 200 and served == json.loads(OPENAPI.read_text())
