@@ -25,6 +25,7 @@ APPS = "apps/"
 DOMAINS = "domains/"
 CERTS = "certs/"
 CHALLENGES = "acme/challenges/"
+LOCKS = "locks/"
 
 
 class StoreError(RuntimeError):
@@ -122,6 +123,35 @@ class Store(ABC):
     async def check(self) -> list[str]:
         """Problems an operator should hear about (``edge check``); empty when fine."""
         return []
+
+    # --- coordination between nodes (ACME) -------------------------------------------------
+    async def put_expiring(self, key: str, value: bytes, ttl: int) -> None:
+        """Write a value that disappears after ``ttl`` seconds (challenge tokens).
+
+        Backends without expiry keep it until it is deleted: the writer deletes
+        it when done, and a leftover token answers nothing harmful."""
+        await self.put(key, value)
+
+    @abstractmethod
+    async def try_lock(self, name: str, ttl: int) -> Lock | None:
+        """Take the lock ``name`` without waiting; None when another holder has it.
+
+        The lock expires after ``ttl`` seconds unless refreshed, so a node that
+        dies does not hold it forever."""
+
+
+class Lock(ABC):
+    """A held lock. ``put_if_held`` writes only while the lock is still ours."""
+
+    @abstractmethod
+    async def put_if_held(self, key: str, value: bytes, *, secret: bool = False) -> bool: ...
+
+    @abstractmethod
+    async def refresh(self) -> bool:
+        """Extend the lock's life; False when it was lost meanwhile."""
+
+    @abstractmethod
+    async def release(self) -> None: ...
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         pass

@@ -11,12 +11,13 @@ watch starts right after the last one applied.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import AsyncIterator
 
 import aetcd
 from aetcd import exceptions as etcd_errors
 
-from edge.store.base import Event, EventKind, ResyncNeeded, Store, StoreError
+from edge.store.base import LOCKS, Event, EventKind, Lock, ResyncNeeded, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,43 @@ def _range_end(prefix: bytes) -> bytes:
             return bytes(end)
         end.pop()
     return b"\0"
+
+
+class EtcdLock(Lock):
+    def __init__(self, store: EtcdStore, key: bytes, token: bytes, lease: object) -> None:
+        self.store, self.key, self.token, self.lease = store, key, token, lease
+
+    async def put_if_held(self, key: str, value: bytes, *, secret: bool = False) -> bool:
+        """One transaction: the write happens only if the lock key still holds our token."""
+        client = self.store.client
+        txn = client.transactions
+        try:
+            done, _ = await client.transaction(
+                compare=[txn.value(self.key) == self.token],
+                success=[txn.put(self.store._key(key), value)],
+                failure=[],
+            )
+        except etcd_errors.ClientError as exc:
+            raise self.store._error(exc) from None
+        return bool(done)
+
+    async def refresh(self) -> bool:
+        try:
+            await self.lease.refresh()  # type: ignore[attr-defined]
+            current = await self.store.client.get(self.key)
+        except etcd_errors.ClientError:
+            return False
+        return current is not None and current.value == self.token
+
+    async def release(self) -> None:
+        client = self.store.client
+        txn = client.transactions
+        try:
+            await client.transaction(compare=[txn.value(self.key) == self.token],
+                                     success=[txn.delete(self.key)], failure=[])
+            await self.lease.revoke()  # type: ignore[attr-defined]
+        except etcd_errors.ClientError:
+            pass  # the lease expires by itself
 
 
 class EtcdStore(Store):
@@ -131,6 +169,34 @@ class EtcdStore(Store):
             raise ResyncNeeded(f"revision {start_revision} was compacted ({exc}); reloading in full") from None
         except etcd_errors.ClientError as exc:
             raise self._error(exc) from None
+
+    async def put_expiring(self, key: str, value: bytes, ttl: int) -> None:
+        try:
+            await self._connect()
+            lease = await self.client.lease(ttl)
+            await self.client.put(self._key(key), value, lease=lease)
+        except etcd_errors.ClientError as exc:
+            raise self._error(exc) from None
+
+    async def try_lock(self, name: str, ttl: int) -> EtcdLock | None:
+        """A lease-backed lock: the key exists only while its lease lives."""
+        key = self._key(LOCKS + name)
+        token = uuid.uuid4().bytes
+        try:
+            await self._connect()
+            lease = await self.client.lease(ttl)
+            txn = self.client.transactions
+            taken, _ = await self.client.transaction(
+                compare=[txn.create(key) == 0],  # nobody holds it
+                success=[txn.put(key, token, lease=lease)],
+                failure=[],
+            )
+            if not taken:
+                await lease.revoke()
+                return None
+        except etcd_errors.ClientError as exc:
+            raise self._error(exc) from None
+        return EtcdLock(self, key, token, lease)
 
     async def _connect(self) -> None:
         try:

@@ -13,6 +13,7 @@ a few milliseconds after the rename.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import itertools
 import logging
 import os
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import watchfiles
 
-from edge.store.base import APPS, CERTS, DOMAINS, Event, EventKind, Store, StoreError
+from edge.store.base import APPS, CERTS, DOMAINS, LOCKS, Event, EventKind, Lock, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,26 @@ def _suffix(key: str) -> str:
         if key.startswith(prefix):
             return suffix
     return ".dat"
+
+
+class FileLock(Lock):
+    def __init__(self, store: FileStore, fd: int) -> None:
+        self.store = store
+        self.fd: int | None = fd
+
+    async def put_if_held(self, key: str, value: bytes, *, secret: bool = False) -> bool:
+        if self.fd is None:
+            return False
+        await self.store.put(key, value, secret=secret)
+        return True
+
+    async def refresh(self) -> bool:
+        return self.fd is not None
+
+    async def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
 
 
 class FileStore(Store):
@@ -251,6 +272,24 @@ class FileStore(Store):
                 kind = EventKind.DELETE if value is None else EventKind.PUT
                 batch.append(Event(kind, key, value, self._revision, changed))
             yield batch
+
+    async def try_lock(self, name: str, ttl: int) -> FileLock | None:
+        # One machine shares a file store: an flock on a lock file is enough,
+        # and the kernel drops it when the holder dies (no expiry needed).
+        path = self.root / LOCKS.rstrip("/") / f"{name.replace('*', '_')}.lock"
+
+        def take() -> int | None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            return fd
+
+        fd = await asyncio.to_thread(take)
+        return None if fd is None else FileLock(self, fd)
 
     async def check(self) -> list[str]:
         if not self.root.exists():

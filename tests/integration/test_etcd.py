@@ -145,3 +145,56 @@ def test_node_refuses_to_start_without_its_store(tmp_path: Path) -> None:
     assert last.startswith("edge: error: cannot load the store: etcd at 127.0.0.1:"), last
     check = node.cli("check", check=False)
     assert check.returncode != 0 and "etcd store unreachable" in check.stderr
+
+
+def test_issuance_lock_lets_exactly_one_node_order(etcd: Etcd) -> None:
+    async def scenario() -> None:
+        a, b = EtcdStore((etcd.endpoint,)), EtcdStore((etcd.endpoint,))
+        locks = await asyncio.gather(a.try_lock("www.example.test", 10), b.try_lock("www.example.test", 10))
+        held = [lock for lock in locks if lock is not None]
+        assert len(held) == 1  # exactly one node may order this certificate
+        winner = held[0]
+        assert await winner.refresh()
+        assert await winner.put_if_held("certs/acme-ecdsa/www.example.test", b"bundle")
+        await winner.release()
+        again = await b.try_lock("www.example.test", 1)
+        assert again is not None  # free again after release
+        # A lock that expired (its node stalled past the TTL) no longer writes.
+        await asyncio.sleep(2.5)
+        assert not await again.put_if_held("certs/acme-ecdsa/www.example.test", b"stale")
+        assert await a.get("certs/acme-ecdsa/www.example.test") == b"bundle"
+        await a.close()
+        await b.close()
+
+    asyncio.run(scenario())
+
+
+def test_challenge_token_written_by_one_node_is_answered_by_the_other(two_nodes, etcd: Etcd) -> None:
+    _a, b = two_nodes
+
+    async def write() -> None:
+        store = EtcdStore((etcd.endpoint,))
+        await store.put_expiring("acme/challenges/tok-xyz", b"tok-xyz.key-authorization", ttl=2)
+        await store.close()
+
+    asyncio.run(write())
+    url = f"http://any.example.test:{b.http_port}/.well-known/acme-challenge/tok-xyz"
+    assert b.curl(url).stdout == "tok-xyz.key-authorization"
+    # The lease expires: the token disappears from every node.
+    wait_for(lambda: b.curl(url, "-o", "/dev/null", "-w", "%{http_code}").stdout == "404", timeout=10)
+
+
+def test_file_store_lock(tmp_path: Path) -> None:
+    from edge.store.file import FileStore
+
+    async def scenario() -> None:
+        store = FileStore(tmp_path)
+        first = await store.try_lock("x.example.test", 10)
+        assert first is not None
+        assert await FileStore(tmp_path).try_lock("x.example.test", 10) is None
+        assert await first.put_if_held("apps/demo", b"{}")
+        await first.release()
+        assert not await first.put_if_held("apps/demo", b"{}")
+        assert await store.try_lock("x.example.test", 10) is not None
+
+    asyncio.run(scenario())
