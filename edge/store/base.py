@@ -124,6 +124,9 @@ class Store(ABC):
         """Problems an operator should hear about (``edge check``); empty when fine."""
         return []
 
+    async def close(self) -> None:  # noqa: B027 - an optional hook: most backends hold nothing
+        pass
+
     # --- coordination between nodes (ACME) -------------------------------------------------
     async def put_expiring(self, key: str, value: bytes, ttl: int) -> None:
         """Write a value that disappears after ``ttl`` seconds (challenge tokens).
@@ -152,6 +155,3 @@ class Lock(ABC):
 
     @abstractmethod
     async def release(self) -> None: ...
-
-    async def close(self) -> None:  # noqa: B027 - optional hook
-        pass
