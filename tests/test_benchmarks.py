@@ -20,7 +20,7 @@ def test_suite_runs_every_scenario_and_writes_results(tmp_path: Path) -> None:
         [sys.executable, "-m", "benchmarks.suite", "--tiny", "--out", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0, "stderr:\n" + result.stderr[-4000:] + "\nstdout:\n" + result.stdout[-1500:]
     data = json.loads((tmp_path / "latest.json").read_text())
     scenarios = data["scenarios"]
     assert set(scenarios) == {"handshakes-ecdsa", "handshakes-rsa", "resumed", "keepalive-small", "keepalive-64k",

@@ -1,0 +1,128 @@
+"""The response side of a client connection: what the backend connection
+calls (head, body, completion, failure, back-pressure) and the switch to a
+byte pipe after ``101``. A mixin of ``HttpProxyProtocol``, kept apart so each
+file holds one direction of the exchange."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from edge.proxy import h1
+from edge.proxy.exchange import Exchange, log_access
+from edge.proxy.upstream import UpstreamError
+
+if TYPE_CHECKING:
+    from edge.proxy.protocol import HttpProxyProtocol
+
+log = logging.getLogger("edge.proxy.protocol")
+
+# What a failed exchange with a backend answers (RFC 9110 §15.6.3, §15.6.5).
+STATUS_FOR = {"refused": 502, "reset": 502, "protocol": 502, "closed": 502, "timeout": 504}
+
+
+class ResponseSide:
+    # --- ResponseSink (called by the backend connection) ------------------------------------
+    def response_head(self: HttpProxyProtocol, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
+                      keep_alive: bool, chunked: bool, content_length: int | None) -> None:
+        exchange = self.queue[0]
+        if self.transport is None:
+            return
+        if status == 101:
+            self._open_tunnel(exchange, reason, headers)
+            return
+        if 100 <= status < 200:
+            # Interim answers (100 Continue, 103 Early Hints) go straight through.
+            self._write(
+                h1.response_head(status, reason, headers, content_length=None, chunked=False, keep_alive=True)
+            )
+            return
+        exchange.responded = True
+        exchange.status = status
+        exchange.retry_head = b""
+        client_keep_alive = exchange.keep_alive and not self.ctx.draining and not exchange.upgrade
+        no_body = exchange.method == b"HEAD" or status in (204, 304)
+        if no_body or (content_length is not None and not chunked):
+            out_chunked, out_length = False, content_length
+        elif exchange.version == "1.1":
+            out_chunked, out_length = True, None
+        else:
+            # An HTTP/1.0 client cannot read chunked: the body ends with the connection.
+            out_chunked, out_length, client_keep_alive = False, None, False
+        exchange.keep_alive = client_keep_alive
+        self._response_chunked = out_chunked
+        self._write(
+            h1.response_head(status, reason, headers, content_length=out_length,
+                             chunked=out_chunked, keep_alive=client_keep_alive)
+        )
+
+    def response_body(self: HttpProxyProtocol, data: bytes) -> None:
+        if self.transport is None:
+            return
+        if self._tunnel is None and self.queue:
+            self.queue[0].response_bytes += len(data)
+            # Activity pushes the stall deadline back; the timer itself is not touched.
+            self._timer_deadline = self._loop.time() + self.config.response_timeout
+        self._write(h1.chunk(data) if self._response_chunked else data)
+
+    def response_complete(self: HttpProxyProtocol) -> None:
+        exchange = self.queue[0]
+        exchange.conn = None
+        if self.transport is not None and self._response_chunked:
+            self._write(h1.LAST_CHUNK)
+        self._response_chunked = False
+        self._finish(exchange)
+
+    def upstream_failed(self: HttpProxyProtocol, error: UpstreamError) -> None:
+        if self._tunnel is not None:
+            self._tunnel = None
+            self._close()
+            return
+        exchange = self.queue[0] if self.queue else None
+        if exchange is None:
+            return
+        exchange.conn = None
+        if exchange.responded:
+            # Half a response went out: the only honest signal left is to close.
+            log.info("upstream %s mid-response: %s", error.kind, error)
+            self.ctx.stats.upstream_error(error.kind)
+            self._close()
+            return
+        if error.kind == "reset" and exchange.retry_head:
+            # A reused keep-alive connection the backend had closed meanwhile.
+            head, exchange.retry_head = exchange.retry_head, b""
+            exchange.body = []
+            app = self.ctx.router.app_for(exchange.host)
+            if app is not None:
+                self._spawn(self._forward(exchange, self.ctx.router.pool_for(app).candidates(), head))
+                return
+        log.info("upstream %s: %s", error.kind, error)
+        self.ctx.stats.upstream_error(error.kind)
+        self._answer_error(exchange, STATUS_FOR.get(error.kind, 502))
+
+    def upstream_pause(self: HttpProxyProtocol) -> None:
+        self._pause("upstream")
+
+    def upstream_resume(self: HttpProxyProtocol) -> None:
+        self._resume("upstream")
+
+    # --- upgrade -------------------------------------------------------------------------
+    def _open_tunnel(
+        self: HttpProxyProtocol, exchange: Exchange, reason: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        assert self.transport is not None
+        exchange.responded = True
+        exchange.status = 101
+        self._cancel_timer()
+        conn = exchange.conn
+        self._write(h1.response_head(101, reason, headers, content_length=None, chunked=False,
+                                              keep_alive=True))
+        if self.ctx.access_log:
+            log_access(exchange, self.client_ip, self.tls_version, self.tls.source.value if self.tls else "")
+        self.queue.clear()
+        self._tunnel = conn
+        pending, self._tunnel_pending = self._tunnel_pending or b"", None
+        if conn is not None and pending:
+            conn.write(bytes(pending))
+        self._paused.clear()
+        self.transport.resume_reading()
