@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 _SUFFIX = {APPS: ".json", DOMAINS: ".json", CERTS: ".pem"}
 _TMP_PREFIX = ".tmp-"
+_STANDARD_DIRS = (
+    "apps", "domains", "acme/challenges", "locks",
+    *(f"certs/{source}-{kind}" for source in ("custom", "acme") for kind in ("ecdsa", "rsa")),
+)
 _SNAPSHOT_BATCH = 5000
 _READ_SIZE = 1 << 17  # larger than any valid entry (bundles are capped at 64 KiB)
 
@@ -252,7 +256,11 @@ class FileStore(Store):
         armed (see ``Index``): a change between the two is then seen twice,
         never missed, and applying it twice is harmless.
         """
-        self.root.mkdir(parents=True, exist_ok=True)
+        # Every directory an entry can land in exists before the watch starts:
+        # inotify watches a new directory only after seeing it created, so a
+        # file renamed into it right away would go unseen.
+        for directory in _STANDARD_DIRS:
+            (self.root / directory).mkdir(parents=True, exist_ok=True)
         counter = itertools.count(max(start_revision, self._revision + 1))
         async for changes in watchfiles.awatch(
             self.root,
