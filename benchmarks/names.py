@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from benchmarks import load
 from benchmarks.certs import many_names
-from benchmarks.systems import EDGE_BIN, PROXY_CORE, System, free_port, rss_kib
+from benchmarks.systems import EDGE_BIN, PROXY_CORE, System, free_port, nginx_conf, rss_kib
 
 if TYPE_CHECKING:
     from benchmarks.suite import Run
@@ -105,20 +105,11 @@ class NginxNames(_NamesSystem):
             "location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }\n"
             for n in names
         )
-        conf = root / "nginx.conf"
-        conf.write_text(textwrap.dedent(f"""
-            worker_processes 1;
-            pid {root}/nginx.pid;
-            error_log {root}/error.log warn;
-            events {{ worker_connections 20000; }}
-            http {{
-              access_log off;
+        conf = nginx_conf(root, textwrap.dedent(f"""
               server_names_hash_max_size 4194304;
               server_names_hash_bucket_size 128;
-              client_body_temp_path {root}/tmp;
-              proxy_temp_path {root}/tmp;
               upstream app {{ server 127.0.0.1:{self.backend_port}; keepalive 64; }}
-        """) + servers + "}\n")
+        """) + servers)
         self.spawn_timed(["nginx", "-p", str(root), "-c", str(conf), "-g", "daemon off; user root;"], names)
 
 

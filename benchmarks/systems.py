@@ -87,6 +87,19 @@ def rss_kib(pids: list[int]) -> int:
     return total
 
 
+def nginx_conf(root: Path, http_body: str, workers: int = 1) -> Path:
+    """An nginx.conf running from ``root`` (pid, logs, temp files there) with
+    ``http_body`` inside its http block; returns its path."""
+    conf = root / "nginx.conf"
+    conf.write_text(
+        f"worker_processes {workers};\npid {root}/nginx.pid;\nerror_log {root}/error.log warn;\n"
+        "events { worker_connections 20000; }\n"
+        f"http {{\n  access_log off;\n  client_body_temp_path {root}/tmp;\n  proxy_temp_path {root}/tmp;\n"
+        f"{http_body}\n}}\n"
+    )
+    return conf
+
+
 @dataclass
 class Certificates:
     ecdsa_cert: Path
@@ -149,23 +162,14 @@ class Backend(System):
         root = self.workdir / "backend"
         root.mkdir(parents=True, exist_ok=True)
         (root / "64k.bin").write_bytes(b"x" * 65536)
-        conf = root / "nginx.conf"
-        conf.write_text(textwrap.dedent(f"""
-            worker_processes 1;
-            pid {root}/nginx.pid;
-            error_log {root}/error.log warn;
-            events {{ worker_connections 20000; }}
-            http {{
-              access_log off;
+        conf = nginx_conf(root, textwrap.dedent(f"""
               keepalive_requests 10000000;
-              client_body_temp_path {root}/tmp;
               server {{
                 listen 127.0.0.1:{self.port} backlog=4096;
                 location = /small {{ return 200 "hello, world\\n"; }}
                 location = /64k {{ alias {root}/64k.bin; }}
                 location / {{ return 200 "ok\\n"; }}
               }}
-            }}
         """))
         self._spawn(["nginx", "-p", str(root), "-c", str(conf), "-g", "daemon off; user root;"], LOAD_CORE)
 
@@ -210,17 +214,8 @@ class Nginx(System):
         root = self.workdir / "nginx"
         root.mkdir(parents=True, exist_ok=True)
         cert, key = self.certs.pair(self.key_type)
-        conf = root / "nginx.conf"
-        conf.write_text(textwrap.dedent(f"""
-            worker_processes {self.workers};
-            pid {root}/nginx.pid;
-            error_log {root}/error.log warn;
-            events {{ worker_connections 20000; }}
-            http {{
-              access_log off;
+        conf = nginx_conf(root, workers=self.workers, http_body=textwrap.dedent(f"""
               keepalive_requests 10000000;
-              client_body_temp_path {root}/tmp;
-              proxy_temp_path {root}/tmp;
               upstream app {{ server 127.0.0.1:{self.backend_port}; keepalive 64; }}
               ssl_protocols TLSv1.2 TLSv1.3;
               ssl_session_cache shared:SSL:10m;
@@ -238,7 +233,6 @@ class Nginx(System):
                   proxy_set_header X-Forwarded-Proto https;
                 }}
               }}
-            }}
         """))
         self._spawn(["nginx", "-p", str(root), "-c", str(conf), "-g", "daemon off; user root;"])
         self.version = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
