@@ -330,9 +330,10 @@ class Edge:
         while True:
             try:
                 stream = self.store.watch(self.index.revision + 1)
-                # The first step of the generator arms the watch (inotify) synchronously.
+                # The generator's first step arms the watch (inotify) before it
+                # first awaits; a short sleep lets that step run.
                 first = asyncio.ensure_future(stream.__anext__())
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.01)
                 armed.set()
                 batch = await first
                 while True:

@@ -6,8 +6,8 @@
 
 Writes are atomic: a temporary file in the same directory, fsync, rename,
 fsync of the directory. Readers never see half a file. Running edge
-processes follow the directory with inotify (watchfiles) and apply a change
-a few milliseconds after the rename.
+processes follow the directories with inotify and apply a change a few
+milliseconds after the rename.
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import watchfiles
-
-from edge.store.base import APPS, CERTS, DOMAINS, LOCKS, Event, EventKind, Lock, Store, StoreError
+from edge.store.base import APPS, CERTS, DOMAINS, LOCKS, Event, EventKind, Lock, ResyncNeeded, Store, StoreError
+from edge.store.inotify import Inotify, Overflow
 
 log = logging.getLogger(__name__)
 
@@ -246,40 +245,39 @@ class FileStore(Store):
         return self._revision
 
     async def watch(self, start_revision: int) -> AsyncIterator[list[Event]]:  # type: ignore[override]
-        """Follow the directory with inotify.
+        """Follow the store's directories with inotify (``edge.store.inotify``).
 
-        ``debounce=0, step=10``: watchfiles' default 1.6 s debounce would miss the
-        100 ms goal. ``step`` is how often its thread wakes (and takes the GIL)
-        to look for events: 1 ms cost ~4% of a busy proxy's CPU in profiles,
-        10 ms costs nothing measurable and still applies a change within ~12 ms. The snapshot was
-        taken before this started, so the caller loads it *after* the watch is
-        armed (see ``Index``): a change between the two is then seen twice,
-        never missed, and applying it twice is harmless.
+        The watches are in place when the first step of this generator has
+        run (before its first await), so the caller arms the watch, *then*
+        loads the snapshot: a change between the two is seen twice, never
+        missed, and applying it twice is harmless.
         """
-        # Every directory an entry can land in exists before the watch starts:
-        # inotify watches a new directory only after seeing it created, so a
-        # file renamed into it right away would go unseen.
-        for directory in _STANDARD_DIRS:
-            (self.root / directory).mkdir(parents=True, exist_ok=True)
+        watcher = Inotify()
+        try:
+            # Every directory an entry can land in exists and is watched before
+            # anything is read: the layout is fixed, no directory appears later.
+            for directory in _STANDARD_DIRS:
+                path = self.root / directory
+                path.mkdir(parents=True, exist_ok=True)
+                watcher.add(str(path))
+        except BaseException:
+            watcher.close()
+            raise
         counter = itertools.count(max(start_revision, self._revision + 1))
-        async for changes in watchfiles.awatch(
-            self.root,
-            debounce=0,
-            step=10,
-            watch_filter=lambda _change, path: not Path(path).name.startswith("."),
-            recursive=True,
-            force_polling=False,
-        ):
-            keys = {k for _, p in changes if (k := self.key_of(Path(p))) is not None}
-            if not keys:
-                continue
-            values = await asyncio.to_thread(self._read_many, sorted(keys))
-            batch = []
-            for key, value, changed in values:
-                self._revision = next(counter)
-                kind = EventKind.DELETE if value is None else EventKind.PUT
-                batch.append(Event(kind, key, value, self._revision, changed))
-            yield batch
+        try:
+            async for paths in watcher.changes():
+                keys = {k for p in paths if (k := self.key_of(Path(p))) is not None}
+                if not keys:
+                    continue
+                values = await asyncio.to_thread(self._read_many, sorted(keys))
+                batch = []
+                for key, value, changed in values:
+                    self._revision = next(counter)
+                    kind = EventKind.DELETE if value is None else EventKind.PUT
+                    batch.append(Event(kind, key, value, self._revision, changed))
+                yield batch
+        except Overflow as exc:
+            raise ResyncNeeded(f"{exc}; reloading the store") from None
 
     async def try_lock(self, name: str, ttl: int) -> FileLock | None:
         # One machine shares a file store: an flock on a lock file is enough,
