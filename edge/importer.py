@@ -21,7 +21,6 @@ from edge.operations import OperationError, Operations
 from edge.store import base
 from edge.store.index import CertMeta, bundle_header
 from edge.tls import bundle as bundles
-from edge.tls import names
 
 _BLOCK = re.compile(rb"-----BEGIN ([A-Z ]+)-----.*?-----END \1-----\r?\n?", re.S)
 # HAProxy loads every file of a crt directory but these companions.
@@ -98,10 +97,10 @@ async def import_bundles(ops: Operations, app: str, paths: list[str], progress: 
             report.skipped_files.append(str(exc))
             continue
         for name in validated.names:
-            domain = names.normalize_pattern(name)
-            bare = domain[2:] if domain and names.is_wildcard(domain) else domain
-            if domain is None or bare is None or names.is_under(bare, ops.platform_domain):
-                report.skipped_names.append(f"{name} ({path}): under the platform domain or invalid")
+            try:
+                domain = ops.domain_name(name)  # the same rules as domains-add
+            except OperationError as exc:
+                report.skipped_names.append(f"{name} ({path}): {exc}")
                 continue
             owner = owners.get(domain)
             if owner is not None and owner != app:

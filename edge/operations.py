@@ -144,7 +144,8 @@ class Operations:
         ]
 
     # --- domains ---------------------------------------------------------------------------
-    def _domain(self, raw: str) -> str:
+    def domain_name(self, raw: str) -> str:
+        """The canonical domain of ``raw``, refused when invalid or under the platform domain."""
         domain = names.normalize_pattern(raw)
         if domain is None:
             raise OperationError(f"{raw!r} is not a valid domain name (e.g. www.example.com or *.example.com)")
@@ -176,7 +177,7 @@ class Operations:
             await self.store.delete(base.cert_key(domain, "custom", key_type))
 
     async def domains_add(self, raw: str, app: str, upload: Upload | None = None) -> Result:
-        domain = self._domain(raw)
+        domain = self.domain_name(raw)
         if await self.store.get(base.app_key(app)) is None:
             raise NotFoundError(f"no app named {app!r}; add it first with `edge apps-add {app} --backend HOST:PORT`")
         current = await self.store.get(base.domain_key(domain))
@@ -202,7 +203,7 @@ class Operations:
         return Result(f"domain {domain} added to app {app}{what}", tuple(warnings))
 
     async def domains_ssl(self, raw: str, upload: Upload | None, disable: bool = False) -> Result:
-        domain = self._domain(raw)
+        domain = self.domain_name(raw)
         if await self.store.get(base.domain_key(domain)) is None:
             raise NotFoundError(f"no domain {domain}; add it with `edge domains-add {domain} --app APP`")
         if disable:
@@ -231,7 +232,7 @@ class Operations:
         return Result(message, validated.warnings)
 
     async def domains_remove(self, raw: str) -> Result:
-        domain = self._domain(raw)
+        domain = self.domain_name(raw)
         if await self.store.get(base.domain_key(domain)) is None:
             raise NotFoundError(f"no domain {domain}; `edge domains` lists them")
         await self.store.delete(base.domain_key(domain))

@@ -15,7 +15,6 @@ import os
 import ssl
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import Executor
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +132,3 @@ class ContextCache:
 
     def clear(self) -> None:
         self._entries.clear()
-
-
-async def run_blocking(executor: Executor | None, fn: Callable[..., ssl.SSLContext], *args: object) -> ssl.SSLContext:
-    return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
