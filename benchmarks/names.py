@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from benchmarks import load
 from benchmarks.certs import many_names
-from benchmarks.systems import EDGE_BIN, PROXY_CORE, System, free_port, nginx_conf, rss_kib
+from benchmarks.systems import EDGE_BIN, PROXY_CORE, System, edge_conf, nginx_conf, rss_kib
 
 if TYPE_CHECKING:
     from benchmarks.suite import Run
@@ -74,21 +74,7 @@ class EdgeNames(_NamesSystem):
         (root / "store" / "apps").mkdir(exist_ok=True)
         (root / "store" / "apps" / "bench.json").write_text(
             f'{{"backends": ["127.0.0.1:{self.backend_port}"], "force_https": true}}\n')
-        config = root / "edge.toml"
-        config.write_text(textwrap.dedent(f"""
-            [server]
-            https = ["127.0.0.1:{self.port}"]
-            http = ["127.0.0.1:{free_port()}"]
-            admin = ""
-            [platform]
-            domain = "edge.bench"
-            cert = "dev/platform.crt"
-            key = "dev/platform.key"
-            [store]
-            path = "store"
-            [log]
-            level = "warning"
-        """))
+        config = edge_conf(root, self.port)
         names = (self.names_dir / "names.txt").read_text().split()
         self.spawn_timed([EDGE_BIN, "serve", "--config", str(config)], names)
 

@@ -100,6 +100,27 @@ def nginx_conf(root: Path, http_body: str, workers: int = 1) -> Path:
     return conf
 
 
+def edge_conf(root: Path, port: int, workers: int = 1) -> Path:
+    """An edge.toml in ``root``: TLS on ``port``, its store and dev CA under ``root``."""
+    config = root / "edge.toml"
+    config.write_text(textwrap.dedent(f"""
+        [server]
+        https = ["127.0.0.1:{port}"]
+        http = ["127.0.0.1:{free_port()}"]
+        admin = ""
+        workers = {workers}
+        [platform]
+        domain = "edge.bench"
+        cert = "dev/platform.crt"
+        key = "dev/platform.key"
+        [store]
+        path = "store"
+        [log]
+        level = "warning"
+    """))
+    return config
+
+
 @dataclass
 class Certificates:
     ecdsa_cert: Path
@@ -180,22 +201,7 @@ class Edge(System):
         if root.exists():
             shutil.rmtree(root)
         root.mkdir(parents=True)
-        config = root / "edge.toml"
-        config.write_text(textwrap.dedent(f"""
-            [server]
-            https = ["127.0.0.1:{self.port}"]
-            http = ["127.0.0.1:{free_port()}"]
-            admin = ""
-            workers = {self.workers}
-            [platform]
-            domain = "edge.bench"
-            cert = "dev/platform.crt"
-            key = "dev/platform.key"
-            [store]
-            path = "store"
-            [log]
-            level = "warning"
-        """))
+        config = edge_conf(root, self.port, self.workers)
         cert, key = self.certs.pair(self.key_type)
         env_cli = [EDGE_BIN, "--config", str(config)]
         subprocess.run([*env_cli, "apps-add", "bench", "--backend", f"127.0.0.1:{self.backend_port}"],
