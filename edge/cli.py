@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edge import config as config_mod
-from edge.operations import OperationError, Operations, Result, Upload
+from edge.operations import OperationError, Operations, Result, Upload, acme_summary
 from edge.store.base import StoreError
 from edge.store.open import open_store
 from edge.tls import names
@@ -184,7 +184,11 @@ async def _run_command(args: argparse.Namespace, cfg: config_mod.Config, ops: Op
         if args.json:
             print(json.dumps(rows, indent=2))
         else:
-            print(_table(rows, ["domain", "app", "serving", "key_types", "expires", "status"]))
+            columns = ["domain", "app", "serving", "key_types", "expires", "status"]
+            if any(row["acme"] for row in rows):
+                columns.append("acme")
+                rows = [dict(row, acme=acme_summary(row["acme"])) for row in rows]
+            print(_table(rows, columns))
     return 0
 
 

@@ -69,6 +69,11 @@ class AcmeConfig:
     directory: str = "https://acme-v02.api.letsencrypt.org/directory"
     email: str = ""
     ca_bundle: Path | None = None
+    key_types: tuple[str, ...] = ("ecdsa",)  # "ecdsa" (P-256) and/or "rsa" (2048)
+    challenges: tuple[str, ...] = ("http-01", "tls-alpn-01")  # in order of preference
+    backoff_min: float = 60.0  # seconds after a first failure; doubles with each failure
+    backoff_max: float = 86400.0
+    orders_per_hour: int = 100  # per node; Let's Encrypt allows 300 new orders per 3 hours
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +213,13 @@ def _addresses(table: _Table, key: str, default: tuple[Address, ...]) -> tuple[A
         raise table.fail(key, str(exc)) from None
 
 
+def _choices(t: _Table, key: str, allowed: tuple[str, ...], default: tuple[str, ...]) -> tuple[str, ...]:
+    values = t.get(key, list, list(default))
+    if not values or any(v not in allowed for v in values) or len(set(values)) != len(values):
+        raise t.fail(key, f"expected a list of distinct values among {', '.join(map(repr, allowed))}, got {values!r}")
+    return tuple(values)
+
+
 def load(path: Path) -> Config:
     """Read and validate ``path``. Raises ConfigError naming the file and line."""
     try:
@@ -300,7 +312,18 @@ def parse(text: str, path: Path) -> Config:
         directory=t.get("directory", str, da.directory),
         email=t.get("email", str, da.email),
         ca_bundle=t.path("ca_bundle", None, base),
+        key_types=_choices(t, "key_types", ("ecdsa", "rsa"), da.key_types),
+        challenges=_choices(t, "challenges", ("http-01", "tls-alpn-01"), da.challenges),
+        backoff_min=t.get("backoff_min", float, da.backoff_min),
+        backoff_max=t.get("backoff_max", float, da.backoff_max),
+        orders_per_hour=t.get("orders_per_hour", int, da.orders_per_hour),
     )
+    if acme.enabled and not acme.directory.startswith("https://"):
+        raise t.fail("directory", f"expected the https:// URL of an ACME directory, got {acme.directory!r}")
+    if not 0 < acme.backoff_min <= acme.backoff_max:
+        raise t.fail("backoff_min", "expected 0 < backoff_min <= backoff_max (seconds)")
+    if acme.orders_per_hour < 1:
+        raise t.fail("orders_per_hour", f"expected a positive number, got {acme.orders_per_hour}")
     t.done()
 
     t = table("tls")

@@ -134,6 +134,12 @@ class EdgeCollector(Collector):
                                 value=edge.sync_lag)
         yield GaugeMetricFamily("edge_store_entries_skipped", "Store entries that do not parse (see edge check)",
                                 value=len(edge.index.errors))
+        orders = CounterMetricFamily("edge_acme_orders", "ACME orders by result (this node's manager)",
+                                     labels=["result"])
+        if edge.acme is not None:
+            for result, count in sorted(edge.acme.stats.orders.items()):
+                orders.add_metric([result], count)
+        yield orders
         yield GaugeMetricFamily("edge_workers_reporting", "Processes whose counters are summed here",
                                 value=c["processes"])
 

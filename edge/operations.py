@@ -33,6 +33,25 @@ APP_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}\Z")
 EXPIRY_SOON = 14 * 86400  # SPEC §2: within 14 days of expiry, acme keeps a standby
 
 
+def _stamp(when: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+
+
+def acme_summary(state: dict | None) -> str | None:
+    """One cell of `edge domains`: pending, valid until ..., failed ...; next attempt ..."""
+    if state is None:
+        return None
+    kind = state.get("state", "?")
+    if kind == "valid":
+        return f"valid until {state.get('valid_until', '?')}"
+    if kind == "failed":
+        return (f"failed x{state.get('failures', 1)}: {state.get('last_error', '?')}; "
+                f"next attempt {state.get('next_attempt', '?')}")
+    if kind == "pending" and state.get("last_error"):
+        return f"pending (last error: {state['last_error']})"
+    return str(kind) if kind != "wildcard" else "no ACME for wildcards: upload a certificate"
+
+
 def _day(timestamp: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(timestamp))
 
@@ -189,6 +208,13 @@ class Operations:
                 raise OperationError(
                     f"{domain} is already attached to {app}; use `edge domains-ssl` to set its certificate"
                 )
+        if upload is None and self.config.acme.enabled and names.is_wildcard(domain):
+            raise OperationError(
+                f"{domain} is a wildcard domain: Let's Encrypt issues wildcard certificates only through "
+                "DNS-01 validation, which edge does not do (HTTP-01 and TLS-ALPN-01 cannot prove a wildcard, "
+                f"RFC 8555 §7.1.3); upload a certificate with `edge domains-add {domain} --app {app} "
+                "--cert FILE --key FILE`"
+            )
         validated = self._validated_bundle(domain, upload) if upload is not None else None
         warnings: list[str] = list(validated.warnings) if validated else []
         if validated is not None:
@@ -239,12 +265,30 @@ class Operations:
         for source in SOURCES:
             for key_type in KEY_TYPES:
                 await self.store.delete(base.cert_key(domain, source, key_type))
+        await self.store.delete(base.ACME_STATUS + domain)
         return Result(f"domain {domain} removed")
+
+    def _acme_state(self, domain: str, stored: bytes | None) -> dict | None:
+        """What the ACME manager last did for ``domain`` (``acme/status/<domain>``)."""
+        if stored is None:
+            if self.config.acme.enabled and names.is_wildcard(domain):
+                return {"state": "wildcard", "last_error": "wildcards need an uploaded certificate"}
+            return None
+        try:
+            state = json.loads(stored)
+        except ValueError:
+            return {"state": "unreadable"}
+        for stamp in ("next_attempt", "valid_until", "updated"):
+            if isinstance(state.get(stamp), (int, float)):
+                state[stamp] = _stamp(state[stamp])
+        return state
 
     async def domains(self, app: str | None = None, now: float | None = None) -> list[dict]:
         index = await self.load_index()
         selector = Selector(index, self.platform_domain, strict_sni=False)
         when = time.time() if now is None else now
+        acme_states = {key[len(base.ACME_STATUS):]: value for key, value in
+                       (await self.store.items(base.ACME_STATUS)).items()}
         rows = []
         for domain, owner in sorted(index.domains.items()):
             if app is not None and owner != app:
@@ -270,6 +314,7 @@ class Operations:
                     "expires": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expiry)) if expiry else None,
                     "status": status,
                     "errors": sorted(v for k, v in index.errors.items() if k.endswith("/" + domain)),
+                    "acme": self._acme_state(domain, acme_states.get(domain)),
                 }
             )
         return rows

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from edge import config as config_mod
 from edge import logs
@@ -28,13 +29,16 @@ from edge.config import Address, Config
 from edge.proxy.exchange import ListenerInfo, ProxyContext
 from edge.proxy.protocol import HttpProxyProtocol
 from edge.proxy.routing import Router
-from edge.store.base import ResyncNeeded, Store, StoreError, challenge_key
+from edge.store.base import ResyncNeeded, Store, StoreError, challenge_key, tls_alpn_key
 from edge.store.index import Index, split_bundle
 from edge.store.open import open_store
 from edge.tls import contexts, devcert
 from edge.tls.acceptor import TlsAcceptor, TlsInfo
 from edge.tls.contexts import ContextBuildError, ContextCache
 from edge.tls.selector import Selector
+
+if TYPE_CHECKING:
+    from edge.acme.manager import AcmeManager
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +128,7 @@ class Edge:
     cache: ContextCache = field(init=False)
     router: Router = field(init=False)
     acceptor: TlsAcceptor = field(init=False)
+    acme: AcmeManager | None = None
     https_sockets: list[socket.socket] = field(default_factory=list)
     http_servers: list[asyncio.AbstractServer] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -163,6 +168,7 @@ class Edge:
             selector=self.selector,
             cache=self.cache,
             handshake_timeout=cfg.proxy.handshake_timeout,
+            challenge_certificate=lambda domain: self.store.get(tls_alpn_key(domain)),
         )
         self.https_sockets = [bind(address, self.reuse_port) for address in cfg.server.https]
         # Redirects from port 80 point at the first TLS listener's real port.
@@ -179,6 +185,13 @@ class Edge:
                 sock=sock,
             )
             self.http_servers.append(server)
+        if cfg.acme.enabled and self.serve_admin:
+            # One manager per node (the process serving the admin API); the
+            # store's per-domain lock keeps the nodes of a fleet from ordering twice.
+            from edge.acme.manager import AcmeManager  # the ACME client stack loads only when used
+
+            self.acme = AcmeManager(cfg.acme, self.store, self.index)
+            self._tasks.append(loop.create_task(self.acme.run()))
         if cfg.server.admin is not None and self.serve_admin:
             await self._start_admin()
         if self.reuse_port:  # a worker: publish counters for the one serving /metrics
@@ -292,6 +305,7 @@ class Edge:
             ("[server] workers", old.server.workers, new.server.workers),
             ("[store]", old.store, new.store),
             ("[platform] domain", old.platform.domain, new.platform.domain),
+            ("[acme] enabled", old.acme.enabled, new.acme.enabled),
         ):
             if before != after:
                 log.warning("%s changed: it takes effect at the next restart", what)
@@ -299,6 +313,8 @@ class Edge:
         self.cache.size = new.tls.context_cache_size
         self.proxy.config = new.proxy  # new connections take the new timeouts and limits
         self.proxy.access_log = new.log.access_log
+        if self.acme is not None and new.acme.enabled:
+            self.acme.config = new.acme  # the next order uses the new directory, key types, back-off
         logging.getLogger().setLevel(new.log.level.upper())
         # What needs a restart stays as it runs until then.
         platform = dataclasses.replace(new.platform, domain=old.platform.domain)
@@ -324,6 +340,8 @@ class Edge:
         fresh.revision = self.store.revision
         self.index.replace_with(fresh)
         self.reloads += 1
+        if self.acme is not None:
+            self.acme.rescan()
 
     async def _watch(self, armed: asyncio.Event) -> None:
         backoff = 0.1
@@ -340,6 +358,9 @@ class Edge:
                     backoff = 0.1
                     for event in batch:
                         self.index.apply(event)
+                    if self.acme is not None:
+                        for event in batch:
+                            self.acme.notice(event.key)
                     if batch and batch[-1].changed_at:
                         self.sync_lag = max(0.0, time.time() - batch[-1].changed_at)
                     batch = await stream.__anext__()

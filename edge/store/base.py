@@ -10,6 +10,9 @@ Key space (the same for every backend):
     domains/<domain>                  JSON  {"app": "<app>"}
     certs/<source>-<keytype>/<domain> one JSON header line, then PEM chain + key (secret)
     acme/challenges/<token>           HTTP-01 key authorization (RFC 8555 §8.3)
+    acme/tls-alpn/<domain>            TLS-ALPN-01 validation certificate + key (RFC 8737 §3, secret)
+    acme/status/<domain>              JSON  what the ACME manager last did for the domain
+    acme/account                      the ACME account key, PEM (secret)
 
 ``<domain>`` is canonical (see ``edge.tls.names``) and may be ``*.example.com``.
 """
@@ -25,6 +28,9 @@ APPS = "apps/"
 DOMAINS = "domains/"
 CERTS = "certs/"
 CHALLENGES = "acme/challenges/"
+TLS_ALPN = "acme/tls-alpn/"
+ACME_STATUS = "acme/status/"
+ACME_ACCOUNT = "acme/account"
 LOCKS = "locks/"
 
 
@@ -64,6 +70,10 @@ def cert_key(domain: str, source: str, key_type: str) -> str:
 
 def challenge_key(token: str) -> str:
     return CHALLENGES + token
+
+
+def tls_alpn_key(domain: str) -> str:
+    return TLS_ALPN + domain
 
 
 def parse_cert_key(key: str) -> tuple[str, str, str] | None:
@@ -128,12 +138,12 @@ class Store(ABC):
         pass
 
     # --- coordination between nodes (ACME) -------------------------------------------------
-    async def put_expiring(self, key: str, value: bytes, ttl: int) -> None:
-        """Write a value that disappears after ``ttl`` seconds (challenge tokens).
+    async def put_expiring(self, key: str, value: bytes, ttl: int, *, secret: bool = False) -> None:
+        """Write a value that disappears after ``ttl`` seconds (challenge answers).
 
         Backends without expiry keep it until it is deleted: the writer deletes
-        it when done, and a leftover token answers nothing harmful."""
-        await self.put(key, value)
+        it when done, and a leftover answer does no harm."""
+        await self.put(key, value, secret=secret)
 
     @abstractmethod
     async def try_lock(self, name: str, ttl: int) -> Lock | None:

@@ -170,7 +170,8 @@ class EtcdStore(Store):
         except etcd_errors.ClientError as exc:
             raise self._error(exc) from None
 
-    async def put_expiring(self, key: str, value: bytes, ttl: int) -> None:
+    async def put_expiring(self, key: str, value: bytes, ttl: int, *, secret: bool = False) -> None:
+        # etcd has no file modes: access to the whole keyspace is what protects secrets.
         try:
             await self._connect()
             lease = await self.client.lease(ttl)

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 _SUFFIX = {APPS: ".json", DOMAINS: ".json", CERTS: ".pem"}
 _TMP_PREFIX = ".tmp-"
 _STANDARD_DIRS = (
-    "apps", "domains", "acme/challenges", "locks",
+    "apps", "domains", "acme/challenges", "acme/tls-alpn", "acme/status", "locks",
     *(f"certs/{source}-{kind}" for source in ("custom", "acme") for kind in ("ecdsa", "rsa")),
 )
 _SNAPSHOT_BATCH = 5000

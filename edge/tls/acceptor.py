@@ -26,11 +26,11 @@ import bisect
 import logging
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from edge.store.base import StoreError
-from edge.tls import clienthello, names
+from edge.tls import clienthello, contexts, names
 from edge.tls.contexts import ContextBuildError, ContextCache
 from edge.tls.selector import Choice, Selector, Source
 
@@ -45,6 +45,7 @@ _PLAIN_HTTP_ANSWER = (
     b"<html><body><h1>400 Plain HTTP request sent to HTTPS port</h1></body></html>\n"
 )
 _PEEK_SIZE = clienthello.MAX_CLIENT_HELLO + 5 * 4
+_ACME_TLS = b"acme-tls/1"  # RFC 8737 §6.2: the ALPN protocol of TLS-ALPN-01 validation
 # A ClientHello split over several TCP segments: poll again after these delays
 # (level-triggered readiness would otherwise spin while the bytes sit unread).
 _PEEK_BACKOFF = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
@@ -63,6 +64,13 @@ ProtocolFactory = Callable[[TlsInfo], asyncio.BaseProtocol]
 
 
 HANDSHAKE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class _ClosingProtocol(asyncio.Protocol):
+    """After a TLS-ALPN-01 handshake: close (RFC 8737 §3, no application data)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
 
 
 class HandshakeStats:
@@ -97,6 +105,7 @@ class TlsAcceptor:
         selector: Selector,
         cache: ContextCache,
         handshake_timeout: float,
+        challenge_certificate: Callable[[str], Awaitable[bytes | None]] | None = None,
     ) -> None:
         # The listener context holds the default certificate (no SNI, unknown names).
         self.listener_context = listener_context
@@ -104,6 +113,8 @@ class TlsAcceptor:
         self.selector = selector
         self.cache = cache
         self.handshake_timeout = handshake_timeout
+        # TLS-ALPN-01: the validation certificate of a name, from the store.
+        self.challenge_certificate = challenge_certificate
         self.stats = HandshakeStats()
         # name -> [context, number of handshakes in flight using it]
         self._pins: dict[str, list] = {}
@@ -222,6 +233,9 @@ class TlsAcceptor:
     # --- handshake -----------------------------------------------------------------
     def _start(self, sock: socket.socket, factory: ProtocolFactory, hello: clienthello.ClientHello) -> None:
         name = names.normalize(hello.server_name)
+        if _ACME_TLS in hello.alpn:
+            self._spawn(self._acme_tls(sock, name))
+            return
         choice = self.selector.select(name)
         if choice is not None and name is not None and choice.source is Source.DEFAULT:
             self.stats.unknown_sni += 1
@@ -241,11 +255,49 @@ class TlsAcceptor:
             ctx = self.cache.get_nowait(choice.cache_key)
         if ctx is None:
             # A cold name: build its context off the loop, then hand over.
-            task = asyncio.get_running_loop().create_task(self._cold(sock, factory, name, hello, choice))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._cold(sock, factory, name, hello, choice))
             return
         self._handover(sock, factory, name, hello, choice, ctx)
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _acme_tls(self, sock: socket.socket, name: str | None) -> None:
+        """Answer a TLS-ALPN-01 validation (RFC 8737 §3): the handshake is the answer.
+
+        The ACME server offers only ``acme-tls/1`` and expects the validation
+        certificate of the name, which the ordering node (any node) put in the
+        store; after the handshake nothing more is said."""
+        pem = None
+        if name is not None and self.challenge_certificate is not None:
+            try:
+                pem = await self.challenge_certificate(name)
+            except (StoreError, OSError) as exc:
+                log.error("TLS-ALPN-01 answer for %s unavailable: %s", name, exc)
+        if pem is None:
+            # No challenge of ours: refuse, as the protocol is not one we serve (RFC 7301 §3.2).
+            log.info("TLS-ALPN-01 validation for %s, but no challenge is pending", name)
+            self.stats.fail("acme_tls")
+            sock.close()
+            return
+        try:
+            ctx = await asyncio.get_running_loop().run_in_executor(None, contexts.build_context, [pem])
+        except ContextBuildError as exc:
+            log.error("TLS-ALPN-01 answer for %s is unusable: %s", name, exc)
+            sock.close()
+            return
+        ctx.set_alpn_protocols([_ACME_TLS.decode()])
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                _ClosingProtocol, sock, ssl=ctx, ssl_handshake_timeout=self.handshake_timeout
+            )
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            log.info("TLS-ALPN-01 handshake for %s failed: %s", name, exc)
+            sock.close()
+            return
+        log.info("TLS-ALPN-01 validation certificate served for %s", name)
 
     async def _cold(
         self,
