@@ -94,3 +94,19 @@ def test_production_config_parses():
     assert cfg.server.https == (config.Address("0.0.0.0", 443),)
     assert cfg.server.http == (config.Address("0.0.0.0", 80),)
     assert cfg.platform.dev_certificates is False
+
+
+def test_acme_settings_and_their_errors():
+    cfg = parse('[acme]\nenabled = true\nkey_types = ["ecdsa", "rsa"]\nchallenges = ["tls-alpn-01"]\n'
+                'backoff_min = 5\nbackoff_max = 600\n')
+    assert cfg.acme.key_types == ("ecdsa", "rsa") and cfg.acme.challenges == ("tls-alpn-01",)
+    assert (cfg.acme.backoff_min, cfg.acme.backoff_max) == (5.0, 600.0)
+    assert parse("").acme.key_types == ("ecdsa",)  # SPEC: ECDSA P-256 unless told otherwise
+    with pytest.raises(config.ConfigError, match=r":2: \[acme\] challenges: expected a list of distinct values"):
+        parse('[acme]\nchallenges = ["dns-01"]\n')
+    with pytest.raises(config.ConfigError, match=r"\[acme\] key_types"):
+        parse('[acme]\nkey_types = []\n')
+    with pytest.raises(config.ConfigError, match=r"\[acme\] backoff_min: expected 0 < backoff_min <= backoff_max"):
+        parse('[acme]\nbackoff_min = 100\nbackoff_max = 10\n')
+    with pytest.raises(config.ConfigError, match=r"\[acme\] directory: expected the https:// URL"):
+        parse('[acme]\nenabled = true\ndirectory = "http://acme.example/dir"\n')

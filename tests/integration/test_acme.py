@@ -1,0 +1,346 @@
+"""ACME end to end (SPEC §2, §7): a real edge ordering from the real Pebble,
+which validates HTTP-01 and TLS-ALPN-01 against that edge over real sockets.
+
+Pebble issues under a fresh root each run: a certificate is "from Pebble"
+when a verifying TLS client that trusts only that root accepts it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import socket
+import ssl
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from tests import pki
+from tests.integration.conftest import EdgeProcess, wait_for
+from tests.integration.pebble import Pebble, free_port
+
+pytestmark = pytest.mark.timeout(180)
+
+ISSUANCE = 60.0  # seconds allowed for an order Pebble validates (usually ~2 s)
+
+
+@pytest.fixture
+def pebble_factory(tmp_path: Path) -> Iterator:
+    started: list[Pebble] = []
+
+    def make(**options: object) -> Pebble:
+        server = Pebble(tmp_path / f"pebble-{len(started)}", **options)  # type: ignore[arg-type]
+        server.start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def pebble(pebble_factory) -> Pebble:
+    return pebble_factory()
+
+
+@pytest.fixture
+def edges() -> Iterator[list[EdgeProcess]]:
+    running: list[EdgeProcess] = []
+    yield running
+    for process in running:
+        process.stop()
+
+
+def start_edge(root: Path, pebble: Pebble, backend: str, edges: list[EdgeProcess], *,
+               listen: bool = True, admin_port: int | None = None, **acme: object) -> EdgeProcess:
+    process = EdgeProcess(root, pebble.edge_config(**acme))
+    text = process.config.read_text()
+    if listen:
+        text = pebble.listen_config(text)
+    if admin_port is not None:
+        text = text.replace('admin = ""', f'admin = "127.0.0.1:{admin_port}"')
+    process.config.write_text(text)
+    process.start()
+    edges.append(process)
+    if process.cli("apps", "--json").stdout.strip() in ("", "[]"):
+        process.cli("apps-add", "shop", "--backend", backend)
+    return process
+
+
+def pebble_leaf(edge: EdgeProcess, pebble: Pebble, name: str, *, rsa_only: bool = False) -> x509.Certificate | None:
+    """The leaf edge serves for ``name`` if a client trusting only Pebble's root accepts it."""
+    ctx = ssl.create_default_context(cadata=pebble.roots_pem().decode())
+    if rsa_only:
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256")
+    try:
+        with socket.create_connection(("127.0.0.1", edge.https_port), timeout=5) as raw, \
+                ctx.wrap_socket(raw, server_hostname=name) as tls:
+            der = tls.getpeercert(binary_form=True)
+    except (OSError, ssl.SSLError):
+        return None
+    return x509.load_der_x509_certificate(der) if der else None
+
+
+def row(edge: EdgeProcess, domain: str) -> dict:
+    rows = json.loads(edge.cli("domains", "--json").stdout)
+    return next(r for r in rows if r["domain"] == domain)
+
+
+def acme_state(edge: EdgeProcess, domain: str) -> dict | None:
+    path = edge.root / "store" / "acme" / "status" / f"{domain}.dat"
+    try:
+        return json.loads(path.read_bytes())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def issued_count(edge: EdgeProcess, domain: str) -> int:
+    return edge.log.decode(errors="replace").count(f"certificate for {domain} in service until")
+
+
+# --- first issuance ---------------------------------------------------------------------
+
+def test_http01_first_issuance(tmp_path: Path, pebble: Pebble, backend: str, edges: list) -> None:
+    admin = free_port()
+    edge = start_edge(tmp_path / "edge", pebble, backend, edges, challenges=["http-01"], admin_port=admin)
+    before = edge.handshake("www.shop.test")  # no certificate yet: the default one
+    assert pebble_leaf(edge, pebble, "www.shop.test") is None
+    edge.cli("domains-add", "www.shop.test", "--app", "shop")
+
+    leaf = wait_for(lambda: pebble_leaf(edge, pebble, "www.shop.test"), timeout=ISSUANCE, interval=0.2)
+    assert leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == "www.shop.test"
+    assert edge.handshake("www.shop.test") != before
+    # Served and proxied like any certificate: the app answers through it.
+    assert edge.status("www.shop.test") == 200
+    listing = row(edge, "www.shop.test")
+    assert listing["serving"] == "acme" and listing["key_types"] == ["ecdsa"]
+    assert listing["acme"]["state"] == "valid" and listing["acme"]["failures"] == 0
+    assert "valid until" in edge.cli("domains").stdout
+    # Keys are secrets: the certificate's and the account's, 0600.
+    store = edge.root / "store"
+    for path in (store / "certs" / "acme-ecdsa" / "www.shop.test.pem", store / "acme" / "account.dat"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    # The challenge answer was withdrawn once the order was done.
+    assert list((store / "acme" / "challenges").iterdir()) == []
+    metrics = edge.curl(f"http://127.0.0.1:{admin}/metrics").stdout
+    assert 'edge_acme_orders_total{result="valid"} 1.0' in metrics
+
+
+def test_tls_alpn01_issues_both_key_types(tmp_path: Path, pebble: Pebble, backend: str, edges: list) -> None:
+    edge = start_edge(tmp_path / "edge", pebble, backend, edges, challenges=["tls-alpn-01"],
+                      key_types=["ecdsa", "rsa"])
+    edge.cli("domains-add", "alpn.shop.test", "--app", "shop")
+    ecdsa = wait_for(lambda: pebble_leaf(edge, pebble, "alpn.shop.test"), timeout=ISSUANCE, interval=0.2)
+    rsa_leaf = wait_for(lambda: pebble_leaf(edge, pebble, "alpn.shop.test", rsa_only=True),
+                   timeout=ISSUANCE, interval=0.2)
+    assert isinstance(ecdsa.public_key(), ec.EllipticCurvePublicKey)
+    assert isinstance(rsa_leaf.public_key(), rsa.RSAPublicKey) and rsa_leaf.public_key().key_size == 2048
+    log = edge.log.decode(errors="replace")
+    assert "TLS-ALPN-01 validation certificate served for alpn.shop.test" in log
+    assert "/.well-known/acme-challenge/" not in log  # no HTTP-01 was used
+    assert row(edge, "alpn.shop.test")["key_types"] == ["ecdsa", "rsa"]
+
+
+def test_acme_tls_without_a_pending_challenge_is_refused(tmp_path: Path, pebble: Pebble, backend: str,
+                                                          edges: list) -> None:
+    edge = start_edge(tmp_path / "edge", pebble, backend, edges)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.set_alpn_protocols(["acme-tls/1"])
+    with socket.create_connection(("127.0.0.1", edge.https_port), timeout=5) as raw, \
+            pytest.raises((ssl.SSLError, OSError)):
+        ctx.wrap_socket(raw, server_hostname="nothing.shop.test")
+    # Ordinary clients are untouched.
+    assert edge.status("shop.edge.test") == 200
+
+
+# --- renewal ----------------------------------------------------------------------------
+
+def test_renewal_at_two_thirds_of_the_lifetime(tmp_path: Path, pebble_factory, backend: str, edges: list) -> None:
+    pebble = pebble_factory(validity=15)  # renewed 10 s into its life
+    edge = start_edge(tmp_path / "edge", pebble, backend, edges)
+    edge.cli("domains-add", "renew.shop.test", "--app", "shop")
+    first = wait_for(lambda: pebble_leaf(edge, pebble, "renew.shop.test"), timeout=ISSUANCE, interval=0.2)
+    lifetime = first.not_valid_after_utc - first.not_valid_before_utc
+    renewed = wait_for(
+        lambda: (leaf := pebble_leaf(edge, pebble, "renew.shop.test")) is not None
+        and leaf.serial_number != first.serial_number and leaf,
+        timeout=ISSUANCE, interval=0.2,
+    )
+    assert renewed.not_valid_after_utc > first.not_valid_after_utc
+    # Renewed after two thirds of the first one's life, and before its end.
+    renewed_at = renewed.not_valid_before_utc
+    assert first.not_valid_before_utc + lifetime * 0.6 <= renewed_at <= first.not_valid_after_utc, (
+        first.not_valid_before_utc, renewed_at, first.not_valid_after_utc)
+
+
+# --- the fallback of SPEC §2 -----------------------------------------------------------
+
+def test_standby_then_deletion_switches_without_a_failed_handshake(
+        tmp_path: Path, pebble: Pebble, backend: str, edges: list, ca: trustme.CA, write_pem) -> None:
+    edge = start_edge(tmp_path / "edge", pebble, backend, edges)
+    now = dt.datetime.now(dt.UTC)
+    # Far from expiry: served as is, no ACME order for it.
+    edge.cli("domains-add", "far.shop.test", "--app", "shop",
+             *_files(write_pem, pki.issue(ca, "far.shop.test", not_after=now + dt.timedelta(days=90))))
+    # Within 14 days of expiry: a standby acme certificate is ordered.
+    near = pki.issue(ca, "near.shop.test", not_after=now + dt.timedelta(days=10))
+    edge.cli("domains-add", "near.shop.test", "--app", "shop", *_files(write_pem, near))
+    wait_for(lambda: (acme_state(edge, "near.shop.test") or {}).get("state") == "valid",
+             timeout=ISSUANCE, interval=0.2)
+    listing = row(edge, "near.shop.test")
+    assert listing["serving"] == "custom" and listing["status"] == "expiring"  # custom still wins (rule 1)
+    assert edge.handshake("near.shop.test") == near.leaf_der
+    assert acme_state(edge, "far.shop.test") is None and row(edge, "far.shop.test")["acme"] is None
+
+    # Handshakes run without pause while the custom certificate is deleted.
+    results: list[bytes] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            results.append(edge.handshake_or_empty("near.shop.test"))
+
+    thread = threading.Thread(target=hammer)
+    thread.start()
+    try:
+        time.sleep(0.3)
+        edge.cli("domains-ssl", "near.shop.test", "--disable")
+        deleted = time.monotonic()
+        wait_for(lambda: pebble_leaf(edge, pebble, "near.shop.test") is not None, timeout=5, interval=0.01)
+        switched = time.monotonic() - deleted
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        thread.join()
+    assert switched < 1.0, switched
+    assert b"" not in results, f"{results.count(b'')} of {len(results)} handshakes failed"
+    acme_der = edge.handshake("near.shop.test")
+    assert set(results) == {near.leaf_der, acme_der}
+    assert row(edge, "near.shop.test")["serving"] == "acme"
+
+
+def test_expired_custom_certificate_falls_through_to_acme(
+        tmp_path: Path, pebble: Pebble, backend: str, edges: list, ca: trustme.CA, write_pem) -> None:
+    edge = start_edge(tmp_path / "edge", pebble, backend, edges)
+    expires = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=8)
+    short = pki.issue(ca, "lapse.shop.test", not_after=expires)
+    edge.cli("domains-add", "lapse.shop.test", "--app", "shop", *_files(write_pem, short))
+    assert edge.handshake("lapse.shop.test") == short.leaf_der
+    wait_for(lambda: (acme_state(edge, "lapse.shop.test") or {}).get("state") == "valid",
+             timeout=ISSUANCE, interval=0.2)
+    # While it is valid, the custom certificate is served; once it is not, acme.
+    if dt.datetime.now(dt.UTC) < expires - dt.timedelta(seconds=1):
+        assert edge.handshake("lapse.shop.test") == short.leaf_der
+    wait_for(lambda: dt.datetime.now(dt.UTC) > expires + dt.timedelta(seconds=1), timeout=15, interval=0.1)
+    assert pebble_leaf(edge, pebble, "lapse.shop.test") is not None
+    assert row(edge, "lapse.shop.test")["serving"] == "acme"
+
+
+# --- failures -----------------------------------------------------------------------------
+
+def test_backoff_after_a_failed_validation_then_recovery(tmp_path: Path, pebble: Pebble, backend: str,
+                                                         edges: list) -> None:
+    # Pebble's DNS sends this name where nothing listens: validation fails.
+    pebble.resolve("nowhere.shop.test", "127.0.0.2")
+    edge = start_edge(tmp_path / "edge", pebble, backend, edges, backoff_min=3, backoff_max=60)
+    edge.cli("domains-add", "nowhere.shop.test", "--app", "shop")
+    seen: dict[int, float] = {}
+
+    def failures() -> int:
+        state = acme_state(edge, "nowhere.shop.test") or {}
+        if state.get("state") == "failed":
+            seen.setdefault(state["failures"], time.monotonic())
+            return state["failures"]
+        return 0
+
+    wait_for(lambda: failures() >= 1, timeout=ISSUANCE, interval=0.05)
+    first = acme_state(edge, "nowhere.shop.test")
+    assert first is not None and first["failures"] == 1
+    assert "nowhere.shop.test" in first["last_error"] and "validation failed" in first["last_error"]
+    assert 2.5 <= first["next_attempt"] - first["updated"] <= 3.5  # backoff_min
+    listing = edge.cli("domains").stdout
+    assert "failed x1: " in listing and "next attempt" in listing
+    wait_for(lambda: failures() >= 3, timeout=ISSUANCE, interval=0.05)
+    # Exponential: 3 s, then 6 s between attempts (each attempt also takes its own time).
+    assert seen[2] - seen[1] >= 2.8, seen
+    assert seen[3] - seen[2] >= 5.8, seen
+    third = acme_state(edge, "nowhere.shop.test")
+    assert 5.5 <= third["next_attempt"] - third["updated"] <= 12.5  # 12 s for the fourth attempt
+    # The name is fixed: the next attempt succeeds and the failures are forgotten.
+    pebble.resolve("nowhere.shop.test", "127.0.0.1")
+    wait_for(lambda: pebble_leaf(edge, pebble, "nowhere.shop.test"), timeout=ISSUANCE, interval=0.2)
+    assert (acme_state(edge, "nowhere.shop.test") or {}).get("failures") == 0
+
+
+def test_bad_nonce_is_retried(tmp_path: Path, pebble_factory, backend: str, edges: list) -> None:
+    pebble = pebble_factory(nonce_reject=50)  # half of all nonces refused with badNonce
+    edge = start_edge(tmp_path / "edge", pebble, backend, edges)
+    for n in range(3):
+        edge.cli("domains-add", f"nonce{n}.shop.test", "--app", "shop")
+    for n in range(3):
+        wait_for(lambda n=n: pebble_leaf(edge, pebble, f"nonce{n}.shop.test"), timeout=ISSUANCE, interval=0.2)
+    assert "badNonce" in edge.log.decode(errors="replace")  # they did happen, and were retried
+
+
+def test_wildcard_without_certificate_is_refused(tmp_path: Path, pebble: Pebble, backend: str, edges: list,
+                                                 ca: trustme.CA, write_pem) -> None:
+    edge = start_edge(tmp_path / "edge", pebble, backend, edges)
+    refused = edge.cli("domains-add", "*.shop.test", "--app", "shop", check=False)
+    assert refused.returncode != 0
+    assert "*.shop.test is a wildcard domain" in refused.stderr
+    assert "DNS-01" in refused.stderr and "--cert FILE --key FILE" in refused.stderr
+    assert not (edge.root / "store" / "domains" / "_.shop.test.json").exists()
+    # With its certificate, the wildcard is welcome.
+    edge.cli("domains-add", "*.shop.test", "--app", "shop", *_files(write_pem, pki.issue(ca, "*.shop.test")))
+    assert row(edge, "*.shop.test")["serving"] == "custom-wildcard"
+
+
+def test_account_key_is_kept_across_restarts(tmp_path: Path, pebble: Pebble, backend: str, edges: list) -> None:
+    edge = start_edge(tmp_path / "edge", pebble, backend, edges)
+    edge.cli("domains-add", "one.shop.test", "--app", "shop")
+    wait_for(lambda: pebble_leaf(edge, pebble, "one.shop.test"), timeout=ISSUANCE, interval=0.2)
+    account = (edge.root / "store" / "acme" / "account.dat").read_bytes()
+    edge.stop()
+    edges.remove(edge)
+    again = start_edge(tmp_path / "edge", pebble, backend, edges)
+    again.cli("domains-add", "two.shop.test", "--app", "shop")
+    wait_for(lambda: pebble_leaf(again, pebble, "two.shop.test"), timeout=ISSUANCE, interval=0.2)
+    assert (again.root / "store" / "acme" / "account.dat").read_bytes() == account
+    assert "account key created" not in again.log.decode(errors="replace")
+    assert issued_count(again, "one.shop.test") == 0  # still valid: not ordered again
+
+
+def test_two_nodes_on_one_store_order_once(tmp_path: Path, pebble: Pebble, backend: str, edges: list) -> None:
+    """The per-domain lock: of two managers, one orders; the other node answers
+    Pebble's challenge from the store when the other node ordered it."""
+    first = start_edge(tmp_path / "a", pebble, backend, edges)
+    second = EdgeProcess(tmp_path / "b", pebble.edge_config())
+    second.config.write_text(second.config.read_text().replace('path = "store"', f'path = "{first.root / "store"}"'))
+    second.start()
+    edges.append(second)
+    for n in range(4):
+        first.cli("domains-add", f"fleet{n}.shop.test", "--app", "shop")
+    for n in range(4):
+        wait_for(lambda n=n: pebble_leaf(first, pebble, f"fleet{n}.shop.test"), timeout=ISSUANCE, interval=0.2)
+    time.sleep(1)
+    for n in range(4):
+        orders = issued_count(first, f"fleet{n}.shop.test") + issued_count(second, f"fleet{n}.shop.test")
+        assert orders == 1, (n, orders)
+        # The node that does not listen where Pebble validates serves the result too.
+        assert pebble_leaf(second, pebble, f"fleet{n}.shop.test") is not None
+
+
+def _files(write_pem, pem: pki.Pem) -> list[str]:
+    cert, key = write_pem(pem)
+    return ["--cert", cert, "--key", key]
+
