@@ -57,7 +57,7 @@ def test_prometheus_alerts_and_grafana_dashboard() -> None:
     dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
     for metric in ("edge_requests_total", "edge_handshakes_total", "edge_certificate_nearest_expiry_days",
-                   "edge_upstream_errors_total", "edge_tls_context_cache_size"):
+                   "edge_upstream_errors_total", "edge_tls_context_cache_size", "edge_acme_orders_total"):
         assert metric in exprs, metric
 
 
