@@ -45,6 +45,9 @@ CHALLENGE_TTL = 600  # seconds a published challenge answer lives in the store
 CONCURRENT_ORDERS = 2
 BUSY_RETRY = 30.0  # another node holds the domain's lock: look again after this
 SCAN_CHUNK = 2000  # domains examined between two yields to the event loop
+# Every domain is examined once per RESCAN; only what falls due before the
+# next one is kept in the schedule, so a million quiet domains cost no memory.
+RESCAN = 3600.0
 
 
 @dataclass
@@ -152,8 +155,6 @@ class AcmeManager:
 
     def rescan(self) -> None:
         """After a full reload of the index: look at every domain again."""
-        self._due.clear()
-        self._heap.clear()
         self._scan_requested = True
         self._wake.set()
 
@@ -163,10 +164,12 @@ class AcmeManager:
                  ", ".join(self.config.key_types), ", ".join(self.config.challenges))
         await self._load_status()
         self._scan_requested = True
+        next_scan = 0.0
         try:
             while True:
-                if self._scan_requested:
+                if self._scan_requested or time.time() >= next_scan:
                     self._scan_requested = False
+                    next_scan = time.time() + RESCAN
                     await self._scan()
                 now = time.time()
                 while self._heap and self._heap[0][0] <= now:
@@ -176,10 +179,10 @@ class AcmeManager:
                     del self._due[domain]
                     self._look_at(domain, now)
                     await asyncio.sleep(0)
-                timeout = self._heap[0][0] - time.time() if self._heap else 3600.0
+                wake_at = min(self._heap[0][0], next_scan) if self._heap else next_scan
                 self._wake.clear()
                 try:
-                    await asyncio.wait_for(self._wake.wait(), max(0.0, min(timeout, 3600.0)))
+                    await asyncio.wait_for(self._wake.wait(), max(0.0, wake_at - time.time()))
                 except TimeoutError:
                     pass
         finally:
@@ -199,12 +202,20 @@ class AcmeManager:
                 self.status[key[len(base.ACME_STATUS):]] = status
 
     async def _scan(self) -> None:
+        self._due.clear()
+        self._heap.clear()
+        now = time.time()
         for number, domain in enumerate(list(self.index.domains)):
-            self._schedule(domain, 0.0)
+            self._look_at(domain, now)
             if number % SCAN_CHUNK == SCAN_CHUNK - 1:
                 await asyncio.sleep(0)
+                now = time.time()
+        for domain in [d for d in self.status if d not in self.index.domains]:
+            self._forget(domain)  # removed while this node was not watching
 
     def _schedule(self, domain: str, when: float) -> None:
+        if when > time.time() + RESCAN:
+            return  # the next scan looks at it again
         current = self._due.get(domain)
         if current is not None and current <= when:
             return
@@ -212,14 +223,22 @@ class AcmeManager:
         heapq.heappush(self._heap, (when, domain))
 
     def _look_at(self, domain: str, now: float) -> None:
-        if domain not in self.index.domains or names.is_wildcard(domain) or domain in self._running:
-            return  # removed; or no HTTP-01/TLS-ALPN-01 for wildcards (RFC 8555 §7.1.3); or busy
+        if domain in self._running:
+            return  # its order's end looks again
+        if domain not in self.index.domains:
+            if domain in self.status:
+                self._forget(domain)
+            return
+        if names.is_wildcard(domain):
+            return  # no HTTP-01/TLS-ALPN-01 for wildcards (RFC 8555 §7.1.3); refused at domains-add
         due, later = needs(self.index.certs.get(domain), self.config.key_types, now)
+        status = self.status.get(domain)
         if not due:
+            if status is not None and status.state == "failed":
+                self._forget(domain)  # a custom certificate made the failures moot
             if later is not None:
                 self._schedule(domain, later)
             return
-        status = self.status.get(domain)
         if status is not None and status.next_attempt is not None and status.next_attempt > now:
             self._schedule(domain, status.next_attempt)  # backing off
             return
@@ -255,6 +274,20 @@ class AcmeManager:
             self._running.discard(domain)
             self._schedule(domain, 0.0)  # look again: the next step, or the next renewal
             self._wake.set()
+
+    def _forget(self, domain: str) -> None:
+        """Drop a state that no longer says anything (domain removed, custom certificate uploaded)."""
+        self.status.pop(domain, None)
+
+        async def delete() -> None:
+            try:
+                await self.store.delete(status_key(domain))
+            except base.StoreError as exc:
+                log.error("cannot clear the ACME state of %s: %s", domain, exc)
+
+        task = asyncio.get_running_loop().create_task(delete())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _keep(self, lock: base.Lock) -> None:
         while True:
@@ -296,6 +329,11 @@ class AcmeManager:
             return False
         except bundles.BundleError as exc:
             await self._failed(domain, AcmeError(f"the ACME server's certificate was refused: {exc}"))
+            return False
+        if domain not in self.index.domains:
+            log.info("ACME: %s was removed while its certificate was ordered; not stored", domain)
+            self.status.pop(domain, None)
+            await self.store.delete(status_key(domain))
             return False
         meta = CertMeta(domain, "acme", validated.key_type, validated.not_before, validated.not_after,
                         validated.fingerprint)

@@ -91,3 +91,62 @@ def test_tls_alpn_certificate_carries_the_key_authorization_digest(domain: str):
     assert extension.value.value == b"\x04\x20" + hashlib.sha256(b"token.thumbprint").digest()
     assert leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
         x509.DNSName) == [domain]
+
+
+# --- the manager's bookkeeping, on a real file store ---------------------------------------
+
+def test_failed_state_is_cleared_once_a_custom_certificate_serves(tmp_path):
+    import asyncio
+    import time
+
+    from edge.acme.manager import AcmeManager, status_key
+    from edge.config import AcmeConfig
+    from edge.store.file import FileStore
+    from edge.store.index import Index
+
+    async def run() -> None:
+        store = FileStore(tmp_path)
+        index = Index()
+        index.domains["www.example.com"] = "shop"
+        now = time.time()
+        index.certs["www.example.com"] = held(cert("custom", "ecdsa", now - DAY, now + 60 * DAY))
+        manager = AcmeManager(AcmeConfig(enabled=True), store, index)
+        failed = DomainStatus("failed", failures=3, last_error="DNS", next_attempt=now + 600, updated=now)
+        manager.status["www.example.com"] = failed
+        await store.put(status_key("www.example.com"), failed.to_bytes())
+        manager.status["gone.example.com"] = failed  # a domain removed meanwhile
+        await store.put(status_key("gone.example.com"), failed.to_bytes())
+        await manager._scan()
+        await asyncio.sleep(0.05)
+        assert manager.status == {}
+        assert await store.items("acme/status/") == {}
+        # Nothing is due before the standby window: the schedule stays empty (cheap at 1M names).
+        assert manager._due == {}
+
+    asyncio.run(run())
+
+
+def test_server_problems_become_clear_errors_with_retry_after():
+    from acme import messages
+
+    from edge.acme.client import AcmeClient, AcmeError, _retry_after_seconds, new_account_key
+
+    client = AcmeClient("https://acme.invalid/directory", new_account_key())
+
+    def rate_limited() -> None:
+        client.net.last_retry_after = "120"
+        raise messages.Error(typ="urn:ietf:params:acme:error:rateLimited", detail="too many certificates")
+
+    with pytest.raises(AcmeError) as exc:
+        client._call("ordering a certificate for www.example.com", rate_limited)
+    assert exc.value.kind == "rate_limited" and exc.value.retry_after == 120
+    assert "rateLimited: too many certificates" in str(exc.value)
+
+    # A real connection to a port where nothing listens.
+    nowhere = AcmeClient("https://127.0.0.1:1/directory", new_account_key(), timeout=5)
+    with pytest.raises(AcmeError) as exc:
+        nowhere.register()
+    assert exc.value.kind == "unreachable"
+    assert str(exc.value).startswith("reading the ACME directory: cannot reach the ACME server https://127.0.0.1:1/")
+    assert _retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past
+    assert _retry_after_seconds("garbage") is None
