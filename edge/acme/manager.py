@@ -32,7 +32,7 @@ from typing import Any
 from edge.acme.client import AcmeClient, AcmeError, Issued, new_account_key
 from edge.config import AcmeConfig
 from edge.store import base
-from edge.store.index import CertMeta, DomainCerts, Index, bundle_header
+from edge.store.index import KEY_TYPES, SOURCES, CertMeta, DomainCerts, EntryError, Index, bundle_header, parse_cert
 from edge.tls import bundle as bundles
 from edge.tls import names
 
@@ -249,16 +249,27 @@ class AcmeManager:
 
     # --- one domain's orders --------------------------------------------------------------
     async def _obtain(self, domain: str, key_types: list[str]) -> None:
+        look_again = 0.0  # at once: the next key type, or the next renewal date
         try:
             async with self._slots:
-                await self._within_rate_limit()
                 lock = await self.store.try_lock(f"acme/{domain}", LOCK_TTL)
                 if lock is None:
-                    log.info("ACME: another node is ordering for %s", domain)
-                    self._schedule(domain, time.time() + BUSY_RETRY)
+                    log.info("ACME: another node is ordering for %s; looking again in %.0f s", domain, BUSY_RETRY)
+                    look_again = time.time() + BUSY_RETRY
                     return
                 refresher = asyncio.get_running_loop().create_task(self._keep(lock))
                 try:
+                    # Another node may have just finished (or failed) this order and let
+                    # the lock go: decide again from the store, which its writes reached first.
+                    shared = await self.store.get(status_key(domain))
+                    status = DomainStatus.from_bytes(shared) if shared is not None else None
+                    if status is not None and status.next_attempt is not None and status.next_attempt > time.time():
+                        self.status[domain] = status
+                        look_again = status.next_attempt
+                        return
+                    key_types = await self._still_needed(domain)
+                    if key_types:
+                        await self._within_rate_limit()
                     for key_type in key_types:
                         if not await self._order_one(domain, key_type, lock):
                             break
@@ -272,7 +283,7 @@ class AcmeManager:
             await self._failed(domain, AcmeError(f"internal error: {exc}"))
         finally:
             self._running.discard(domain)
-            self._schedule(domain, 0.0)  # look again: the next step, or the next renewal
+            self._schedule(domain, look_again)
             self._wake.set()
 
     def _forget(self, domain: str) -> None:
@@ -288,6 +299,20 @@ class AcmeManager:
         task = asyncio.get_running_loop().create_task(delete())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _still_needed(self, domain: str) -> list[str]:
+        held = DomainCerts()
+        for source in SOURCES:
+            for key_type in KEY_TYPES:
+                key = base.cert_key(domain, source, key_type)
+                value = await self.store.get(key)
+                if value is None:
+                    continue
+                try:
+                    held = held.replaced(parse_cert(key, value))
+                except EntryError:
+                    continue  # a broken entry is no certificate
+        return needs(held, self.config.key_types, time.time())[0]
 
     async def _keep(self, lock: base.Lock) -> None:
         while True:

@@ -303,8 +303,28 @@ def write_pem(tmp_path: Path):
     return write
 
 
+def free_port() -> int:
+    """A loopback port free now (for servers whose port must be known before they start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
         raise AssertionError(f"{name} is not installed; .ci/run installs it (apt-get install {name})")
     return path
+
+
+@pytest.fixture
+def etcd(tmp_path: Path) -> Iterator:
+    """A real etcd (Debian's etcd-server), started for one test."""
+    from tests.integration.etcd_server import Etcd
+
+    server = Etcd(tmp_path / "etcd")
+    server.root.mkdir()
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(server.root, ignore_errors=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import ssl
 import subprocess
 import time
@@ -19,13 +18,7 @@ from pathlib import Path
 
 import trustme
 
-from tests.integration.conftest import require_tool
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.integration.conftest import free_port, require_tool
 
 
 class Pebble:

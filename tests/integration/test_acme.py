@@ -23,8 +23,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from tests import pki
-from tests.integration.conftest import EdgeProcess, wait_for
-from tests.integration.pebble import Pebble, free_port
+from tests.integration.conftest import EdgeProcess, free_port, wait_for
+from tests.integration.etcd_server import Etcd, etcd_node
+from tests.integration.pebble import Pebble
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -57,6 +58,11 @@ def edges() -> Iterator[list[EdgeProcess]]:
     yield running
     for process in running:
         process.stop()
+        # Shown by pytest only when the test failed: what each node's manager did.
+        print(f"--- {process.root.name}:")
+        for line in process.log.decode(errors="replace").splitlines():
+            if "acme" in line.lower() or "TLS-ALPN" in line or "ERROR" in line:
+                print(line[:400])
 
 
 def start_edge(root: Path, pebble: Pebble, backend: str, edges: list[EdgeProcess], *,
@@ -338,9 +344,48 @@ def test_two_nodes_on_one_store_order_once(tmp_path: Path, pebble: Pebble, backe
         assert orders == 1, (n, orders)
         # The node that does not listen where Pebble validates serves the result too.
         assert pebble_leaf(second, pebble, f"fleet{n}.shop.test") is not None
+        # The node that found the lock taken waited instead of asking again and again.
+        busy = (first.log + second.log).decode(errors="replace").count(f"another node is ordering for fleet{n}.")
+        assert busy <= 2, busy
 
 
 def _files(write_pem, pem: pki.Pem) -> list[str]:
     cert, key = write_pem(pem)
     return ["--cert", cert, "--key", key]
 
+
+
+def test_fleet_on_etcd_orders_once_and_answers_from_any_node(
+        tmp_path: Path, pebble: Pebble, backend: str, edges: list, etcd: Etcd) -> None:
+    """Two nodes on one etcd: account key, locks, challenge answers (under a
+    lease) and certificates all go through etcd. Only node a is where Pebble
+    validates, so whenever node b orders, a answers b's challenge."""
+    nodes = []
+    for name, listen in (("a", True), ("b", False)):
+        node = etcd_node(tmp_path / name, etcd)
+        text = node.config.read_text() + pebble.edge_config(challenges=["tls-alpn-01", "http-01"])
+        node.config.write_text(pebble.listen_config(text) if listen else text)
+        nodes.append(node)
+    a, b = nodes
+    b.cli("apps-add", "shop", "--backend", backend)
+    for node in nodes:
+        node.start()
+        edges.append(node)
+    for n in range(4):
+        b.cli("domains-add", f"etcd{n}.shop.test", "--app", "shop")
+    for n in range(4):
+        for node in nodes:
+            wait_for(lambda n=n, node=node: pebble_leaf(node, pebble, f"etcd{n}.shop.test"),
+                     timeout=ISSUANCE, interval=0.2)
+    time.sleep(1)
+    ordered_by = {"a": 0, "b": 0}
+    for n in range(4):
+        counts = {name: issued_count(node, f"etcd{n}.shop.test") for name, node in (("a", a), ("b", b))}
+        assert sum(counts.values()) == 1, (n, counts)
+        ordered_by["a" if counts["a"] else "b"] += 1
+        busy = (a.log + b.log).decode(errors="replace").count(f"another node is ordering for etcd{n}.")
+        assert busy <= 2, busy
+    print(f"orders by node: {ordered_by}")
+    assert "account key created" in (a.log + b.log).decode(errors="replace")
+    # The account key was made once: exactly one node says so.
+    assert (a.log + b.log).decode(errors="replace").count("account key created") == 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -13,21 +12,15 @@ import trustme
 
 from edge.admin.app import OPENAPI
 from tests import pki
-from tests.integration.conftest import EdgeProcess, wait_for
+from tests.integration.conftest import EdgeProcess, free_port, wait_for
 
 TOKEN = "s3cret-token"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def admin_edge(tmp_path_factory: pytest.TempPathFactory, backend: str):
     process = EdgeProcess(tmp_path_factory.mktemp("admin"))
-    port = _free_port()
+    port = free_port()
     process.config.write_text(process.config.read_text().replace(
         'admin = ""', f'admin = "127.0.0.1:{port}"\nadmin_token = "{TOKEN}"'))
     process.admin = f"http://127.0.0.1:{port}"

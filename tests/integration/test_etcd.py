@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -16,60 +14,8 @@ from pathlib import Path
 import pytest
 
 from edge.store.etcd import EtcdStore
-from tests.integration.conftest import EDGE, EdgeProcess, require_tool, wait_for
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Etcd:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.client_port, self.peer_port = _port(), _port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return f"127.0.0.1:{self.client_port}"
-
-    def start(self) -> None:
-        binary = require_tool("etcd")
-        peer = f"http://127.0.0.1:{self.peer_port}"
-        self.proc = subprocess.Popen(
-            [binary, "--data-dir", str(self.root / "data"), "--name", "default",
-             "--listen-client-urls", f"http://{self.endpoint}", "--advertise-client-urls", f"http://{self.endpoint}",
-             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--initial-cluster", f"default={peer}"],
-            stdout=open(self.root / "etcd.log", "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
-        )
-        wait_for(lambda: asyncio.run(EtcdStore((self.endpoint,)).check()) == [], timeout=20, interval=0.2)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-
-@pytest.fixture
-def etcd(tmp_path: Path) -> Iterator[Etcd]:
-    server = Etcd(tmp_path / "etcd")
-    server.root.mkdir()
-    server.start()
-    yield server
-    server.stop()
-    shutil.rmtree(server.root, ignore_errors=True)
-
-
-def _node(root: Path, etcd: Etcd) -> EdgeProcess:
-    node = EdgeProcess(root)
-    node.config.write_text(node.config.read_text().replace(
-        '[store]\npath = "store"',
-        f'[store]\nbackend = "etcd"\n[store.etcd]\nendpoints = ["{etcd.endpoint}"]\nprefix = "/edge/"'))
-    return node
+from tests.integration.conftest import EDGE, EdgeProcess, wait_for
+from tests.integration.etcd_server import Etcd, etcd_node
 
 
 def _status(node: EdgeProcess, host: str) -> str:
@@ -78,7 +24,7 @@ def _status(node: EdgeProcess, host: str) -> str:
 
 @pytest.fixture
 def two_nodes(tmp_path: Path, etcd: Etcd, backend: str) -> Iterator[tuple[EdgeProcess, EdgeProcess]]:
-    a, b = _node(tmp_path / "a", etcd), _node(tmp_path / "b", etcd)
+    a, b = etcd_node(tmp_path / "a", etcd), etcd_node(tmp_path / "b", etcd)
     a.cli("apps-add", "demo", "--backend", backend)
     a.start()
     b.start()
@@ -138,7 +84,7 @@ def test_frozen_node_reloads_after_compaction(two_nodes, etcd: Etcd, backend: st
 
 def test_node_refuses_to_start_without_its_store(tmp_path: Path) -> None:
     dead = Etcd(tmp_path)  # ports chosen, server never started
-    node = _node(tmp_path / "node", dead)
+    node = etcd_node(tmp_path / "node", dead)
     result = subprocess.run([EDGE, "serve", "--config", str(node.config)], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]

@@ -12,7 +12,7 @@ import pytest
 import trustme
 
 from tests import pki
-from tests.integration.conftest import EdgeProcess, wait_for
+from tests.integration.conftest import EdgeProcess, free_port, wait_for
 
 
 @pytest.fixture
@@ -84,7 +84,7 @@ def test_json_log_file_reopened_on_sigusr1(tmp_path: Path, backend: str) -> None
 
     from tests.integration.conftest import EDGE
 
-    https_port = _free_port()
+    https_port = free_port()
     process.config.write_text(process.config.read_text().replace('https = ["127.0.0.1:0"]',
                                                                  f'https = ["127.0.0.1:{https_port}"]'))
     process.https_port = https_port
@@ -105,9 +105,3 @@ def test_json_log_file_reopened_on_sigusr1(tmp_path: Path, backend: str) -> None
         assert b"PRIVATE KEY" not in log_file.read_bytes() + (tmp_path / "edge.log.1").read_bytes()
     finally:
         process.stop()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
