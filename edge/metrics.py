@@ -132,6 +132,9 @@ class EdgeCollector(Collector):
         yield GaugeMetricFamily("edge_store_sync_lag_seconds",
                                 "Seconds from a store change being seen to it being applied (last change)",
                                 value=edge.sync_lag)
+        yield GaugeMetricFamily("edge_store_loading",
+                                "1 while the store loads in the background after start (names fetched on demand)",
+                                value=int(edge.index.loading))
         yield GaugeMetricFamily("edge_store_entries_skipped", "Store entries that do not parse (see edge check)",
                                 value=len(edge.index.errors))
         orders = CounterMetricFamily("edge_acme_orders", "ACME orders by result (this node's manager)",

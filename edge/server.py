@@ -29,10 +29,19 @@ from edge.config import Address, Config
 from edge.proxy.exchange import ListenerInfo, ProxyContext
 from edge.proxy.protocol import HttpProxyProtocol
 from edge.proxy.routing import Router
-from edge.store.base import ResyncNeeded, Store, StoreError, challenge_key, tls_alpn_key
-from edge.store.index import Index, split_bundle
+from edge.store.base import (
+    APPS,
+    ResyncNeeded,
+    Store,
+    StoreError,
+    cert_key,
+    challenge_key,
+    domain_key,
+    tls_alpn_key,
+)
+from edge.store.index import KEY_TYPES, SOURCES, Index, split_bundle
 from edge.store.open import open_store
-from edge.tls import contexts, devcert
+from edge.tls import contexts, devcert, names
 from edge.tls.acceptor import TlsAcceptor, TlsInfo
 from edge.tls.contexts import ContextBuildError, ContextCache
 from edge.tls.selector import Selector
@@ -135,6 +144,9 @@ class Edge:
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _stopping: bool = False
     reloads: int = 0
+    _watch_task: asyncio.Task[None] | None = None
+    _reload_events: list | None = None  # changes seen while a full reload runs
+    _reload_after_load: bool = False
     sync_lag: float = 0.0  # seconds from the last store change to it being applied here
 
     def __post_init__(self) -> None:
@@ -169,6 +181,7 @@ class Edge:
             cache=self.cache,
             handshake_timeout=cfg.proxy.handshake_timeout,
             challenge_certificate=lambda domain: self.store.get(tls_alpn_key(domain)),
+            fetch_name=self.fetch_name,
         )
         self.https_sockets = [bind(address, self.reuse_port) for address in cfg.server.https]
         # Redirects from port 80 point at the first TLS listener's real port.
@@ -199,9 +212,9 @@ class Edge:
 
             self._tasks.append(asyncio.get_running_loop().create_task(publish_counters(self)))
         log.info(
-            "edge serving https on %s, http on %s (platform domain %s; %d apps, %d domains in the store)",
-            ", ".join(self.bound_https()), ", ".join(self.bound_http()), platform.domain,
-            len(self.index.apps), len(self.index.domains),
+            "edge serving https on %s, http on %s (platform domain %s; %d apps; %s)",
+            ", ".join(self.bound_https()), ", ".join(self.bound_http()), platform.domain, len(self.index.apps),
+            "loading the rest of the store" if self.index.loading else "store loaded",
         )
 
     def _https_protocol_factory(self, listener: ListenerInfo) -> Callable[[TlsInfo], asyncio.Protocol]:
@@ -236,7 +249,7 @@ class Edge:
             problems.append("shutting down")
         if not self.https_sockets or any(s.fileno() < 0 for s in self.https_sockets):
             problems.append("TLS listeners closed")
-        if self._watch_task.done():
+        if self._watch_task is not None and self._watch_task.done():
             problems.append("the store follower stopped")
         try:
             problems += await self.store.check()
@@ -267,19 +280,82 @@ class Edge:
 
     # --- store following ------------------------------------------------------------------
     async def _follow_store(self) -> None:
-        """Load the store and follow it, missing nothing.
+        """Follow the store, missing nothing, and serve while it loads.
+
+        Apps (few) are read before anything is served. The rest loads in the
+        background (``_initial_load``): at a million names that takes a while,
+        and meanwhile a handshake for a name not loaded yet fetches that
+        name's entries itself (``fetch_name``), so every name is answered
+        correctly from the first second.
 
         etcd: snapshot at revision R, then watch from R+1. inotify cannot
         replay the past: arm the watch first, then load (a change in between
         is seen twice, harmlessly)."""
+        self.index.start_loading()
+        try:
+            for key, value in (await self.store.items(APPS)).items():
+                self.index.apply_loaded(key, value)
+        except StoreError as exc:
+            raise StartupError(f"cannot load the store: {exc}") from None
         armed = asyncio.Event()
-        if self.store.resumable:
-            await self.reload_store(initial=True)
+        loop = asyncio.get_running_loop()
+        if not self.store.resumable:
+            self._start_watch(armed)
+            await armed.wait()
+        self._tasks.append(loop.create_task(self._initial_load(armed)))
+
+    def _start_watch(self, armed: asyncio.Event) -> None:
         self._watch_task = asyncio.get_running_loop().create_task(self._watch(armed))
         self._tasks.append(self._watch_task)
-        await armed.wait()
-        if not self.store.resumable:
-            await self.reload_store(initial=True)
+
+    async def _initial_load(self, armed: asyncio.Event) -> None:
+        """The whole store into the live index, in the background (see _follow_store)."""
+        started = time.monotonic()
+        backoff = 0.5
+        while True:
+            count = 0
+            try:
+                async for key, value in self.store.snapshot():
+                    if self.store.resumable and self._watch_task is None:
+                        # The snapshot's revision is known from its first page on.
+                        self.index.revision = self.store.revision
+                        self._start_watch(armed)
+                    self.index.apply_loaded(key, value)
+                    count += 1
+                    if count % 2000 == 0:
+                        await asyncio.sleep(0)  # handshakes go on while loading
+                break
+            except StoreError as exc:
+                log.error("loading the store failed (%s); serving what is loaded, retrying in %.1f s", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+        if self._watch_task is None:  # an empty etcd prefix
+            self.index.revision = self.store.revision
+            self._start_watch(armed)
+        self.index.finish_loading()
+        self.reloads += 1
+        log.info("store loaded: %d apps, %d domains, %d names with certificates in %.1f s",
+                 len(self.index.apps), len(self.index.domains), len(self.index.certs), time.monotonic() - started)
+        if self._reload_after_load:
+            self._reload_after_load = False
+            await self.reload_store()
+        elif self.acme is not None:
+            self.acme.rescan()
+
+    async def fetch_name(self, name: str) -> None:
+        """While the store loads: read the entries that decide ``name`` (its
+        domain, its certificates, its wildcard's) straight from the store."""
+        index = self.index
+        if not index.loading or name in index.fetched:
+            return
+        wanted = [domain_key(name)] + [cert_key(name, s, k) for s in SOURCES for k in KEY_TYPES]
+        parent = names.wildcard_parent(name)
+        if parent is not None:
+            wanted += [domain_key(parent)] + [cert_key(parent, "custom", k) for k in KEY_TYPES]
+        found = await self.store.get_many(wanted)
+        for key, value in found.items():
+            index.apply_loaded(key, value)
+        index.fetched.add(name)
 
     async def reload_config(self) -> bool:
         """SIGHUP: read the configuration again and apply what can change live.
@@ -322,22 +398,28 @@ class Edge:
         log.info("configuration reloaded from %s", new.path)
         return True
 
-    async def reload_store(self, initial: bool = False) -> None:
-        """Load the whole store again (start-up, SIGHUP, a compacted watch).
+    async def reload_store(self) -> None:
+        """Load the whole store again (SIGHUP, /v1/reload, a watch that lost track).
 
-        A store that cannot be read keeps the current index in service; at
-        start-up there is none, so edge refuses to start (and its supervisor,
-        systemd or Kubernetes, tries again) rather than serve nothing."""
+        A store that cannot be read keeps the current index in service."""
+        if self.index.loading:
+            self._reload_after_load = True  # the initial load may have read some keys too early
+            return
         fresh = Index()
+        # Changes the watch applies meanwhile may be newer than what the
+        # snapshot read: they are applied again on top of it.
+        self._reload_events = []
         try:
             async for key, value in self.store.snapshot():
                 fresh.apply_put(key, value)
         except StoreError as exc:
-            if initial:
-                raise StartupError(f"cannot load the store: {exc}") from None
+            self._reload_events = None
             log.error("store reload failed, keeping the current index: %s", exc)
             return
-        fresh.revision = self.store.revision
+        for event in self._reload_events:
+            fresh.apply(event)
+        self._reload_events = None
+        fresh.revision = max(self.store.revision, fresh.revision)
         self.index.replace_with(fresh)
         self.reloads += 1
         if self.acme is not None:
@@ -357,7 +439,9 @@ class Edge:
                 while True:
                     backoff = 0.1
                     for event in batch:
-                        self.index.apply(event)
+                        self.index.apply_watched(event)
+                    if self._reload_events is not None:
+                        self._reload_events.extend(batch)
                     if self.acme is not None:
                         for event in batch:
                             self.acme.notice(event.key)

@@ -162,6 +162,9 @@ class AcmeManager:
     async def run(self) -> None:
         log.info("ACME manager on %s (key types %s; challenges %s)", self.config.directory,
                  ", ".join(self.config.key_types), ", ".join(self.config.challenges))
+        while self.index.loading:
+            # A half-loaded index would look like domains without certificates.
+            await asyncio.sleep(0.2)
         await self._load_status()
         self._scan_requested = True
         next_scan = 0.0
@@ -223,8 +226,8 @@ class AcmeManager:
         heapq.heappush(self._heap, (when, domain))
 
     def _look_at(self, domain: str, now: float) -> None:
-        if domain in self._running:
-            return  # its order's end looks again
+        if domain in self._running or self.index.loading:
+            return  # its order's end looks again; the end of loading rescans
         if domain not in self.index.domains:
             if domain in self.status:
                 self._forget(domain)

@@ -357,7 +357,8 @@ class HttpProxyProtocol(ResponseSide, asyncio.BufferedProtocol):
             return
         app = router.app_for(host)
         if app is None:
-            self._answer_error(exchange, 404)
+            # Still loading the store at start: the name may not be read yet (try again soon).
+            self._answer_error(exchange, 503 if router.index.loading else 404)
             return
         if self.tls is None and app.force_https:
             self._redirect(exchange, host)

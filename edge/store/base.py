@@ -97,6 +97,15 @@ class Store(ABC):
     @abstractmethod
     async def get(self, key: str) -> bytes | None: ...
 
+    async def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        """The values of those of ``keys`` that exist (one round trip where the backend can)."""
+        out = {}
+        for key in keys:
+            value = await self.get(key)
+            if value is not None:
+                out[key] = value
+        return out
+
     @abstractmethod
     async def put(self, key: str, value: bytes, *, secret: bool = False) -> None:
         """Write atomically; ``secret`` values are readable by the owner only."""

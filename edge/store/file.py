@@ -171,6 +171,12 @@ class FileStore(Store):
     async def get(self, key: str) -> bytes | None:
         return await asyncio.to_thread(self._read, key)
 
+    async def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        def read() -> dict[str, bytes]:
+            return {key: value for key in keys if (value := self._read(key)) is not None}
+
+        return await asyncio.to_thread(read)
+
     async def put(self, key: str, value: bytes, *, secret: bool = False) -> None:
         await asyncio.to_thread(self._write, key, value, secret)
 

@@ -163,6 +163,27 @@ class Index:
         self.revision = 0
         self.errors: dict[str, str] = {}  # store key -> why it was skipped
         self.changes = 0  # bumped by every applied change: lets readers cache derived views
+        # While the store loads in the background (a serving process at start):
+        # entries arrive from the snapshot and from per-name fetches, and the
+        # watch may already deliver newer versions of the same keys. A key the
+        # watch touched is the watch's from then on (its value is the newer one).
+        self.loading = False
+        self._touched: set[str] = set()
+        self.fetched: set[str] = set()  # names whose entries were fetched on demand
+
+    def start_loading(self) -> None:
+        self.loading = True
+
+    def finish_loading(self) -> None:
+        self.loading = False
+        self._touched = set()
+        self.fetched = set()
+        self.changes += 1
+
+    def apply_loaded(self, key: str, value: bytes) -> None:
+        """An entry read by the initial load or a fetch: skipped if the watch has a newer one."""
+        if key not in self._touched:
+            self.apply(Event(EventKind.PUT, key, value, 0))
 
     def apply_put(self, key: str, value: bytes) -> None:
         self.apply(Event(EventKind.PUT, key, value, 0))
@@ -173,6 +194,12 @@ class Index:
         self.errors = fresh.errors
         self.revision = max(self.revision, fresh.revision)
         self.changes += 1
+
+    def apply_watched(self, event: Event) -> None:
+        """A change from the store's watch."""
+        if self.loading:
+            self._touched.add(event.key)
+        self.apply(event)
 
     def apply(self, event: Event) -> None:
         self.changes += 1

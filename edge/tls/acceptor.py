@@ -106,6 +106,7 @@ class TlsAcceptor:
         cache: ContextCache,
         handshake_timeout: float,
         challenge_certificate: Callable[[str], Awaitable[bytes | None]] | None = None,
+        fetch_name: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         # The listener context holds the default certificate (no SNI, unknown names).
         self.listener_context = listener_context
@@ -115,6 +116,9 @@ class TlsAcceptor:
         self.handshake_timeout = handshake_timeout
         # TLS-ALPN-01: the validation certificate of a name, from the store.
         self.challenge_certificate = challenge_certificate
+        # While the store loads in the background: read a name's entries before selecting.
+        self.fetch_name = fetch_name
+        self._index = selector.index
         self.stats = HandshakeStats()
         # name -> [context, number of handshakes in flight using it]
         self._pins: dict[str, list] = {}
@@ -231,10 +235,15 @@ class TlsAcceptor:
         sock.close()
 
     # --- handshake -----------------------------------------------------------------
-    def _start(self, sock: socket.socket, factory: ProtocolFactory, hello: clienthello.ClientHello) -> None:
+    def _start(self, sock: socket.socket, factory: ProtocolFactory, hello: clienthello.ClientHello,
+               fetched: bool = False) -> None:
         name = names.normalize(hello.server_name)
         if _ACME_TLS in hello.alpn:
             self._spawn(self._acme_tls(sock, name))
+            return
+        if (self._index.loading and not fetched and name is not None and self.fetch_name is not None
+                and name not in self._index.fetched):
+            self._spawn(self._fetch_then_start(sock, factory, hello, name))
             return
         choice = self.selector.select(name)
         if choice is not None and name is not None and choice.source is Source.DEFAULT:
@@ -258,6 +267,15 @@ class TlsAcceptor:
             self._spawn(self._cold(sock, factory, name, hello, choice))
             return
         self._handover(sock, factory, name, hello, choice, ctx)
+
+    async def _fetch_then_start(self, sock: socket.socket, factory: ProtocolFactory,
+                                hello: clienthello.ClientHello, name: str) -> None:
+        assert self.fetch_name is not None
+        try:
+            await asyncio.wait_for(self.fetch_name(name), self.handshake_timeout)
+        except (StoreError, OSError, TimeoutError) as exc:
+            log.error("reading %s from the store failed: %s; selecting from what is loaded", name, exc)
+        self._start(sock, factory, hello, fetched=True)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
