@@ -100,14 +100,15 @@ def nginx_conf(root: Path, http_body: str, workers: int = 1) -> Path:
     return conf
 
 
-def edge_conf(root: Path, port: int, workers: int = 1) -> Path:
+def edge_conf(root: Path, port: int, workers: int = 1, admin_port: int | None = None) -> Path:
     """An edge.toml in ``root``: TLS on ``port``, its store and dev CA under ``root``."""
     config = root / "edge.toml"
+    admin = f"127.0.0.1:{admin_port}" if admin_port else ""
     config.write_text(textwrap.dedent(f"""
         [server]
         https = ["127.0.0.1:{port}"]
         http = ["127.0.0.1:{free_port()}"]
-        admin = ""
+        admin = "{admin}"
         workers = {workers}
         [platform]
         domain = "edge.bench"

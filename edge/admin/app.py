@@ -77,7 +77,9 @@ def make_app(edge: Edge, token: str) -> web.Application:
         problems = await edge.health_problems()
         if problems:
             return web.json_response({"status": "unhealthy", "reasons": problems}, status=503)
-        return web.json_response({"status": "ok", "https": edge.bound_https(), "http": edge.bound_http()})
+        # "loading": serving already, every name answered (fetched on demand) while the index fills.
+        return web.json_response({"status": "ok", "https": edge.bound_https(), "http": edge.bound_http(),
+                                  "store": "loading" if edge.index.loading else "loaded"})
 
     async def metrics(_request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
