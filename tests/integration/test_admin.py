@@ -53,6 +53,8 @@ def test_healthz_needs_no_token(admin_edge: EdgeProcess) -> None:
     status, body = call(admin_edge, "GET", "/healthz", token=None)
     assert status == 200 and body["status"] == "ok"  # type: ignore[index]
     assert body["https"] == [f"127.0.0.1:{admin_edge.https_port}"]  # type: ignore[index]
+    # A few entries load at once; at scale "loading" lasts while names are fetched on demand.
+    wait_for(lambda: call(admin_edge, "GET", "/healthz", token=None)[1]["store"] == "loaded")  # type: ignore[index]
 
 
 def test_token_required(admin_edge: EdgeProcess) -> None:
