@@ -37,7 +37,8 @@ def _fmt(value: float) -> str:
 
 
 def markdown(results: dict) -> str:
-    systems = [s for s in ("edge", "nginx", "haproxy") if any(s in r for r in results["scenarios"].values())]
+    systems = [s for s in ("edge", "nginx", "haproxy", "uvloop-tls")
+               if any(s in r for r in results["scenarios"].values())]
     headline = [s for s in results["scenarios"] if s in HEADLINE]
     lines = [
         f"Run {results['started']} ({'quick' if results['quick'] else 'full'}) on {results['machine']['cpu']}, "

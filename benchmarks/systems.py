@@ -282,12 +282,22 @@ class Haproxy(System):
         self.version = subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.splitlines()[0]
 
 
-PEERS = {"edge": Edge, "nginx": Nginx, "haproxy": Haproxy}
+class StackCeiling(System):
+    """Not a proxy: edge's TLS stack alone (``benchmarks/stack_ceiling.py``), for reference."""
+
+    def start(self) -> None:
+        cert, key = self.certs.pair(self.key_type)
+        self._spawn([sys.executable, "-m", "benchmarks.stack_ceiling", "--port", str(self.port),
+                     "--cert", str(cert), "--key", str(key)])
+        self.version = "uvloop-tls: benchmarks/stack_ceiling.py (no proxying)"
+
+
+PEERS = {"edge": Edge, "nginx": Nginx, "haproxy": Haproxy, "uvloop-tls": StackCeiling}
 
 
 def available_peers() -> tuple[list[str], dict[str, str]]:
     """The systems whose binaries are installed, and why others are skipped."""
-    found, skipped = ["edge"], {}
+    found, skipped = ["edge", "uvloop-tls"], {}
     for name, binary in (("nginx", "nginx"), ("haproxy", "haproxy")):
         if shutil.which(binary):
             found.append(name)
