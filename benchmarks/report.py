@@ -78,7 +78,8 @@ def markdown(results: dict) -> str:
     updates = results["scenarios"].get("update-latency")
     if updates:
         lines += ["", "Certificate update latency, from the command returning to the new certificate served "
-                  "(edge: `edge domains-ssl`, file store; nginx: files replaced + `nginx -s reload`):", "",
+                  "(edge: `edge domains-ssl`, file store; edge on etcd: until both nodes serve it; "
+                  "nginx: files replaced + `nginx -s reload`):", "",
                   "| system | updates | p50 ms | p99 ms | max ms |", "|---|---|---|---|---|"]
         for system, r in updates.items():
             lines.append(f"| {system} | {r['updates']} | {_fmt(r['p50_ms'])} | {_fmt(r['p99_ms'])} | "

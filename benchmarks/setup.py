@@ -7,7 +7,8 @@ import shutil
 import subprocess
 import sys
 
-TOOLS = {"nginx": "nginx", "haproxy": "haproxy", "wrk": "wrk", "h2load": "nghttp2-client", "taskset": "util-linux"}
+TOOLS = {"nginx": "nginx", "haproxy": "haproxy", "wrk": "wrk", "h2load": "nghttp2-client", "taskset": "util-linux",
+         "etcd": "etcd-server"}
 
 
 def main() -> int:

@@ -120,6 +120,13 @@ class Run:
             system.stop()
         print(f"  {'certificate updates':<24} edge     {_short(result)}", flush=True)
         out = {"edge": result}
+        from benchmarks.updates import measure_etcd_fleet
+
+        try:
+            out["edge, 2 nodes on etcd"] = measure_etcd_fleet(self.certs, self.workdir, self.backend.port, updates)
+            print(f"  {'certificate updates':<24} etcd x2  {_short(out['edge, 2 nodes on etcd'])}", flush=True)
+        except RuntimeError as exc:
+            print(f"  certificate updates over etcd skipped: {exc}", file=sys.stderr, flush=True)
         if "nginx" in self.peers:
             from benchmarks.updates import measure_nginx_reload
 

@@ -100,10 +100,14 @@ def nginx_conf(root: Path, http_body: str, workers: int = 1) -> Path:
     return conf
 
 
-def edge_conf(root: Path, port: int, workers: int = 1, admin_port: int | None = None) -> Path:
-    """An edge.toml in ``root``: TLS on ``port``, its store and dev CA under ``root``."""
+def edge_conf(root: Path, port: int, workers: int = 1, admin_port: int | None = None,
+              etcd: str | None = None) -> Path:
+    """An edge.toml in ``root``: TLS on ``port``, its store (under ``root``, or
+    the etcd at ``etcd``) and dev CA under ``root``."""
     config = root / "edge.toml"
     admin = f"127.0.0.1:{admin_port}" if admin_port else ""
+    store = (f'backend = "etcd"\n        [store.etcd]\n        endpoints = ["{etcd}"]\n        prefix = "/bench/"'
+             if etcd else 'path = "store"')
     config.write_text(textwrap.dedent(f"""
         [server]
         https = ["127.0.0.1:{port}"]
@@ -115,7 +119,7 @@ def edge_conf(root: Path, port: int, workers: int = 1, admin_port: int | None = 
         cert = "dev/platform.crt"
         key = "dev/platform.key"
         [store]
-        path = "store"
+        {store}
         [log]
         level = "warning"
     """))

@@ -16,7 +16,17 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from benchmarks.certs import CACHE, _ca, _pem_key, leaf
-from benchmarks.systems import BENCH_HOST, EDGE_BIN, Certificates, System
+from benchmarks.systems import (
+    BENCH_HOST,
+    EDGE_BIN,
+    LOAD_CORE,
+    PROXY_CORE,
+    Certificates,
+    System,
+    edge_conf,
+    free_port,
+    wait_port,
+)
 
 
 def _served(port: int) -> bytes:
@@ -106,3 +116,74 @@ def measure_nginx_reload(system: System, certs: Certificates, workdir: Path, upd
         command.append(returned - started)
         latencies.append(_wait_served(system.port, _der(cert)) - returned)
     return _summary(latencies, command)
+
+
+def measure_etcd_fleet(certs: Certificates, workdir: Path, backend_port: int, updates: int) -> dict[str, float]:
+    """Two edge nodes on one etcd (the fleet setup): from `edge domains-ssl`
+    returning to the new certificate served by *both* nodes."""
+    etcd_bin = shutil.which("etcd")
+    if etcd_bin is None:
+        raise RuntimeError("etcd is not installed (apt-get install etcd-server)")
+    root = workdir / "fleet"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    client, peer = free_port(), free_port()
+    endpoint = f"127.0.0.1:{client}"
+    procs: list[subprocess.Popen[bytes]] = []
+    log = open(root / "fleet.log", "ab")  # noqa: SIM115 - closed below, after the processes
+    try:
+        procs.append(subprocess.Popen(
+            ["taskset", "-c", LOAD_CORE, etcd_bin, "--data-dir", str(root / "etcd"), "--name", "bench",
+             "--listen-client-urls", f"http://{endpoint}", "--advertise-client-urls", f"http://{endpoint}",
+             "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+             "--initial-cluster", f"bench=http://127.0.0.1:{peer}"],
+            stdout=log, stderr=subprocess.STDOUT))
+        wait_port(client, proc=procs[0])
+        nodes = []
+        for name in ("a", "b"):
+            (root / name).mkdir()
+            port = free_port()
+            nodes.append((port, edge_conf(root / name, port, etcd=endpoint)))
+        cli = [EDGE_BIN, "--config", str(nodes[0][1])]
+        subprocess.run([*cli, "apps-add", "bench", "--backend", f"127.0.0.1:{backend_port}"],
+                       check=True, capture_output=True)
+        subprocess.run([*cli, "domains-add", BENCH_HOST, "--app", "bench", "--cert", str(certs.ecdsa_cert),
+                        "--key", str(certs.ecdsa_key)], check=True, capture_output=True)
+        for port, config in nodes:
+            procs.append(subprocess.Popen(["taskset", "-c", PROXY_CORE, EDGE_BIN, "serve", "--config", str(config)],
+                                          stdout=log, stderr=subprocess.STDOUT))
+            wait_port(port, proc=procs[-1])
+        for port, _ in nodes:
+            _wait_served(port, _der(certs.ecdsa_cert), log=root / "fleet.log")
+        pairs = [(certs.ecdsa_cert, certs.ecdsa_key), _second_certificate()]
+        latencies, command = [], []
+        for i in range(updates):
+            cert, key = pairs[(i + 1) % 2]
+            started = time.perf_counter()
+            subprocess.run([*cli, "domains-ssl", BENCH_HOST, "--cert", str(cert), "--key", str(key)],
+                           check=True, capture_output=True)
+            returned = time.perf_counter()
+            command.append(returned - started)
+            # Both nodes polled in turn: the later of the two is when the fleet serves it.
+            want = _der(cert)
+            pending = [port for port, _ in nodes]
+            last = returned
+            while pending:
+                port = pending[0]
+                if _served(port) == want:
+                    last = time.perf_counter()
+                    pending.pop(0)
+                elif time.perf_counter() - returned > 30:
+                    raise RuntimeError(f"node on port {port} did not serve the new certificate within 30 s")
+            latencies.append(last - returned)
+        return _summary(latencies, command)
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        log.close()
