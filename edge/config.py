@@ -324,6 +324,13 @@ def parse(text: str, path: Path) -> Config:
         raise t.fail("backoff_min", "expected 0 < backoff_min <= backoff_max (seconds)")
     if acme.orders_per_hour < 1:
         raise t.fail("orders_per_hour", f"expected a positive number, got {acme.orders_per_hour}")
+    if acme.enabled and acme.ca_bundle is not None and not acme.ca_bundle.is_file():
+        raise t.fail("ca_bundle", f"{acme.ca_bundle} is not a file (a PEM CA certificate for the ACME server)")
+    if acme.enabled and "http-01" in acme.challenges and not server.http:
+        raise t.fail("challenges", "http-01 is answered on the [server] http listeners, and there are none: "
+                     'add one (port 80 in production) or set challenges = ["tls-alpn-01"]')
+    if acme.enabled and "tls-alpn-01" in acme.challenges and not server.https:
+        raise t.fail("challenges", "tls-alpn-01 is answered on the [server] https listeners, and there are none")
     t.done()
 
     t = table("tls")

@@ -110,3 +110,11 @@ def test_acme_settings_and_their_errors():
         parse('[acme]\nbackoff_min = 100\nbackoff_max = 10\n')
     with pytest.raises(config.ConfigError, match=r"\[acme\] directory: expected the https:// URL"):
         parse('[acme]\nenabled = true\ndirectory = "http://acme.example/dir"\n')
+
+
+def test_acme_needs_the_listeners_its_challenges_use():
+    with pytest.raises(config.ConfigError, match=r'\[acme\] challenges: http-01 is answered on the \[server\] http'):
+        parse('[server]\nhttp = []\n[acme]\nenabled = true\n')
+    assert parse('[server]\nhttp = []\n[acme]\nenabled = true\nchallenges = ["tls-alpn-01"]\n').acme.enabled
+    with pytest.raises(config.ConfigError, match=r"\[acme\] ca_bundle: /etc/edge/missing.pem is not a file"):
+        parse('[acme]\nenabled = true\nca_bundle = "missing.pem"\n')
