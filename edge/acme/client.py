@@ -218,19 +218,6 @@ class AcmeClient:
         """Create the account (or find it again: newAccount is idempotent per key)."""
         self._client()
 
-    def has_renewal_info(self) -> bool:
-        return "renewalInfo" in self._client().directory
-
-    def renewal_time(self, cert_pem: bytes) -> float | None:
-        """The server's ARI window (RFC 9773) as a time to renew; None without ARI."""
-        acme = self._client()
-        try:
-            when, _ = acme.renewal_time(cert_pem)
-        except errors.ARIError as exc:
-            log.info("renewal info unavailable: %s", exc)
-            return None
-        return when.timestamp() if when is not None else None
-
     def order(self, domain: str, key_type: str, challenge_types: tuple[str, ...],
               publish: Publish, withdraw: Withdraw) -> Issued:
         """Order a certificate for ``domain``: new key, CSR, challenges, finalize."""

@@ -150,3 +150,27 @@ def test_server_problems_become_clear_errors_with_retry_after():
     assert str(exc.value).startswith("reading the ACME directory: cannot reach the ACME server https://127.0.0.1:1/")
     assert _retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past
     assert _retry_after_seconds("garbage") is None
+
+
+def test_orders_per_hour_is_a_ceiling(tmp_path):
+    import asyncio
+    import time
+
+    from edge.acme.manager import AcmeManager
+    from edge.config import AcmeConfig
+    from edge.store.file import FileStore
+    from edge.store.index import Index
+
+    async def run() -> None:
+        manager = AcmeManager(AcmeConfig(enabled=True, orders_per_hour=2), FileStore(tmp_path), Index())
+        await manager._within_rate_limit()
+        await manager._within_rate_limit()
+        with pytest.raises(TimeoutError):  # the third order of the hour waits
+            await asyncio.wait_for(manager._within_rate_limit(), 0.3)
+        # An hour later the budget is back.
+        manager._recent_orders.clear()
+        manager._recent_orders.extend([time.time() - 3700, time.time() - 3650])
+        await asyncio.wait_for(manager._within_rate_limit(), 0.3)
+        assert len(manager._recent_orders) == 1
+
+    asyncio.run(run())
