@@ -246,12 +246,12 @@ class AcmeManager:
             self._schedule(domain, status.next_attempt)  # backing off
             return
         self._running.add(domain)
-        task = asyncio.get_running_loop().create_task(self._obtain(domain, due))
+        task = asyncio.get_running_loop().create_task(self._obtain(domain))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     # --- one domain's orders --------------------------------------------------------------
-    async def _obtain(self, domain: str, key_types: list[str]) -> None:
+    async def _obtain(self, domain: str) -> None:
         look_again = 0.0  # at once: the next key type, or the next renewal date
         try:
             async with self._slots:

@@ -52,6 +52,7 @@ class Pebble:
         self.env = dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_AUTHZREUSE="0",
                         PEBBLE_WFE_NONCEREJECT=str(nonce_reject))
         self.procs: list[subprocess.Popen[bytes]] = []
+        self._root: bytes | None = None
 
     @property
     def directory(self) -> str:
@@ -116,5 +117,7 @@ class Pebble:
         self._dns("add-a", {"host": host, "addresses": [address]})
 
     def roots_pem(self) -> bytes:
-        """The root Pebble issues under (a fresh one each run)."""
-        return self._get(f"https://localhost:{self.management_port}/roots/0")
+        """The root Pebble issues under (a fresh one each run, fixed while it runs)."""
+        if self._root is None:
+            self._root = self._get(f"https://localhost:{self.management_port}/roots/0")
+        return self._root

@@ -386,6 +386,5 @@ def test_fleet_on_etcd_orders_once_and_answers_from_any_node(
         busy = (a.log + b.log).decode(errors="replace").count(f"another node is ordering for etcd{n}.")
         assert busy <= 2, busy
     print(f"orders by node: {ordered_by}")
-    assert "account key created" in (a.log + b.log).decode(errors="replace")
     # The account key was made once: exactly one node says so.
     assert (a.log + b.log).decode(errors="replace").count("account key created") == 1

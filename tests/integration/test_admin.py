@@ -139,6 +139,7 @@ def test_metrics_move_with_traffic(admin_edge: EdgeProcess) -> None:
     assert _metric(after, "edge_request_duration_seconds_count") >= 6
     assert _metric(after, "edge_handshake_duration_seconds_count") >= 7
     assert "edge_tls_context_cache_size" in after and "edge_store_sync_lag_seconds" in after
+    assert "\nedge_store_loading 0.0\n" in after  # the small store finished loading long ago
     assert 'edge_certificates{source="platform"} 1.0' in after
     # No label carries a domain name.
     assert "demo.edge.test" not in after and "unknown.example.org" not in after
