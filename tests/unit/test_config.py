@@ -118,3 +118,14 @@ def test_acme_needs_the_listeners_its_challenges_use():
     assert parse('[server]\nhttp = []\n[acme]\nenabled = true\nchallenges = ["tls-alpn-01"]\n').acme.enabled
     with pytest.raises(config.ConfigError, match=r"\[acme\] ca_bundle: /etc/edge/missing.pem is not a file"):
         parse('[acme]\nenabled = true\nca_bundle = "missing.pem"\n')
+
+
+def test_admin_hosts_and_metrics_address():
+    cfg = parse('[server]\nadmin_hosts = ["Edge-Admin.Internal."]\nmetrics = "0.0.0.0:9100"\n')
+    assert cfg.server.admin_hosts == ("edge-admin.internal",)
+    assert cfg.server.metrics == config.Address("0.0.0.0", 9100)  # read-only: no token needed beyond loopback
+    assert parse("").server.metrics is None and parse("").server.admin_hosts == ()
+    with pytest.raises(config.ConfigError, match=r"edge.toml:2: \[server\] admin_hosts: expected a list of host"):
+        parse('[server]\nadmin_hosts = ["not a name"]\n')
+    with pytest.raises(config.ConfigError, match=r"\[server\] metrics: .* is not host:port"):
+        parse('[server]\nmetrics = "9100"\n')
