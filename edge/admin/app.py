@@ -160,6 +160,18 @@ def make_metrics_app(edge: Edge) -> web.Application:
     return app
 
 
+async def serve_probes(edge: Edge, host: str, port: int) -> web.AppRunner:
+    """Serve ``make_metrics_app`` on host:port (``[server] metrics``); OSError when it cannot bind."""
+    runner = web.AppRunner(make_metrics_app(edge), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    return runner
+
+
 def make_app(edge: Edge, token: str) -> web.Application:
     ops = Operations(edge.config, edge.store)
     healthz, metrics = _probes(edge)
