@@ -1,5 +1,5 @@
 # Two commands set everything up on a fresh machine with Python 3.11+ and make:
-#   make serve   run edge on config/edge.toml (make serve CONFIG=my.toml: another one)
+#   make serve   run edge on config/edge.toml (make serve CONFIG=config/my.toml: another one)
 #   make test    install the programs the tests run (scripts/provision.sh), then the whole suite
 PYTHON ?= python3
 CONFIG ?= config/edge.toml
