@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -112,3 +114,28 @@ def test_malformed_json_is_a_400_not_a_500(open_admin: EdgeProcess) -> None:
         status, _, answer = raw(open_admin, "POST", "/v1/apps", body, {"Content-Type": "application/json"})
         assert status == 400, (body[:20], status, answer)
         assert "error" in json.loads(answer)
+
+
+def test_ipv6_loopback_admin(tmp_path: Path) -> None:
+    # Bound to [::1]: its own address is "[::1]:PORT"; localhost still works, 127.0.0.1 is another address.
+    try:
+        socket.socket(socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no IPv6 here")
+    process = EdgeProcess(tmp_path)
+    port = free_port()
+    process.config.write_text(process.config.read_text().replace('admin = ""', f'admin = "[::1]:{port}"'))
+    process.start()
+    try:
+        def status(host: str) -> int:
+            connection = http.client.HTTPConnection("::1", port, timeout=10)
+            try:
+                connection.request("GET", "/healthz", headers={"Host": host})
+                return connection.getresponse().status
+            finally:
+                connection.close()
+
+        assert status(f"[::1]:{port}") == 200 and status(f"localhost:{port}") == 200
+        assert status(f"127.0.0.1:{port}") == 421 and status(f"evil.example:{port}") == 421
+    finally:
+        process.stop()
