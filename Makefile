@@ -19,7 +19,9 @@ serve: $(STAMP)
 	$(BIN)/edge serve --config $(CONFIG)
 
 # Provisioning first: it installs python3-venv too when Debian's python3 lacks it,
-# which the venv below needs. .ci/run calls the same script.
+# which the venv below needs. .ci/run calls the same script. The tests run
+# nginx and haproxy from /usr/sbin, which is not in a Debian user's PATH.
+test: export PATH := $(PATH):/usr/local/sbin:/usr/sbin:/sbin
 test:
 	scripts/provision.sh
 	@$(MAKE) --no-print-directory $(STAMP)

@@ -28,6 +28,9 @@ pebble               pebble
 pebble-challtestsrv  pebble
 '
 
+# nginx and haproxy live in /usr/sbin, which a user's PATH on Debian lacks
+# (make test adds it for the tests too).
+PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 missing=()
 while read -r tool package; do
   [ -n "$tool" ] || continue
@@ -65,6 +68,6 @@ if ! command -v apt-get >/dev/null 2>&1 || [ "${sudo[*]}" = unavailable ]; then
 fi
 echo "provision: installing ${packages[*]}" >&2
 export DEBIAN_FRONTEND=noninteractive
-"${sudo[@]}" apt-get update -qq
-# shellcheck disable=SC2086  # the package list is meant to split
+# A failed update (offline, a broken mirror) leaves the lists as they are: try the install anyway.
+"${sudo[@]}" apt-get update -qq || echo "provision: apt-get update failed; installing from the package lists already here" >&2
 "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
