@@ -1,7 +1,8 @@
 # Two commands set everything up on a fresh machine with Python 3.11+ and make:
-#   make serve   run edge on config/edge.toml
-#   make test    run the whole test suite
+#   make serve   run edge on config/edge.toml (make serve CONFIG=config/my.toml: another one)
+#   make test    install the programs the tests run (scripts/provision.sh), then the whole suite
 PYTHON ?= python3
+CONFIG ?= config/edge.toml
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -15,9 +16,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 serve: $(STAMP)
-	$(BIN)/edge serve --config config/edge.toml
+	$(BIN)/edge serve --config $(CONFIG)
 
-test: $(STAMP)
+# Provisioning first: it installs python3-venv too when Debian's python3 lacks it,
+# which the venv below needs. .ci/run calls the same script. The tests run
+# nginx and haproxy from /usr/sbin, which is not in a Debian user's PATH.
+test: export PATH := $(PATH):/usr/local/sbin:/usr/sbin:/sbin
+test:
+	scripts/provision.sh
+	@$(MAKE) --no-print-directory $(STAMP)
 	$(BIN)/ruff check edge tests benchmarks
 	$(BIN)/pytest $(PYTEST_ARGS)
 
@@ -25,7 +32,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check edge tests benchmarks
 
 check: $(STAMP)
-	$(BIN)/edge check --config config/edge.toml
+	$(BIN)/edge check --config $(CONFIG)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

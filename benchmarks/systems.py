@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.setup import TOOLS
+
 PROXY_CORE = "0"
 LOAD_CORE = "1"
 EDGE_BIN = str(Path(sys.executable).parent / "edge")
@@ -306,5 +308,5 @@ def available_peers() -> tuple[list[str], dict[str, str]]:
         if shutil.which(binary):
             found.append(name)
         else:
-            skipped[name] = f"{binary} not installed (apt-get install {binary})"
+            skipped[name] = f"{binary} not installed (apt-get install {TOOLS[binary]}; make bench installs it)"
     return found, skipped

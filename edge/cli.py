@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from edge.tls import names
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_CLOSED_STDOUT = 141  # what a shell reports for a program killed by SIGPIPE (`edge domains | head`)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,7 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--app")
     p.add_argument("--json", action="store_true")
 
-    p = command("certs-import", "bulk import of PEM bundles (chain + key per file, crt directories, crt-lists)")
+    p = command("certs-import", "bulk import of PEM bundles (chain + key per file, crt directories, crt-lists); "
+                "exit status 0 when all imported, 3 when some files or names were skipped (the rest imported), "
+                "1 when nothing could be imported")
     p.add_argument("--app", required=True)
     p.add_argument("paths", nargs="+", metavar="PATH")
 
@@ -90,6 +94,14 @@ def _print_result(result: Result) -> None:
     for warning in result.warnings:
         print(f"edge: warning: {warning}", file=sys.stderr)
     print(result.message)
+
+
+def _with_port(message: str, cfg: config_mod.Config) -> str:
+    """The app's URL with the https listener's port, so that it can be pasted (port 0: unknown here)."""
+    port = cfg.server.https[0].port if cfg.server.https else 443
+    if port in (443, 0):
+        return message
+    return re.sub(r"(https://[^\s/:]+)(?=[\s/]|$)", rf"\g<1>:{port}", message, count=1)
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -147,7 +159,8 @@ async def _run(args: argparse.Namespace, cfg: config_mod.Config) -> int:
 async def _run_command(args: argparse.Namespace, cfg: config_mod.Config, ops: Operations) -> int:
     cmd = args.command
     if cmd == "apps-add":
-        _print_result(await ops.apps_add(args.app, args.backend, force_https=not args.no_force_https))
+        result = await ops.apps_add(args.app, args.backend, force_https=not args.no_force_https)
+        _print_result(Result(_with_port(result.message, cfg), result.warnings))
     elif cmd == "apps-remove":
         _print_result(await ops.apps_remove(args.app))
     elif cmd == "apps":
@@ -178,7 +191,7 @@ async def _run_command(args: argparse.Namespace, cfg: config_mod.Config, ops: Op
         print(f"imported {report.imported_names} names from {report.files - len(report.skipped_files)} of "
               f"{report.files} files into app {args.app}"
               + (f"; {len(report.skipped_files)} files skipped" if report.skipped_files else ""))
-        return 0 if report.files > len(report.skipped_files) or not report.files else 1
+        return report.exit_code
     elif cmd == "domains":
         rows = await ops.domains(args.app)
         if args.json:
@@ -218,6 +231,18 @@ def _csr(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here for output still buffered
+    except BrokenPipeError:
+        # The reader went away (`edge domains | head`): stop quietly. Point stdout at
+        # /dev/null so that the interpreter's own flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_CLOSED_STDOUT
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "csr":
         return _csr(args)

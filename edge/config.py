@@ -42,6 +42,8 @@ class ServerConfig:
     http: tuple[Address, ...] = (Address("127.0.0.1", 8080),)
     admin: Address | None = Address("127.0.0.1", 9090)
     admin_token: str = ""
+    admin_hosts: tuple[str, ...] = ()  # Host names allowed besides its address (DNS rebinding)
+    metrics: Address | None = None  # /metrics and /healthz without a token, for scrapers and probes
     workers: int = 1
 
 
@@ -213,6 +215,22 @@ def _addresses(table: _Table, key: str, default: tuple[Address, ...]) -> tuple[A
         raise table.fail(key, str(exc)) from None
 
 
+def _optional_address(table: _Table, key: str, default: str) -> Address | None:
+    raw = table.get(key, str, default)
+    try:
+        return parse_address(raw) if raw else None
+    except ValueError as exc:
+        raise table.fail(key, str(exc)) from None
+
+
+def _host_names(table: _Table, key: str) -> tuple[str, ...]:
+    values = table.get(key, list, [])
+    result = tuple(names.normalize(v) if isinstance(v, str) and "*" not in v else None for v in values)
+    if None in result:
+        raise table.fail(key, f"expected a list of host names (e.g. [\"edge-admin.internal\"]), got {values!r}")
+    return result  # type: ignore[return-value]
+
+
 def _choices(t: _Table, key: str, allowed: tuple[str, ...], default: tuple[str, ...]) -> tuple[str, ...]:
     values = t.get(key, list, list(default))
     if not values or any(v not in allowed for v in values) or len(set(values)) != len(values):
@@ -253,11 +271,6 @@ def parse(text: str, path: Path) -> Config:
 
     t = table("server")
     d = ServerConfig()
-    admin_raw = t.get("admin", str, str(d.admin))
-    try:
-        admin = parse_address(admin_raw) if admin_raw else None
-    except ValueError as exc:
-        raise t.fail("admin", str(exc)) from None
     workers_raw = t.get("workers", (int, str), 1)
     if workers_raw == "auto":
         workers = len(os.sched_getaffinity(0)) or 1
@@ -268,8 +281,10 @@ def parse(text: str, path: Path) -> Config:
     server = ServerConfig(
         https=_addresses(t, "https", d.https),
         http=_addresses(t, "http", d.http),
-        admin=admin,
+        admin=_optional_address(t, "admin", str(d.admin)),
         admin_token=t.get("admin_token", str, "") or os.environ.get("EDGE_ADMIN_TOKEN", ""),
+        admin_hosts=_host_names(t, "admin_hosts"),
+        metrics=_optional_address(t, "metrics", ""),
         workers=workers,
     )
     t.done()

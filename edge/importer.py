@@ -28,12 +28,22 @@ _SKIPPED_SUFFIXES = (".key", ".ocsp", ".issuer", ".sctl", ".txt")
 _BATCH = 500
 
 
+EXIT_SKIPPED = 3  # `edge certs-import`: some files or names skipped, the rest imported
+
+
 @dataclass
 class ImportReport:
     files: int = 0
     imported_names: int = 0
     skipped_files: list[str] = field(default_factory=list)
     skipped_names: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        """0: all imported; 3: something skipped (a script must notice); 1: files given, none imported."""
+        if self.files and len(self.skipped_files) == self.files:
+            return 1
+        return EXIT_SKIPPED if self.skipped_files or self.skipped_names else 0
 
 
 def split_pem(data: bytes) -> tuple[bytes, bytes]:

@@ -207,6 +207,14 @@ class Edge:
             self._tasks.append(loop.create_task(self.acme.run()))
         if cfg.server.admin is not None and self.serve_admin:
             await self._start_admin()
+        if cfg.server.metrics is not None and self.serve_admin:  # scrapers and probes, no token
+            from edge.admin.app import serve_probes
+
+            try:
+                self.metrics_runner = await serve_probes(self, cfg.server.metrics.host, cfg.server.metrics.port)
+            except OSError as exc:
+                raise StartupError(f"cannot serve metrics on {cfg.server.metrics}: {exc.strerror}") from None
+            log.info("metrics and health on %s", cfg.server.metrics)
         if self.reuse_port:  # a worker: publish counters for the one serving /metrics
             from edge.metrics import publish_counters
 
@@ -378,6 +386,8 @@ class Edge:
             ("[server] https", old.server.https, new.server.https),
             ("[server] http", old.server.http, new.server.http),
             ("[server] admin", old.server.admin, new.server.admin),
+            ("[server] admin_hosts", old.server.admin_hosts, new.server.admin_hosts),
+            ("[server] metrics", old.server.metrics, new.server.metrics),
             ("[server] workers", old.server.workers, new.server.workers),
             ("[store]", old.store, new.store),
             ("[platform] domain", old.platform.domain, new.platform.domain),
@@ -493,8 +503,9 @@ class Edge:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self.router.close()
-        if getattr(self, "admin_runner", None) is not None:
-            await self.admin_runner.cleanup()
+        for runner in (getattr(self, "admin_runner", None), getattr(self, "metrics_runner", None)):
+            if runner is not None:
+                await runner.cleanup()
         with contextlib.suppress(Exception):
             await self.store.close()
         self.executor.shutdown(wait=False, cancel_futures=True)

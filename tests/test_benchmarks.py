@@ -32,7 +32,7 @@ def test_suite_runs_every_scenario_and_writes_results(tmp_path: Path) -> None:
     assert scenarios["resumed"]["edge"]["resumed_share"] > 0.9
     assert scenarios["idle-memory"]["edge"]["connections"] == 50
     assert scenarios["update-latency"]["edge"]["updates"] == 3
-    assert scenarios["update-latency"]["edge, 2 nodes on etcd"]["updates"] == 3  # .ci/run installs etcd
+    assert scenarios["update-latency"]["edge, 2 nodes on etcd"]["updates"] == 3  # scripts/provision.sh installs etcd
     assert scenarios["many-names"]["edge@100"]["loaded_s"] >= scenarios["many-names"]["edge@100"]["start_s"]
     assert "error" not in scenarios["many-names"]["edge@100"]
     markdown = (tmp_path / "latest.md").read_text()

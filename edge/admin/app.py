@@ -3,12 +3,19 @@ mirror the command line under /v1/, with the same validation and messages.
 
 Loopback only unless a bearer token is set (config ``[server] admin_token`` or
 ``EDGE_ADMIN_TOKEN``); with a token every route but /healthz requires it.
+
+Without a token, any web page the operator's browser opens can reach a
+loopback admin: so every request must name the admin itself in ``Host``
+(its address, ``localhost``, or ``[server] admin_hosts``: a page on a
+rebound DNS name is refused), must carry no foreign ``Origin`` (cross-site
+requests), and bodies must be ``application/json`` (which a page can only
+send cross-site after a CORS preflight, which this API never grants).
 """
 
 from __future__ import annotations
 
 import hmac
-import json
+import ipaddress
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,7 +45,7 @@ def _error(status: int, message: str) -> web.Response:
 async def _body(request: web.Request) -> dict[str, Any]:
     try:
         data = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, nesting too deep
         raise OperationError("the body is not JSON") from None
     if not isinstance(data, dict):
         raise OperationError("the body must be a JSON object")
@@ -54,12 +61,62 @@ def _upload(data: dict[str, Any]) -> Upload | None:
     return Upload(cert.encode(), key.encode(), "cert", "key")
 
 
-def make_app(edge: Edge, token: str) -> web.Application:
-    ops = Operations(edge.config, edge.store)
-    registry = registry_for(edge)
+def _split_host(host: str) -> tuple[str, str]:
+    """``name:port``, ``[v6]:port`` or ``name`` -> (name, port or "")."""
+    if host.startswith("["):
+        name, _, rest = host[1:].partition("]")
+        return name, rest[1:] if rest.startswith(":") else ""
+    name, colon, port = host.rpartition(":")
+    return (name, port) if colon else (host, "")
 
+
+def _host_allowed(request: web.Request, names: tuple[str, ...]) -> bool:
+    """``Host`` names this admin: the address the connection reached (the IP, or
+    ``localhost`` on loopback) with its port, or a configured name."""
+    host = request.headers.get("Host")
+    if host is None:  # HTTP/1.0 without Host: not a browser
+        return True
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    if not sockname:
+        return False
+    name, port = _split_host(host)
+    name = name.lower().rstrip(".")
+    if name in names:
+        return True
+    if (port or "80") != str(sockname[1]):
+        return False
+    local = ipaddress.ip_address(sockname[0].split("%")[0])
+    if isinstance(local, ipaddress.IPv6Address) and local.ipv4_mapped:  # dual-stack socket
+        local = local.ipv4_mapped
+    if name == "localhost":
+        return local.is_loopback
+    try:
+        return ipaddress.ip_address(name) == local
+    except ValueError:
+        return False
+
+
+def _browser_check(request: web.Request, names: tuple[str, ...]) -> web.Response | None:
+    """A refusal for a request a web page could have sent, or None."""
+    if not _host_allowed(request, names):
+        return _error(421, f"Host {request.headers.get('Host')!r} is not this admin API's address; "
+                           "add the name to [server] admin_hosts if it is yours")
+    origin = request.headers.get("Origin")
+    if origin is not None and origin.lower() not in (f"http://{request.host}".lower(),
+                                                     f"https://{request.host}".lower()):
+        return _error(403, f"cross-origin request from {origin!r} refused")
+    if request.method in ("POST", "PUT", "PATCH", "DELETE") and (
+            request.body_exists or "Content-Type" in request.headers) and request.content_type != "application/json":
+        return _error(415, "send the body as JSON with Content-Type: application/json")
+    return None
+
+
+def _guard(token: str, names: tuple[str, ...]) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        refusal = _browser_check(request, names)
+        if refusal is not None:
+            return refusal
         if token and request.path != "/healthz":
             supplied = request.headers.get("Authorization", "")
             if not hmac.compare_digest(supplied.encode(), f"Bearer {token}".encode()):
@@ -73,6 +130,13 @@ def make_app(edge: Edge, token: str) -> web.Application:
         except StoreError as exc:
             return _error(503, f"store unavailable: {exc}")
 
+    return guard
+
+
+def _probes(edge: Edge) -> tuple[Handler, Handler]:
+    """/healthz and /metrics, served by the admin API and by ``[server] metrics``."""
+    registry = registry_for(edge)
+
     async def healthz(_request: web.Request) -> web.Response:
         problems = await edge.health_problems()
         if problems:
@@ -83,6 +147,34 @@ def make_app(edge: Edge, token: str) -> web.Application:
 
     async def metrics(_request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    return healthz, metrics
+
+
+def make_metrics_app(edge: Edge) -> web.Application:
+    """/metrics and /healthz alone, without a token: for Prometheus and probes."""
+    healthz, metrics = _probes(edge)
+    app = web.Application(middlewares=[_guard("", edge.config.server.admin_hosts)], client_max_size=1024)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def serve_probes(edge: Edge, host: str, port: int) -> web.AppRunner:
+    """Serve ``make_metrics_app`` on host:port (``[server] metrics``); OSError when it cannot bind."""
+    runner = web.AppRunner(make_metrics_app(edge), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+def make_app(edge: Edge, token: str) -> web.Application:
+    ops = Operations(edge.config, edge.store)
+    healthz, metrics = _probes(edge)
 
     async def openapi(_request: web.Request) -> web.Response:
         return web.Response(body=OPENAPI.read_bytes(), content_type="application/json")
@@ -128,7 +220,7 @@ def make_app(edge: Edge, token: str) -> web.Application:
         await edge.reload_store()
         return web.json_response({"message": "store reloaded", "reloads": edge.reloads})
 
-    app = web.Application(middlewares=[guard], client_max_size=256 * 1024)
+    app = web.Application(middlewares=[_guard(token, edge.config.server.admin_hosts)], client_max_size=256 * 1024)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)

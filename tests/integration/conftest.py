@@ -313,7 +313,9 @@ def free_port() -> int:
 def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        raise AssertionError(f"{name} is not installed; .ci/run installs it (apt-get install {name})")
+        from tests.provision import hint
+
+        raise AssertionError(hint(name))
     return path
 
 

@@ -103,6 +103,7 @@ def test_apps_and_domains_routes(admin_edge: EdgeProcess, backend: str, ca: trus
 def test_bad_bodies(admin_edge: EdgeProcess) -> None:
     request = urllib.request.Request(admin_edge.admin + "/v1/apps", data=b"{not json", method="POST")  # type: ignore[attr-defined]
     request.add_header("Authorization", f"Bearer {TOKEN}")
+    request.add_header("Content-Type", "application/json")  # urllib's default (a form) is refused: 415
     with pytest.raises(urllib.error.HTTPError) as exc:
         urllib.request.urlopen(request, timeout=10)
     assert exc.value.code == 400 and b"not JSON" in exc.value.read()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 import subprocess
 from pathlib import Path
@@ -116,3 +117,33 @@ def test_serve_reports_port_in_use(tmp_path: Path, edge: EdgeProcess) -> None:
     # serve logs as it starts; the error is its last line.
     last = result.stderr.strip().splitlines()[-1]
     assert last == f"edge: error: cannot listen on 127.0.0.1:{edge.https_port}: Address already in use"
+
+
+def test_apps_add_prints_a_url_that_works(tmp_path: Path, backend: str) -> None:
+    # The URL printed must be one to paste into curl: with the port unless it is 443.
+    process = EdgeProcess(tmp_path / "dev")
+    process.config.write_text(process.config.read_text().replace('https = ["127.0.0.1:0"]',
+                                                                 'https = ["127.0.0.1:8443"]'))
+    out = process.cli("apps-add", "web", "--backend", backend).stdout
+    assert out.startswith("app web added: https://web.edge.test:8443 -> "), out
+    production = EdgeProcess(tmp_path / "prod")
+    production.config.write_text(production.config.read_text().replace('https = ["127.0.0.1:0"]',
+                                                                       'https = [":443"]'))
+    out = production.cli("apps-add", "web", "--backend", backend).stdout
+    assert out.startswith("app web added: https://web.edge.test -> "), out
+
+
+def test_closed_stdout_is_quiet(tmp_path: Path, backend: str) -> None:
+    # `edge domains --json | head`: the reader goes away; no traceback, the exit status of a SIGPIPE.
+    process = EdgeProcess(tmp_path)
+    process.cli("apps-add", "web", "--backend", backend)
+    for command in (["domains", "--json"], ["apps"], ["apps-add", "web", "--backend", backend]):
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # closed before edge writes a byte: every write fails with EPIPE
+        try:
+            result = subprocess.run([EDGE, "--config", str(process.config), *command], stdout=write_end,
+                                    stderr=subprocess.PIPE, text=True, timeout=60)
+        finally:
+            os.close(write_end)
+        assert result.returncode == 141, (command, result.returncode, result.stderr)
+        assert result.stderr == "", (command, result.stderr)

@@ -1,10 +1,24 @@
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from edge import config
 
-SHIPPED = Path(__file__).parents[2] / "config" / "edge.toml"
+ROOT = Path(__file__).parents[2]
+SHIPPED = ROOT / "config" / "edge.toml"
+
+
+def shipped_text() -> str:
+    """config/edge.toml as committed: `make serve` runs the working copy, whose
+    ports a developer may change, and that must not fail the tests."""
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "show", "HEAD:config/edge.toml"],
+                              check=True, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout (an unpacked release)
+        return SHIPPED.read_text()
 
 
 def parse(text: str, name: str = "edge.toml") -> config.Config:
@@ -12,7 +26,7 @@ def parse(text: str, name: str = "edge.toml") -> config.Config:
 
 
 def test_shipped_config_loads_with_spec_defaults():
-    cfg = config.load(SHIPPED)
+    cfg = config.parse(shipped_text(), SHIPPED)
     assert cfg.server.https == (config.Address("127.0.0.1", 8443),)
     assert cfg.server.http == (config.Address("127.0.0.1", 8080),)
     assert cfg.platform.domain == "edge.localhost"
@@ -118,3 +132,31 @@ def test_acme_needs_the_listeners_its_challenges_use():
     assert parse('[server]\nhttp = []\n[acme]\nenabled = true\nchallenges = ["tls-alpn-01"]\n').acme.enabled
     with pytest.raises(config.ConfigError, match=r"\[acme\] ca_bundle: /etc/edge/missing.pem is not a file"):
         parse('[acme]\nenabled = true\nca_bundle = "missing.pem"\n')
+
+
+def test_admin_hosts_and_metrics_address():
+    cfg = parse('[server]\nadmin_hosts = ["Edge-Admin.Internal."]\nmetrics = "0.0.0.0:9100"\n')
+    assert cfg.server.admin_hosts == ("edge-admin.internal",)
+    assert cfg.server.metrics == config.Address("0.0.0.0", 9100)  # read-only: no token needed beyond loopback
+    assert parse("").server.metrics is None and parse("").server.admin_hosts == ()
+    with pytest.raises(config.ConfigError, match=r"edge.toml:2: \[server\] admin_hosts: expected a list of host"):
+        parse('[server]\nadmin_hosts = ["not a name"]\n')
+    with pytest.raises(config.ConfigError, match=r"\[server\] metrics: .* is not host:port"):
+        parse('[server]\nmetrics = "9100"\n')
+
+
+def test_a_developers_port_change_does_not_fail_the_tests(tmp_path: Path):
+    # The first thing a new user may do: change the ports of config/edge.toml
+    # (8443 was taken). The suite's config tests must still pass.
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", "--depth", "1", f"file://{ROOT}", str(clone)], check=True)
+    shutil.copy(Path(__file__), clone / "tests" / "unit" / "test_config.py")  # this version of the tests
+    edited = clone / "config" / "edge.toml"
+    edited.write_text(edited.read_text().replace("127.0.0.1:8443", "127.0.0.1:9443")
+                      .replace("127.0.0.1:8080", "127.0.0.1:9080"))
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             "tests/unit/test_config.py", "-k", "not a_developers"],
+                            cwd=clone, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:]
