@@ -94,6 +94,9 @@ class ProxyConfig:
     max_header_bytes: int = 64 * 1024
     max_uri_bytes: int = 8 * 1024
     pool_size: int = 64  # idle keep-alive connections kept per backend
+    # "always": any idle pooled connection serves any request; "safe" (HAProxy's
+    # http-reuse safe): a client connection's first request gets a new one.
+    http_reuse: str = "always"
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,6 +366,9 @@ def parse(text: str, path: Path) -> Config:
         if value < 1:
             raise t.fail(key, "must be a positive number")
         values[key] = value
+    values["http_reuse"] = t.get("http_reuse", str, dx.http_reuse)
+    if values["http_reuse"] not in ("always", "safe"):
+        raise t.fail("http_reuse", f'expected "always" or "safe", got {values["http_reuse"]!r}')
     proxy = ProxyConfig(**values)
     t.done()
 

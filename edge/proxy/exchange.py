@@ -67,11 +67,13 @@ class Exchange:
     __slots__ = (
         "backend",
         "body",
+        "body_apart",
         "body_expected",
         "buffered",
         "chunked",
         "conn",
         "content_length",
+        "content_length_out",
         "framing",
         "has_connection",
         "head_bytes",
@@ -92,6 +94,7 @@ class Exchange:
         "t0",
         "target",
         "upgrade",
+        "upgrade_to",
         "version",
     )
 
@@ -103,8 +106,13 @@ class Exchange:
         self.keep_alive = True
         self.chunked = False
         self.content_length: int | None = None
+        self.content_length_out: int | None = None  # the response's, as sent to the client
         self.body_expected = False
+        # An Upgrade request: llhttp parses nothing after its head, so the
+        # connection ends with this exchange, whether or not it switches.
         self.upgrade = False
+        self.upgrade_to: bytes | None = None  # the Upgrade value forwarded; None: not an upgrade for edge
+        self.body_apart = False  # a refused upgrade whose body is read by a parser of its own
         # Body pieces read before a backend connection is ready; None once streaming.
         self.body: list[bytes] | None = []
         self.buffered = 0
