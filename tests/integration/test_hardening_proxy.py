@@ -395,3 +395,26 @@ def test_round_robin_even_around_a_down_backend(hedge: EdgeProcess, backend: str
         assert sorted(counts.values()) == [6, 6], counts
     finally:
         second.shutdown()
+
+
+# --- 10. request ids unique across workers ----------------------------------------------------
+
+
+def test_request_ids_unique_across_workers(tmp_path_factory: pytest.TempPathFactory, backend: str) -> None:
+    from tests.integration.test_workers import worker_pids
+
+    process = EdgeProcess(tmp_path_factory.mktemp("ids"))
+    process.config.write_text(process.config.read_text().replace('admin = ""', 'admin = ""\nworkers = 2'))
+    process.start()
+    try:
+        process.cli("apps-add", "demo", "--backend", backend)
+        process.wait_routed("demo.edge.test")
+        wait_for(lambda: len(worker_pids(process)) == 2)
+        ids = []
+        for _ in range(40):  # new connections: SO_REUSEPORT spreads them over both workers
+            answer = exchange(process, b"GET / HTTP/1.1\r\nHost: demo.edge.test\r\nConnection: close\r\n\r\n")
+            ids.append(echo_headers(answer)["x-request-id"][0])
+    finally:
+        process.stop()
+    assert len(set(ids)) == len(ids), sorted(ids)
+    assert len({i[:16] for i in ids}) == 2  # one prefix per worker, not the parent's
