@@ -45,7 +45,17 @@ class ResponseSink(Protocol):
     def upstream_resume(self) -> None: ...
 
 
-class BackendConnection(asyncio.Protocol):
+# What one read from a backend may bring: reads go into this buffer, shared
+# by every backend connection of the process, and are copied out at their
+# size. A plain Protocol would read up to 256 KiB per call (uvloop), and a
+# stalled client would then hold a whole such read on top of its transport's
+# buffers: 100 stalled readers cost +128 MiB of RSS before this bound.
+READ_SIZE = 64 * 1024
+WRITE_HIGH_WATER = 64 * 1024  # request bytes held for a slow backend before the client is paused
+_READ_BUFFER = memoryview(bytearray(READ_SIZE))
+
+
+class BackendConnection(asyncio.BufferedProtocol):
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.transport: asyncio.Transport | None = None
@@ -104,6 +114,14 @@ class BackendConnection(asyncio.Protocol):
     # --- asyncio.Protocol -----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _READ_BUFFER
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # A copy: body pieces are kept in the client's write buffers.
+        self.data_received(bytes(_READ_BUFFER[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         if self._tunnel:

@@ -418,3 +418,51 @@ def test_request_ids_unique_across_workers(tmp_path_factory: pytest.TempPathFact
         process.stop()
     assert len(set(ids)) == len(ids), sorted(ids)
     assert len({i[:16] for i in ids}) == 2  # one prefix per worker, not the parent's
+
+
+# --- 11. memory per stalled reader ----------------------------------------------------------
+
+
+def stalled_readers_growth(edge: EdgeProcess, clients: int, size: int) -> int:
+    """KiB of RSS edge grows by while ``clients`` TLS clients each ask for
+    ``size`` bytes and read none of them."""
+    from tests.integration.test_data_path import rss_kib
+
+    assert edge.proc is not None
+    ctx = ssl.create_default_context(cafile=str(edge.dev_ca))
+    socks = []
+    try:
+        for _ in range(3):  # warm up: the first connections allocate what every one shares
+            exchange(edge, b"GET / HTTP/1.1\r\nHost: demo.edge.test\r\nConnection: close\r\n\r\n")
+        before, _ = rss_kib(edge.proc.pid)
+        for _ in range(clients):
+            raw_sock = socket.socket()
+            raw_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+            raw_sock.settimeout(10)
+            raw_sock.connect(("127.0.0.1", edge.https_port))
+            sock = ctx.wrap_socket(raw_sock, server_hostname="demo.edge.test")
+            sock.sendall(f"GET /bytes/{size} HTTP/1.1\r\nHost: demo.edge.test\r\n\r\n".encode())
+            socks.append(sock)
+        # Let edge fill every buffer it is willing to fill.
+        samples = []
+        for _ in range(6):
+            time.sleep(0.5)
+            samples.append(rss_kib(edge.proc.pid)[0])
+        return max(samples) - before
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_stalled_readers_hold_little_memory(tmp_path_factory: pytest.TempPathFactory, backend: str) -> None:
+    process = EdgeProcess(tmp_path_factory.mktemp("stalled"))
+    process.config.write_text(process.config.read_text().replace('level = "debug"', 'level = "info"'))
+    process.start()
+    try:
+        process.cli("apps-add", "demo", "--backend", backend)
+        process.wait_routed("demo.edge.test")
+        grown = stalled_readers_growth(process, 100, 8 * 1024 * 1024)
+    finally:
+        process.stop()
+    print(f"100 stalled readers of 8 MiB: edge RSS +{grown} KiB")
+    assert grown < 64 * 1024, f"100 stalled readers cost {grown} KiB"
