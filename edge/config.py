@@ -104,6 +104,7 @@ class LogConfig:
     level: str = "info"
     access_log: bool = False
     format: str = "text"  # "text" or "json" (one object per line)
+    access_format: str = "json"  # access lines: "json" or "combined" (Apache/nginx combined log format)
     file: Path | None = None  # None: standard error; SIGUSR1 reopens it (logrotate)
 
 
@@ -379,8 +380,11 @@ def parse(text: str, path: Path) -> Config:
     log_format = t.get("format", str, "text")
     if log_format not in ("text", "json"):
         raise t.fail("format", f'expected "text" or "json", got {log_format!r}')
+    access_format = t.get("access_format", str, "json")
+    if access_format not in ("json", "combined"):
+        raise t.fail("access_format", f'expected "json" or "combined", got {access_format!r}')
     log = LogConfig(level=level, access_log=t.get("access_log", bool, False), format=log_format,
-                    file=t.path("file", None, base))
+                    access_format=access_format, file=t.path("file", None, base))
     t.done()
 
     if server.admin and not server.admin.is_loopback and not server.admin_token:

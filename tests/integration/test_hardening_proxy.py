@@ -466,3 +466,38 @@ def test_stalled_readers_hold_little_memory(tmp_path_factory: pytest.TempPathFac
         process.stop()
     print(f"100 stalled readers of 8 MiB: edge RSS +{grown} KiB")
     assert grown < 64 * 1024, f"100 stalled readers cost {grown} KiB"
+
+
+# --- 15.11. access log: user agent, referer, protocol; the combined format -------------------
+
+
+def test_access_log_has_agent_referer_protocol(hedge: EdgeProcess) -> None:
+    exchange(hedge, b"GET /ua?q=1 HTTP/1.1\r\nHost: demo.edge.test\r\nUser-Agent: probe/1.0\r\n"
+                    b"Referer: https://ref.example/\r\nX-Request-ID: ua-1\r\nConnection: close\r\n\r\n")
+
+    def logged() -> dict | None:
+        for line in bytes(hedge.log).decode().splitlines():
+            if '"request_id":"ua-1"' in line:
+                return json.loads(line[line.index("{"):])
+        return None
+
+    entry = wait_for(logged)
+    assert entry["user_agent"] == "probe/1.0" and entry["referer"] == "https://ref.example/"
+    assert entry["protocol"] == "HTTP/1.1"
+
+
+def test_access_log_combined_format(tmp_path_factory: pytest.TempPathFactory, backend: str) -> None:
+    process = EdgeProcess(tmp_path_factory.mktemp("combined"))
+    process.config.write_text(process.config.read_text().replace(
+        'level = "debug"', 'level = "info"\naccess_log = true\naccess_format = "combined"'))
+    process.start()
+    try:
+        process.cli("apps-add", "demo", "--backend", backend)
+        process.wait_routed("demo.edge.test")
+        exchange(process, b'GET /c?x="1" HTTP/1.1\r\nHost: demo.edge.test\r\nUser-Agent: probe "2"\r\n'
+                          b"Connection: close\r\n\r\n")
+        pattern = re.compile(r'^127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d \+0000\] '
+                             r'"GET /c\?x=\\x221\\x22 HTTP/1\.1" 200 \d+ "-" "probe \\x222\\x22"$')
+        wait_for(lambda: any(pattern.match(line) for line in bytes(process.log).decode().splitlines()))
+    finally:
+        process.stop()
