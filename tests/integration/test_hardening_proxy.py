@@ -33,6 +33,7 @@ class RawBackend:
         self.heads: list[bytes] = []
         self.scripts: dict[str, Script] = {}
         self.connections = 0
+        self.ended: list[float] = []  # when each connection was closed by edge
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -45,31 +46,43 @@ class RawBackend:
             threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
 
     def _serve(self, sock: socket.socket) -> None:
+        try:
+            self._exchanges(sock)
+        finally:
+            self.ended.append(time.monotonic())
+            sock.close()
+
+    def _exchanges(self, sock: socket.socket) -> None:
         buffer = b""
-        with sock:
-            while True:
-                while b"\r\n\r\n" not in buffer:
-                    try:
-                        data = sock.recv(65536)
-                    except OSError:
-                        return
-                    if not data:
-                        return
-                    buffer += data
-                head, _, buffer = buffer.partition(b"\r\n\r\n")
-                self.heads.append(head)
-                length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
-                need = int(length.group(1)) if length else 0
-                while len(buffer) < need:
-                    buffer += sock.recv(65536)
-                buffer = buffer[need:]
-                path = head.split(b" ")[1].decode()
-                script = self.scripts.get(path.split("?")[0], _ok)
+        while True:
+            while b"\r\n\r\n" not in buffer:
                 try:
-                    if not script(sock, head):
-                        return
+                    data = sock.recv(65536)
                 except OSError:
                     return
+                if not data:
+                    return
+                buffer += data
+            head, _, buffer = buffer.partition(b"\r\n\r\n")
+            self.heads.append(head)
+            length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+            need = int(length.group(1)) if length else 0
+            while len(buffer) < need:
+                try:
+                    data = sock.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                buffer += data
+            buffer = buffer[need:]
+            path = head.split(b" ")[1].decode()
+            script = self.scripts.get(path.split("?")[0], _ok)
+            try:
+                if not script(sock, head):
+                    return
+            except OSError:
+                return
 
     def close(self) -> None:
         self.server.close()
@@ -350,6 +363,21 @@ def test_early_answer_mid_upload_is_not_pooled(hedge: EdgeProcess, raw: RawBacke
     assert answer.endswith(b"fine")
     wait_for(lambda: after_answer)
     assert b"/next" not in after_answer[0], after_answer
+
+
+def test_client_ending_mid_body_ends_the_backend_request(hedge: EdgeProcess, raw: RawBackend) -> None:
+    """A plain-HTTP client half-closes after part of its body: edge must not
+    leave the backend waiting for the rest (request-side truncation)."""
+    hedge.cli("apps-add", "plainraw", "--backend", raw.address, "--no-force-https")
+    hedge.wait_routed("plainraw.edge.test")
+    with socket.create_connection(("127.0.0.1", hedge.http_port), timeout=5) as sock:
+        sock.sendall(b"POST /partial HTTP/1.1\r\nHost: plainraw.edge.test\r\nContent-Length: 1000\r\n\r\n" + b"p" * 10)
+        wait_for(lambda: any(b"/partial" in head for head in raw.heads))
+        ended_before = len(raw.ended)
+        sock.shutdown(socket.SHUT_WR)
+        started = time.monotonic()
+        wait_for(lambda: len(raw.ended) > ended_before, timeout=5)
+        assert max(raw.ended) - started < 2
 
 
 # --- 18. Connection cannot remove what edge sets -----------------------------------------------
