@@ -174,8 +174,9 @@ class BackendConnection(asyncio.BufferedProtocol):
             self._fail(UpstreamError("closed", f"{self.backend} closed the upgraded connection"))
             return
         if self.sink is not None and not self._done:
-            if self._close_delimited:
-                # A close-delimited body ends with the connection (RFC 9112 §6.3 item 8).
+            if self._close_delimited and exc is None:
+                # A close-delimited body ends with the connection (RFC 9112 §6.3
+                # item 8): a clean close, not a reset (an error is a cut body).
                 self._finish(False)
             elif self._got_response:
                 # Content-Length or chunked, cut short: the message is incomplete

@@ -8,6 +8,7 @@ import json
 import re
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -203,6 +204,24 @@ CUT = {
     "/cut-mid-chunk": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1000\r\n" + b"a" * 500,
     "/cut-length": b"HTTP/1.1 200 OK\r\nContent-Length: 4096\r\n\r\n" + b"a" * 500,
 }
+
+
+def reset_after(data: bytes) -> Script:
+    """Send ``data``, then reset the connection (RST, not a clean close)."""
+    def script(sock: socket.socket, head: bytes) -> bool:
+        sock.sendall(data)
+        time.sleep(0.1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        return False
+
+    return script
+
+
+def test_close_delimited_body_ended_by_a_reset_is_an_abort(hedge: EdgeProcess, raw: RawBackend) -> None:
+    raw.scripts["/reset"] = reset_after(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"r" * 500)
+    result = hedge.curl(f"https://raw.edge.test:{hedge.https_port}/reset", "--cacert", str(hedge.dev_ca),
+                        "-o", "/dev/null")
+    assert result.returncode == 18, (result.returncode, result.stderr)
 
 
 @pytest.mark.parametrize("path", sorted(CUT))
