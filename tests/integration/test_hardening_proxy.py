@@ -548,3 +548,32 @@ def test_access_log_combined_format(tmp_path_factory: pytest.TempPathFactory, ba
         wait_for(lambda: any(pattern.match(line) for line in bytes(process.log).decode().splitlines()))
     finally:
         process.stop()
+
+
+# --- 6. http_reuse = "safe" (an experiment behind a flag) -------------------------------------
+
+
+def test_http_reuse_safe_first_request_gets_its_own_connection(
+    tmp_path_factory: pytest.TempPathFactory, backend: str
+) -> None:
+    process = EdgeProcess(tmp_path_factory.mktemp("reuse-safe"))
+    process.config.write_text(process.config.read_text().replace(
+        "[proxy]\n", '[proxy]\nhttp_reuse = "safe"\n'))
+    process.start()
+    try:
+        process.cli("apps-add", "demo", "--backend", backend)
+        process.wait_routed("demo.edge.test")
+        ports = []
+        for _ in range(4):  # each a new client connection: each a new backend connection
+            answer = exchange(process, b"GET / HTTP/1.1\r\nHost: demo.edge.test\r\nConnection: close\r\n\r\n")
+            ports.append(json.loads(answer.partition(b"\r\n\r\n")[2])["client_port"])
+        with tls_socket(process) as sock:  # later requests of one connection may reuse
+            buffer = bytearray()
+            again = set()
+            for _ in range(3):
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: demo.edge.test\r\n\r\n")
+                again.add(json.loads(read_response(sock, buffer)[2])["client_port"])
+    finally:
+        process.stop()
+    assert len(set(ports)) == 4, ports
+    assert len(again) == 1
