@@ -577,3 +577,17 @@ def test_http_reuse_safe_first_request_gets_its_own_connection(
         process.stop()
     assert len(set(ports)) == 4, ports
     assert len(again) == 1
+
+
+def test_curl_h2c_upgrade_with_body_on_port_80(hedge: EdgeProcess, backend: str) -> None:
+    """curl --http2 on http:// asks for h2c on its first request, a POST with
+    its body included: answered over HTTP/1.1, the body forwarded whole."""
+    hedge.cli("apps-add", "plaindemo", "--backend", backend, "--no-force-https")
+    hedge.wait_routed("plaindemo.edge.test")
+    result = hedge.curl(f"http://plaindemo.edge.test:{hedge.http_port}/h2c-post", "--http2", "-d", "x" * 1000,
+                        "-w", "\n%{http_version}")
+    body, _, version = result.stdout.rpartition("\n")
+    assert result.returncode == 0 and version == "1.1", result
+    echo = json.loads(body)
+    assert echo["body_length"] == 1000
+    assert not {"upgrade", "http2-settings"} & {name for name, _ in echo["headers"]}
