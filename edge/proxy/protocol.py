@@ -5,7 +5,11 @@ paused. Per request: an ``Exchange``. Requests are answered in order;
 pipelined ones wait in a queue with reading paused so they cannot pile up.
 Bodies stream both ways with back-pressure: a slow client pauses the
 backend's reads, a slow backend pauses the client's. After a ``101`` the
-connection becomes a byte pipe to the backend (WebSocket and other upgrades).
+connection becomes a byte pipe to the backend (WebSocket and other non-HTTP
+upgrades; never h2c, see ``h1.forwardable_upgrade``).
+
+Mixins hold the rest: ``forwarding`` (route and send upstream), ``responses``
+(what the backend answers), ``answers`` (what edge answers itself).
 """
 
 from __future__ import annotations

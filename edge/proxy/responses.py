@@ -18,6 +18,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edge.proxy.protocol")
 
+# What a failed exchange with a backend answers (RFC 9110 §15.6.3, §15.6.5).
+STATUS_FOR = {"refused": 502, "reset": 502, "protocol": 502, "closed": 502, "timeout": 504}
+
+
 def _solicited(exchange: Exchange, headers: list[tuple[bytes, bytes]]) -> bool:
     """A 101 switching to a protocol the forwarded request asked for."""
     if exchange.upgrade_to is None:
@@ -25,10 +29,6 @@ def _solicited(exchange: Exchange, headers: list[tuple[bytes, bytes]]) -> bool:
     offered = h1.upgrade_protocols([(b"upgrade", exchange.upgrade_to)])
     chosen = h1.upgrade_protocols(headers)
     return bool(chosen) and all(p in offered for p in chosen)
-
-
-# What a failed exchange with a backend answers (RFC 9110 §15.6.3, §15.6.5).
-STATUS_FOR = {"refused": 502, "reset": 502, "protocol": 502, "closed": 502, "timeout": 504}
 
 
 class ResponseSide:
