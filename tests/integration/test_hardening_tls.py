@@ -148,3 +148,128 @@ def test_fd_limit_pauses_accepting_and_recovers(admin_edge: tuple[EdgeProcess, i
     assert b" 200 " in _get(admin_port, "/healthz")
     assert _get(edge.http_port, "/").startswith(b"HTTP/1.1 ")
     assert b"accept on" in bytes(edge.log)  # said once, with a count
+
+
+# --- crafted ClientHellos -----------------------------------------------------------------
+
+_FIXTURE = Path(__file__).parents[1] / "fixtures" / "clienthello-openssl-3.0.hex"
+
+
+def _vector(data: bytes, pos: int, size: int) -> tuple[bytes, int]:
+    length = int.from_bytes(data[pos:pos + size], "big")
+    return data[pos + size:pos + size + length], pos + size + length
+
+
+def crafted_hello(server_name: bytes | None = b"demo.edge.test", alpn: list[bytes] | None = None,
+                  padding: int = 0, record_size: int = 16384) -> bytes:
+    """openssl s_client's ClientHello (tests/fixtures) with its SNI and ALPN
+    replaced, ``padding`` bytes of an unknown extension added (past 60,000:
+    unknown cipher suites, as an extensions block holds at most 2^16-1 bytes),
+    cut into records."""
+    body = bytes.fromhex(_FIXTURE.read_text().strip())[9:]
+    pos = 34
+    _, pos = _vector(body, pos, 1)
+    ciphers, end = _vector(body, pos, 2)
+    extra = max(0, padding - 60_000) // 2 * 2
+    padding -= extra
+    ciphers += b"\x0a\x0a" * (extra // 2)  # GREASE values (RFC 8701): unknown, ignored
+    body = body[:pos] + len(ciphers).to_bytes(2, "big") + ciphers + body[end:]
+    pos += 2 + len(ciphers)
+    _, pos = _vector(body, pos, 1)
+    extensions, _ = _vector(body, pos, 2)
+    out, at = [], 0
+    while at < len(extensions):
+        kind = int.from_bytes(extensions[at:at + 2], "big")
+        data, end = _vector(extensions, at + 2, 2)
+        if kind not in (0, 16, 21, 41):  # SNI, ALPN, padding: replaced; psk (41) must stay last: dropped
+            out.append(extensions[at:end])
+        at = end
+    if server_name is not None:
+        entry = b"\x00" + len(server_name).to_bytes(2, "big") + server_name
+        out.insert(0, _ext(0, len(entry).to_bytes(2, "big") + entry))
+    if alpn:
+        protocols = b"".join(len(p).to_bytes(1, "big") + p for p in alpn)
+        out.append(_ext(16, len(protocols).to_bytes(2, "big") + protocols))
+    if padding:
+        out.append(_ext(0xFFAA, b"\0" * padding))  # an unknown extension: ignored (RFC 8446 §4.2)
+    joined = b"".join(out)
+    message = body[:pos] + len(joined).to_bytes(2, "big") + joined
+    message = b"\x01" + len(message).to_bytes(3, "big") + message
+    return b"".join(b"\x16\x03\x01" + len(chunk).to_bytes(2, "big") + chunk
+                    for chunk in (message[i:i + record_size] for i in range(0, len(message), record_size)))
+
+
+def _ext(kind: int, data: bytes) -> bytes:
+    return kind.to_bytes(2, "big") + len(data).to_bytes(2, "big") + data
+
+
+def first_record(edge: EdgeProcess, hello: bytes) -> bytes:
+    """Send ``hello`` and return the header and first body bytes edge answers
+    with (a ServerHello: 16 03 03 .. .. 02; an alert: 15 03 03 00 02 02 DESC).
+    Raises ConnectionResetError when edge resets the connection."""
+    with socket.create_connection(("127.0.0.1", edge.https_port), timeout=5) as sock:
+        sock.sendall(hello)
+        answer = b""
+        while len(answer) < 7:
+            chunk = sock.recv(7 - len(answer))
+            if not chunk:
+                break
+            answer += chunk
+        return answer
+
+
+SERVER_HELLO = b"\x16\x03\x03"
+
+
+def test_crafted_hello_is_answered(edge: EdgeProcess) -> None:
+    answer = first_record(edge, crafted_hello())
+    assert answer.startswith(SERVER_HELLO) and answer[5] == 2, answer
+
+
+# --- #11.15: ClientHellos over several records ---------------------------------------------
+
+
+@pytest.mark.parametrize(("padding", "record_size"), [(20_000, 16384), (40_000, 16384), (60_000, 16384),
+                                                      (30_000, 4096), (3000, 100)])
+def test_large_client_hello_over_several_records(edge: EdgeProcess, padding: int, record_size: int) -> None:
+    """RFC 8446 §5.1 lets a ClientHello span records; over 16 KiB edge reset the connection."""
+    answer = first_record(edge, crafted_hello(padding=padding, record_size=record_size))
+    assert answer.startswith(SERVER_HELLO) and answer[5] == 2, answer
+
+
+@pytest.mark.parametrize(("padding", "record_size"), [(70_000, 16384), (5000, 50)])
+def test_oversized_client_hello_gets_an_alert(edge: EdgeProcess, padding: int, record_size: int) -> None:
+    """Past 64 KiB (or 64 records) edge refuses with illegal_parameter(47), not a reset."""
+    answer = first_record(edge, crafted_hello(padding=padding, record_size=record_size))
+    assert answer == b"\x15\x03\x03\x00\x02\x02\x2f", answer
+
+
+# --- #11.14: any SNI bytes -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["bücher.example".encode(), "bücher.example".encode("latin-1"), b"\xff\xfe.example",
+                                  b"a\x00b.example", b"a" * 300, b"-bad-.example", b"demo.edge.test\x7f",
+                                  b"DEMO.edge.test."])
+def test_any_sni_bytes_without_traceback(edge: EdgeProcess, name: bytes) -> None:
+    """A non-ASCII SNI made CPython's SNI callback print a traceback per handshake
+    on stderr and fail it. Now the name is treated as absent (SPEC §2); OpenSSL
+    itself refuses NUL and over-long names with an alert."""
+    before = len(edge.log)
+    answer = first_record(edge, crafted_hello(server_name=name))
+    if b"\0" in name or len(name) > 255:
+        assert answer == b"\x15\x03\x03\x00\x02\x02\x70" or answer.startswith(b"\x15\x03\x01\x00\x02\x02\x70"), answer
+    else:
+        assert answer.startswith(SERVER_HELLO) and answer[5] == 2, answer
+    time.sleep(0.2)
+    logged = bytes(edge.log[before:])
+    assert b"Traceback" not in logged and b"Exception ignored" not in logged, logged.decode(errors="replace")
+
+
+def test_non_ascii_sni_gets_the_default_certificate(edge: EdgeProcess) -> None:
+    require_tool("openssl")
+    before = len(edge.log)
+    result = edge.openssl("-servername", "bücher.edge.test")
+    assert "Cipher is (NONE)" not in result.stdout, result.stdout + result.stderr
+    assert "subject=CN = *.edge.test" in result.stdout, result.stdout  # the default (platform) certificate
+    time.sleep(0.2)
+    assert b"Traceback" not in bytes(edge.log[before:])
