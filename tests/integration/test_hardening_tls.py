@@ -180,7 +180,7 @@ def crafted_hello(server_name: bytes | None = b"demo.edge.test", alpn: list[byte
     out, at = [], 0
     while at < len(extensions):
         kind = int.from_bytes(extensions[at:at + 2], "big")
-        data, end = _vector(extensions, at + 2, 2)
+        _, end = _vector(extensions, at + 2, 2)
         if kind not in (0, 16, 21, 41):  # SNI, ALPN, padding: replaced; psk (41) must stay last: dropped
             out.append(extensions[at:end])
         at = end
