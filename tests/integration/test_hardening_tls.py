@@ -71,12 +71,13 @@ def _tls_client() -> ssl.SSLContext:
     return ctx
 
 
-def _get(port: int, path: str, timeout: float = 2.0, sock: socket.socket | None = None) -> bytes:
+def _get(port: int, path: str, timeout: float = 2.0, sock: socket.socket | None = None,
+         host: str = "127.0.0.1") -> bytes:
     """One HTTP/1.1 request; on ``sock`` (kept alive) or a new connection."""
     conn = sock or socket.create_connection(("127.0.0.1", port), timeout=timeout)
     try:
         conn.settimeout(timeout)
-        conn.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        conn.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
         return conn.recv(4096)
     finally:
         if sock is None:
@@ -273,3 +274,61 @@ def test_non_ascii_sni_gets_the_default_certificate(edge: EdgeProcess) -> None:
     assert "subject=CN = *.edge.test" in result.stdout, result.stdout  # the default (platform) certificate
     time.sleep(0.2)
     assert b"Traceback" not in bytes(edge.log[before:])
+
+
+# --- #11.16: acme-tls/1 among other protocols -------------------------------------------
+
+
+@pytest.mark.parametrize("alpn", [["h2", "acme-tls/1", "http/1.1"], ["acme-tls/1", "http/1.1"],
+                                  ["http/1.1", "acme-tls/1"]])
+def test_acme_tls_among_others_is_a_normal_handshake(edge: EdgeProcess, alpn: list[str]) -> None:
+    """RFC 8737 §3: only a list that is exactly acme-tls/1 is a TLS-ALPN-01
+    validation; a client listing it among others was reset."""
+    ctx = _tls_client()
+    ctx.set_alpn_protocols(alpn)
+    with socket.create_connection(("127.0.0.1", edge.https_port), timeout=5) as raw, \
+            ctx.wrap_socket(raw, server_hostname="demo.edge.test") as tls:
+        assert tls.selected_alpn_protocol() == "http/1.1"
+        assert _get(edge.https_port, "/", sock=tls, host="demo.edge.test").startswith(b"HTTP/1.1 200 ")
+
+
+# --- #11.20: TLS alerts reach the client ---------------------------------------------------
+
+
+def test_alert_protocol_version(edge: EdgeProcess) -> None:
+    require_tool("openssl")
+    result = edge.openssl("-servername", "demo.edge.test", "-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0")
+    assert "alert protocol version" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("args", [["-tls1_3", "-groups", "ffdhe8192"], ["-tls1_2", "-cipher", "AES128-SHA"]])
+def test_alert_handshake_failure(edge: EdgeProcess, args: list[str]) -> None:
+    require_tool("openssl")
+    result = edge.openssl("-servername", "demo.edge.test", *args)
+    assert "alert handshake failure" in result.stderr, result.stderr
+
+
+def test_alert_no_application_protocol_for_an_unexpected_validation(edge: EdgeProcess) -> None:
+    require_tool("openssl")
+    result = edge.openssl("-servername", "demo.edge.test", "-alpn", "acme-tls/1")
+    assert "no application protocol" in result.stderr, result.stderr
+
+
+@pytest.fixture(scope="module")
+def strict_edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgeProcess]:
+    process = EdgeProcess(tmp_path_factory.mktemp("strict"))
+    process.config.write_text(process.config.read_text().replace(
+        'key = "dev/platform.key"', 'key = "dev/platform.key"\nstrict_sni = true'))
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.mark.parametrize("name", ["unknown.example.org", None])
+def test_alert_unrecognized_name_with_strict_sni(strict_edge: EdgeProcess, name: str | None) -> None:
+    require_tool("openssl")
+    result = strict_edge.openssl(*(["-servername", name] if name else ["-noservername"]))
+    assert "unrecognized name" in result.stderr, result.stderr
+    assert "subject=" not in result.stdout  # no certificate served
+    ok = strict_edge.openssl("-servername", "app.edge.test")
+    assert "Cipher is (NONE)" not in ok.stdout, ok.stdout
