@@ -159,7 +159,7 @@ class TlsAcceptor:
             # Plain HTTP on the TLS port: say so, as nginx does (its 497).
             close_gently(sock, _PLAIN_HTTP_ANSWER if data[:1].isalpha() else b"")
         else:
-            sock.close()  # closed before its ClientHello was whole
+            close_gently(sock)  # closed before its ClientHello was whole: FIN back, not a reset
 
     # --- selection -----------------------------------------------------------------
     def _start(self, sock: socket.socket, factory: ProtocolFactory, hello: clienthello.ClientHello,

@@ -332,3 +332,53 @@ def test_alert_unrecognized_name_with_strict_sni(strict_edge: EdgeProcess, name:
     assert "subject=" not in result.stdout  # no certificate served
     ok = strict_edge.openssl("-servername", "app.edge.test")
     assert "Cipher is (NONE)" not in ok.stdout, ok.stdout
+
+
+# --- #11.12: ClientHellos that trickle in ------------------------------------------------
+
+
+@pytest.fixture
+def many_descriptors(edge: EdgeProcess) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
+    assert edge.proc is not None
+    resource.prlimit(edge.proc.pid, resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
+
+
+def test_partial_client_hellos_cost_no_cpu(edge: EdgeProcess, many_descriptors: None) -> None:
+    """A connection whose ClientHello was incomplete was re-peeked every few ms
+    (up to 50 ms) until the handshake timeout: 8,000 of them took ~80% CPU."""
+    assert edge.proc is not None
+    hello = crafted_hello()
+    count = min(2000, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 100)
+    held = []
+    try:
+        for _ in range(count):
+            sock = socket.create_connection(("127.0.0.1", edge.https_port), timeout=5)
+            sock.sendall(hello[:100])
+            held.append(sock)
+        time.sleep(0.3)  # past any back-off
+        before = _cpu_seconds(edge.proc.pid)
+        time.sleep(2)
+        cpu = _cpu_seconds(edge.proc.pid) - before
+        print(f"CPU with {count} partial ClientHellos: {cpu:.2f} s in 2 s")
+        assert cpu < 0.1, f"{cpu:.2f} s of CPU in 2 s for {count} waiting connections"
+        # They complete when the rest arrives, and clients that give up are let go.
+        for sock in held[:10]:
+            sock.sendall(hello[100:])
+            assert sock.recv(6)[:3] == SERVER_HELLO
+        for sock in held[10:20]:
+            sock.shutdown(socket.SHUT_WR)
+            assert sock.recv(10) == b""
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_client_hello_byte_by_byte(edge: EdgeProcess) -> None:
+    hello = crafted_hello(record_size=512)
+    with socket.create_connection(("127.0.0.1", edge.https_port), timeout=5) as sock:
+        for i in range(0, len(hello), 37):
+            sock.sendall(hello[i:i + 37])
+            time.sleep(0.002)
+        assert sock.recv(6)[:3] == SERVER_HELLO
