@@ -106,6 +106,7 @@ class TlsAcceptor:
         self._readers: list[HelloReader] = []
         self._tasks: set[asyncio.Task] = set()
         handover.install(listener_context)
+        handover.quiet_writes_after_close()
 
     # --- listening -----------------------------------------------------------
     def listen(self, sock: socket.socket, protocol_factory: ProtocolFactory) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import ssl
 from collections.abc import Callable
 from socket import socket
@@ -116,3 +117,22 @@ def start_tls(
         loop.connect_accepted_socket(protocol_factory, sock, ssl=listener, ssl_handshake_timeout=timeout),
         context=run_in,
     )
+
+
+# What uvloop (like asyncio) logs at WARNING, without saying which connection,
+# when a protocol writes to a transport whose client has gone (from the 5th
+# such write on): a client closing mid-response is normal traffic, and a line
+# naming no client or host helps nobody, at any level. Dropped.
+_AFTER_CLOSE = frozenset({"SSL connection is closed", "socket.send() raised exception."})
+
+
+class _WritesAfterClose(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg not in _AFTER_CLOSE
+
+
+def quiet_writes_after_close() -> None:
+    """Drop uvloop's writes-after-close warnings (idempotent)."""
+    logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _WritesAfterClose) for f in logger.filters):
+        logger.addFilter(_WritesAfterClose())

@@ -6,6 +6,7 @@ import os
 import resource
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -382,3 +383,24 @@ def test_client_hello_byte_by_byte(edge: EdgeProcess) -> None:
             sock.sendall(hello[i:i + 37])
             time.sleep(0.002)
         assert sock.recv(6)[:3] == SERVER_HELLO
+
+
+# --- #15.9: no context-free asyncio warnings ------------------------------------------------
+
+
+def test_clients_leaving_mid_response_leave_no_asyncio_warning(edge: EdgeProcess) -> None:
+    """uvloop logged ``WARNING asyncio: SSL connection is closed`` (no client, no
+    name) when a response was written to a transport its client had dropped."""
+    before = len(edge.log)
+    for abort in (True, False) * 10:
+        raw = socket.create_connection(("127.0.0.1", edge.https_port), timeout=5)
+        tls = _tls_client().wrap_socket(raw, server_hostname="demo.edge.test")
+        tls.sendall(b"GET /bytes/20000000 HTTP/1.1\r\nHost: demo.edge.test\r\n\r\n")
+        tls.recv(1000)
+        if abort:  # a reset, as a browser tab closed mid-download
+            tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        tls.close()
+    time.sleep(1)
+    logged = bytes(edge.log[before:]).decode(errors="replace")
+    assert "SSL connection is closed" not in logged, logged[-3000:]
+    assert "WARNING asyncio" not in logged and "ERROR asyncio" not in logged, logged[-3000:]
