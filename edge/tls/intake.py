@@ -31,6 +31,12 @@ log = logging.getLogger(__name__)
 
 # accept(2) errors that mean "no resource now", not "this connection is bad".
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# accept(2) "Error handling": Linux passes a pending network error of the new
+# connection to accept(); that connection is gone, the next one may be fine.
+CONNECTION_ERRNOS = frozenset({
+    errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.ENOPROTOOPT, errno.EHOSTDOWN,
+    errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH,
+})
 PAUSE_FIRST = 0.1  # seconds without accepting after a resource error...
 PAUSE_MAX = 1.0  # ...doubling while it lasts, up to this
 LOG_EVERY = 10.0  # at most one warning per this many seconds while it lasts
@@ -67,13 +73,14 @@ class AcceptLoop:
                 self._pause = PAUSE_FIRST
                 return
             except OSError as exc:
-                if exc.errno in RESOURCE_ERRNOS:
-                    self._stop_for_a_while(exc)
-                    return
-                # ECONNABORTED, EPROTO, ...: that connection died in the
-                # backlog (accept(2) "Error handling"); the next one may be fine.
-                log.debug("accept: %s", exc)
-                continue
+                if exc.errno in CONNECTION_ERRNOS:
+                    log.debug("accept: %s", exc)
+                    continue
+                # Out of descriptors or memory, or anything unforeseen: a
+                # readable listener we cannot accept from must not be retried
+                # at once, or the loop spins.
+                self._stop_for_a_while(exc)
+                return
             self.on_socket(conn)
 
     def _stop_for_a_while(self, exc: OSError) -> None:
