@@ -101,6 +101,44 @@ class AcceptLoop:
         self._loop.add_reader(self.sock.fileno(), self._ready)
 
 
+class PlainListener:
+    """A listener whose connections go to ``protocol_factory`` without TLS.
+
+    What ``loop.create_server(sock=...)`` does, with ``AcceptLoop``'s
+    behaviour at the descriptor limit: under uvloop, libuv answers EMFILE by
+    accepting and closing the waiting connections with a spare descriptor
+    (their clients see a reset), and when that fails, or on ENOBUFS/ENOMEM,
+    uvloop closes the listening server for good. Here they wait in the
+    backlog until descriptors free up. Knows nothing of HTTP."""
+
+    def __init__(self, sock: socket.socket, protocol_factory: Callable[[], asyncio.BaseProtocol]) -> None:
+        self.sockets = [sock]
+        self._factory = protocol_factory
+        self._loop = asyncio.get_running_loop()
+        self._tasks: set[asyncio.Task] = set()
+        sock.setblocking(False)
+        self._accept = AcceptLoop(sock, self._accepted)
+
+    def _accepted(self, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        task = self._loop.create_task(self._loop.connect_accepted_socket(self._factory, conn))
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("plain connection failed at once: %s", task.exception())
+
+    @property
+    def accept_pauses(self) -> int:
+        return self._accept.paused_count
+
+    def close(self) -> None:
+        self._accept.close()
+
+
 def _name(sock: socket.socket) -> str:
     try:
         host, port = sock.getsockname()[:2]

@@ -122,13 +122,14 @@ def test_fd_limit_pauses_accepting_and_recovers(admin_edge: tuple[EdgeProcess, i
             waiting = socket.create_connection(("127.0.0.1", edge.https_port), timeout=1)
             waiting.sendall(b"\x16\x03\x01\x00")
             held.append(waiting)
-        # The plain-HTTP and admin listeners (uvloop servers) meet the limit too:
-        # libuv sheds those connections (accept + close with a spare descriptor)
-        # and must keep listening.
-        for port in (edge.http_port, admin_port):
-            waiting = socket.create_connection(("127.0.0.1", port), timeout=1)
-            waiting.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            held.append(waiting)
+        # The plain-HTTP listener meets the limit too: its client waits in the
+        # backlog (under uvloop's create_server, libuv reset it). The admin API
+        # (aiohttp on uvloop) sheds it so, but must keep listening.
+        http_waiting = socket.create_connection(("127.0.0.1", edge.http_port), timeout=5)
+        http_waiting.sendall(b"GET / HTTP/1.1\r\nHost: demo.edge.test\r\nConnection: close\r\n\r\n")
+        admin_waiting = socket.create_connection(("127.0.0.1", admin_port), timeout=1)
+        admin_waiting.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        held.append(admin_waiting)
         time.sleep(0.3)
         log_before, cpu_before = len(edge.log), _cpu_seconds(pid)
         time.sleep(2)
@@ -145,7 +146,10 @@ def test_fd_limit_pauses_accepting_and_recovers(admin_edge: tuple[EdgeProcess, i
         for sock in held:
             sock.close()
         admin.close()
-    # Descriptors free again: every listener accepts by itself.
+    # Descriptors free again: every listener accepts by itself; the plain-HTTP
+    # client that waited is answered.
+    with http_waiting:
+        assert http_waiting.recv(100).startswith(b"HTTP/1.1 301 "), "the waiting plain-HTTP client was dropped"
     wait_for(lambda: edge.status("demo.edge.test") == 200, timeout=5)
     assert b" 200 " in _get(admin_port, "/healthz")
     assert _get(edge.http_port, "/").startswith(b"HTTP/1.1 ")
