@@ -229,7 +229,7 @@ class TlsAcceptor:
             return
         try:
             ctx = await asyncio.get_running_loop().run_in_executor(None, contexts.build_context, [pem])
-        except ContextBuildError as exc:
+        except (ContextBuildError, OSError) as exc:  # OSError: no descriptor left for the memfd
             log.error("TLS-ALPN-01 answer for %s is unusable: %s", name, exc)
             close_gently(sock, alert(handover.INTERNAL_ERROR))
             return
