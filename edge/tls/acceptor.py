@@ -223,7 +223,8 @@ class TlsAcceptor:
                 log.error("TLS-ALPN-01 answer for %s unavailable: %s", name, exc)
         if pem is None:
             # No challenge of ours: the only protocol offered is not one we serve (RFC 7301 §3.2).
-            log.info("TLS-ALPN-01 validation for %s, but no challenge is pending", name)
+            # Any client can ask this: debug, so it cannot flood the log.
+            log.debug("TLS-ALPN-01 validation for %s, but no challenge is pending", name)
             self.stats.fail("acme_tls")
             close_gently(sock, alert(handover.NO_APPLICATION_PROTOCOL))
             return
@@ -238,7 +239,7 @@ class TlsAcceptor:
         try:
             await handover.start_tls(sock, _ClosingProtocol, ctx, None, max(0.001, self._left(deadline)))
         except (OSError, ssl.SSLError, TimeoutError) as exc:
-            log.info("TLS-ALPN-01 handshake for %s failed: %s", name, exc)
+            log.debug("TLS-ALPN-01 handshake for %s failed: %s", name, exc)
             sock.close()
             return
         log.info("TLS-ALPN-01 validation certificate served for %s", name)
