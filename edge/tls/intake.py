@@ -236,8 +236,10 @@ class HelloReader:
             self.on_refused(self._forget(fd).sock, b"", "closed")
             return
         if not data or (pending.reading and len(data) < pending.lowat):
-            # Woken below the low-water mark: only end of stream or an error
-            # does that. The client closed before its ClientHello was whole.
+            # Woken below the low-water mark: end of stream, an error, or the
+            # socket's receive memory under pressure (tcp_epollin_ready: only
+            # a client sending tiny segments gets there; a 40 KiB ClientHello
+            # in 20-byte segments does not). Waiting on would spin: let go.
             self.on_refused(self._forget(fd).sock, b"", "closed")
             return
         try:
