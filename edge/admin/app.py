@@ -72,7 +72,7 @@ def _split_host(host: str) -> tuple[str, str]:
 
 def _host_allowed(request: web.Request, names: tuple[str, ...]) -> bool:
     """``Host`` names this admin: the address the connection reached (the IP, or
-    ``localhost`` on loopback) with its port, or a configured name."""
+    ``localhost`` on loopback) with its port or none, or a configured name."""
     host = request.headers.get("Host")
     if host is None:  # HTTP/1.0 without Host: not a browser
         return True
@@ -83,7 +83,10 @@ def _host_allowed(request: web.Request, names: tuple[str, ...]) -> bool:
     name = name.lower().rstrip(".")
     if name in names:
         return True
-    if (port or "80") != str(sockname[1]):
+    # A browser always names a non-default port in Host (RFC 9110 §7.2), so a
+    # Host without one never comes from a page aimed at this port: health
+    # checkers and scripts send the bare address.
+    if port and port != str(sockname[1]):
         return False
     local = ipaddress.ip_address(sockname[0].split("%")[0])
     if isinstance(local, ipaddress.IPv6Address) and local.ipv4_mapped:  # dual-stack socket
