@@ -1,5 +1,5 @@
-"""The ACME manager's policy (SPEC §2, §7) as pure functions, and the
-TLS-ALPN-01 validation certificate (RFC 8737 §3)."""
+"""The ACME renewal policy (SPEC §2, §7) as pure functions, the manager's
+bookkeeping, and the TLS-ALPN-01 validation certificate (RFC 8737 §3)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from edge.acme.client import ACME_IDENTIFIER_OID, tls_alpn_certificate
-from edge.acme.manager import STANDBY_BEFORE, DomainStatus, backoff, needs, renew_at
+from edge.acme.renewal import STANDBY_BEFORE, DomainStatus, backoff, needs, renew_at
 from edge.store.index import CertMeta, DomainCerts
 
 DAY = 86400.0
@@ -99,7 +99,8 @@ def test_failed_state_is_cleared_once_a_custom_certificate_serves(tmp_path):
     import asyncio
     import time
 
-    from edge.acme.manager import AcmeManager, status_key
+    from edge.acme.manager import AcmeManager
+    from edge.acme.orders import status_key
     from edge.config import AcmeConfig
     from edge.store.file import FileStore
     from edge.store.index import Index
@@ -163,14 +164,15 @@ def test_orders_per_hour_is_a_ceiling(tmp_path):
 
     async def run() -> None:
         manager = AcmeManager(AcmeConfig(enabled=True, orders_per_hour=2), FileStore(tmp_path), Index())
-        await manager._within_rate_limit()
-        await manager._within_rate_limit()
+        orders = manager.orders
+        await orders._within_rate_limit()
+        await orders._within_rate_limit()
         with pytest.raises(TimeoutError):  # the third order of the hour waits
-            await asyncio.wait_for(manager._within_rate_limit(), 0.3)
+            await asyncio.wait_for(orders._within_rate_limit(), 0.3)
         # An hour later the budget is back.
-        manager._recent_orders.clear()
-        manager._recent_orders.extend([time.time() - 3700, time.time() - 3650])
-        await asyncio.wait_for(manager._within_rate_limit(), 0.3)
-        assert len(manager._recent_orders) == 1
+        orders._recent_orders.clear()
+        orders._recent_orders.extend([time.time() - 3700, time.time() - 3650])
+        await asyncio.wait_for(orders._within_rate_limit(), 0.3)
+        assert len(orders._recent_orders) == 1
 
     asyncio.run(run())
