@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import email.utils
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -234,7 +235,7 @@ class AcmeClient:
                 self._directory_json = dict(response.json())
             except (ValueError, TypeError):
                 raise AcmeError(f"{self.directory_url} is not an ACME directory (no JSON object)") from None
-        return messages.Directory.from_json(self._directory_json)
+        return messages.Directory.from_json(json.loads(json.dumps(self._directory_json)))  # it pops "meta"
 
     def profiles(self) -> dict[str, str]:
         """The directory's ``meta.profiles``: name -> description (empty: the CA has none)."""

@@ -39,13 +39,25 @@ def pebble_dir() -> Path:
     return where
 
 
+def _toml(value: object) -> str:
+    """A TOML value: JSON's scalars and arrays, inline tables for dicts."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(value)
+
+
 class Pebble:
     def __init__(self, root: Path, *, validity: int | None = None, nonce_reject: int = 0,
-                 debian: bool = False, profiles: tuple[str, ...] = ("default",)) -> None:
+                 debian: bool = False, profiles: tuple[str, ...] = ("default",),
+                 validates: Pebble | None = None) -> None:
+        """``validates``: validate challenges on the same ports as that Pebble (one edge, two CAs)."""
         self.root = root
         self.debian = debian
         root.mkdir(parents=True, exist_ok=True)
-        self.http_port, self.tls_port = free_port(), free_port()
+        self.http_port, self.tls_port = (validates.http_port, validates.tls_port) if validates else (
+            free_port(), free_port())
         self.acme_port, self.management_port = free_port(), free_port()
         self.dns_port, self.dns_management_port = free_port(), free_port()
         # Pebble's own HTTPS certificate, from a CA edge is told to trust (ca_bundle).
@@ -88,7 +100,7 @@ class Pebble:
         """The ``[acme]`` table pointing an edge at this Pebble."""
         settings = {"enabled": True, "directory": self.directory, "ca_bundle": str(self.ca_bundle),
                     "backoff_min": 2, **acme}
-        return "[acme]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
+        return "[acme]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in settings.items())
 
     def listen_config(self, text: str) -> str:
         """An EdgeProcess config rewritten to listen where Pebble validates."""
