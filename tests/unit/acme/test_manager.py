@@ -176,3 +176,24 @@ def test_orders_per_hour_is_a_ceiling(tmp_path):
         assert len(orders._recent_orders) == 1
 
     asyncio.run(run())
+
+
+def test_renewal_gauges_are_aggregates_without_a_label_per_domain(tmp_path):
+    from edge.acme.manager import AcmeManager
+    from edge.config import AcmeConfig
+    from edge.store.file import FileStore
+    from edge.store.index import Index
+
+    manager = AcmeManager(AcmeConfig(enabled=True), FileStore(tmp_path), Index())
+    now = NOW
+    manager._planned = {
+        "a.example.com": (now + 100, "ari", now + 100),
+        "b.example.com": (now + 60, "retry", now - 2 * 3600),  # its renewal failed 2 h ago: overdue
+        "c.example.com": (now + 3 * DAY, "lifetime", now + 3 * DAY),
+        "d.example.com": (now - 600, "ari", now - 600),  # due 10 minutes ago: late, not yet overdue
+    }
+    gauges = manager.renewal_gauges(now)
+    assert gauges == {"next": -600, "overdue": 1, "reason_ari": 2, "reason_lifetime": 1, "reason_retry": 1}
+    manager._planned.clear()
+    assert manager.renewal_gauges(now + 1) == gauges  # kept a while: a scrape does not walk every domain
+    assert "next" not in manager.renewal_gauges(now + 60)
