@@ -37,7 +37,7 @@ from typing import Any
 from edge.acme import renewal
 from edge.acme.client import AcmeClient, AcmeError, Issued, cert_id, new_account_key
 from edge.acme.renewal import DomainStatus, Plan
-from edge.config import AcmeConfig, CaEndpoint
+from edge.acme.settings import AcmeConfig, CaEndpoint
 from edge.store import base
 from edge.store.index import KEY_TYPES, SOURCES, CertMeta, DomainCerts, EntryError, bundle_header, parse_cert
 from edge.tls import bundle as bundles
