@@ -295,8 +295,19 @@ class AcmeClient:
         self.check_profile(profile)
         acme = self._client()
         key_pem, csr_pem = csr.make_csr(domain, KEY_TYPES[key_type])
-        order = self._call(f"ordering a certificate for {domain}", self._new_order, acme, csr_pem,
-                           profile, replaces)
+        what = f"ordering a certificate for {domain}"
+        try:
+            order = self._call(what, self._new_order, acme, csr_pem, profile, replaces)
+        except (AcmeError, errors.ConflictError) as exc:
+            if not replaces or (isinstance(exc, AcmeError) and exc.kind != "failed"):
+                if isinstance(exc, errors.ConflictError):
+                    raise AcmeError(f"{what}: the ACME server answered 409 Conflict") from None
+                raise
+            # RFC 9773 §5: alreadyReplaced (409), or a certificate the CA does not know
+            # (restarted, or another of its accounts): "replaces" is only a hint, order without it.
+            log.warning("ACME: the order for %s replacing %s was refused (%s); ordering without replaces",
+                        domain, replaces, exc if isinstance(exc, AcmeError) else "409 Conflict")
+            order = self._call(what, self._new_order, acme, csr_pem, profile, "")
         published: list[tuple[str, str]] = []
         try:
             for authzr in order.authorizations:

@@ -25,7 +25,7 @@ from edge.acme.orders import AcmeStats, Orders, status_key
 from edge.acme.renewal import DomainStatus
 from edge.config import AcmeConfig
 from edge.store import base
-from edge.store.index import Index
+from edge.store.index import DomainCerts, Index
 from edge.tls import names
 
 log = logging.getLogger(__name__)
@@ -228,8 +228,8 @@ class AcmeManager:
         task.add_done_callback(self._tasks.discard)
 
     # --- renewal gauges (SPEC §8: aggregates, no per-domain label) -----------------------------
-    def _note_plan(self, domain: str, held: object, now: float, status: DomainStatus | None) -> None:
-        planned = renewal.soonest(held, self.config.key_types, now, status)  # type: ignore[arg-type]
+    def _note_plan(self, domain: str, held: DomainCerts | None, now: float, status: DomainStatus | None) -> None:
+        planned = renewal.soonest(held, self.config.key_types, now, status)
         if planned is None:
             self._planned.pop(domain, None)
         else:

@@ -196,8 +196,10 @@ class Orders:
                 and start <= previous.renew_at <= end)
         when = previous.renew_at if keep and previous else renewal.pick_in_window(start, end)
         check = now + renewal.next_check(retry, self.config.ari_min, self.config.ari_max)
-        log.info("ACME: %s %s certificate: the CA suggests renewing between %s and %s; planned %s",
-                 domain, meta.key_type.upper(), _stamp(start), _stamp(end), _stamp(when))
+        # Said once per window (at 1M domains a check every few hours is a lot of lines).
+        log.log(logging.DEBUG if keep else logging.INFO,
+                "ACME: %s %s certificate: the CA suggests renewing between %s and %s; planned %s",
+                domain, meta.key_type.upper(), _stamp(start), _stamp(end), _stamp(when))
         return Plan(meta.fingerprint, client.directory_url, when, "ari", check, ident)
 
     # --- orders ---------------------------------------------------------------------------------
