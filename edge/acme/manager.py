@@ -35,7 +35,7 @@ SCAN_CHUNK = 2000  # domains examined between two yields to the event loop
 # Every domain is examined once per RESCAN; only what falls due before the
 # next one is kept in the schedule, so a million quiet domains cost no memory.
 RESCAN = 3600.0
-GAUGES_TTL = 30.0  # seconds the renewal gauges are kept between two computations
+GAUGES_TTL = 30.0  # at most this many seconds between two computations of the renewal gauges
 
 
 class AcmeManager:
@@ -102,6 +102,7 @@ class AcmeManager:
         await self._load_status()
         self._scan_requested = True
         next_scan = 0.0
+        gauges = asyncio.get_running_loop().create_task(self._refresh_gauges())
         try:
             while True:
                 if self._scan_requested or time.time() >= next_scan:
@@ -123,6 +124,7 @@ class AcmeManager:
                 except TimeoutError:
                     pass
         finally:
+            gauges.cancel()
             for task in self._tasks:
                 task.cancel()
             self._pool.shutdown(wait=False, cancel_futures=True)
@@ -236,21 +238,36 @@ class AcmeManager:
             self._planned[domain] = planned
 
     def renewal_gauges(self, now: float | None = None) -> dict[str, float]:
-        """``next`` (seconds to the soonest planned renewal, negative when late), ``overdue``
-        (certificates whose planned renewal passed ``OVERDUE_AFTER`` ago), and ``reason_<r>``
-        (domains whose next renewal is planned for reason r). Kept ``GAUGES_TTL`` seconds."""
+        """The renewal gauges as last computed (in a thread, by ``run``: every second, up to
+        ``GAUGES_TTL`` for a million domains); computed here when there are none. See
+        ``renewal_gauges_of``."""
         now = time.time() if now is None else now
-        if self._gauges is not None and now - self._gauges[0] < GAUGES_TTL:
-            return self._gauges[1]
-        out: dict[str, float] = {f"reason_{r}": 0 for r in renewal.REASONS}
-        out["overdue"] = 0
-        soonest = None
-        for when, reason, certs_due in self._planned.values():
-            out[f"reason_{reason}"] += 1
-            soonest = when if soonest is None else min(soonest, when)
-            if certs_due is not None and certs_due < now - renewal.OVERDUE_AFTER:
-                out["overdue"] += 1
-        if soonest is not None:
-            out["next"] = soonest - now
-        self._gauges = (now, out)
-        return out
+        if self._gauges is None or now - self._gauges[0] >= 2 * GAUGES_TTL:
+            self._gauges = (now, renewal_gauges_of(list(self._planned.values()), now))
+        return self._gauges[1]
+
+    async def _refresh_gauges(self) -> None:
+        """Walking a million plans takes ~0.3 s: not on the event loop, and not per scrape."""
+        while True:
+            now = time.time()
+            snapshot = list(self._planned.values())  # a copy: the loop keeps changing the dict
+            self._gauges = (now, await asyncio.to_thread(renewal_gauges_of, snapshot, now))
+            # Every second for a small fleet; at most ~2 % of a core for a large one.
+            await asyncio.sleep(min(GAUGES_TTL, max(1.0, 50 * (time.time() - now))))
+
+
+def renewal_gauges_of(planned: list[tuple[float, str, float | None]], now: float) -> dict[str, float]:
+    """``next`` (seconds to the soonest planned renewal or retry, negative when late),
+    ``overdue`` (domains whose certificates' planned renewal passed ``OVERDUE_AFTER``
+    ago), ``reason_<r>`` (domains whose next renewal is planned for reason r)."""
+    out: dict[str, float] = {f"reason_{r}": 0 for r in renewal.REASONS}
+    out["overdue"] = 0
+    soonest = None
+    for when, reason, certs_due in planned:
+        out[f"reason_{reason}"] += 1
+        soonest = when if soonest is None else min(soonest, when)
+        if certs_due is not None and certs_due < now - renewal.OVERDUE_AFTER:
+            out["overdue"] += 1
+    if soonest is not None:
+        out["next"] = soonest - now
+    return out

@@ -508,7 +508,9 @@ def test_shortlived_profile_gives_six_day_certificates_renewed_within_them(
     planned = dt.datetime.fromtimestamp(plan(edge, "short.shop.test")["renew_at"], dt.UTC)
     # Inside its 6 days (Pebble's window: days 3 to 5), not the 60 days of a 90-day one.
     assert leaf.not_valid_before_utc + dt.timedelta(days=2.9) <= planned <= leaf.not_valid_after_utc
-    metrics = edge.curl(f"http://127.0.0.1:{admin}/metrics").stdout
+    # The gauges are recomputed in the background every second (for a small fleet).
+    metrics = wait_for(lambda: (text := edge.curl(f"http://127.0.0.1:{admin}/metrics").stdout)
+                       and "edge_acme_next_renewal_seconds " in text and text, timeout=5, interval=0.2)
     soonest = float(next(line.split()[1] for line in metrics.splitlines()
                          if line.startswith("edge_acme_next_renewal_seconds ")))
     assert 2 * 86400 < soonest < 5 * 86400, soonest

@@ -196,4 +196,4 @@ def test_renewal_gauges_are_aggregates_without_a_label_per_domain(tmp_path):
     assert gauges == {"next": -600, "overdue": 1, "reason_ari": 2, "reason_lifetime": 1, "reason_retry": 1}
     manager._planned.clear()
     assert manager.renewal_gauges(now + 1) == gauges  # kept a while: a scrape does not walk every domain
-    assert "next" not in manager.renewal_gauges(now + 60)
+    assert "next" not in manager.renewal_gauges(now + 60)  # run() refreshes it every 30 s
