@@ -159,12 +159,15 @@ class Orders:
         for key_type in key_types:
             meta = next(m for m in held.certs.of("acme") if m.key_type == key_type)
             issuer = held.issuers.get(key_type, self.config.directory)
-            ca = self._ca(issuer) or CaEndpoint(issuer)  # a CA no longer configured: still asked
+            ca = self._ca(issuer)
             try:
-                account = await self._account(ca)
+                # renewalInfo is an unauthenticated GET (RFC 9773 §4.1): a CA no longer
+                # configured is still asked, with a throwaway key and no account made there.
+                account = await self._account(ca) if ca is not None else new_account_key()
             except AcmeError as exc:
                 log.warning("ACME: no account key for %s: %s", issuer, exc)
                 continue
+            ca = ca or CaEndpoint(issuer)
             plan = await asyncio.get_running_loop().run_in_executor(
                 self._pool, self._plan_blocking, AcmeClient(ca.directory, account, self.config.email, ca.ca_bundle),
                 domain, held.pems[key_type], meta, status.plan(key_type))
@@ -288,8 +291,14 @@ class Orders:
             key = base.challenge_key(name) if kind == "http-01" else base.tls_alpn_key(name)
             on_loop(self.store.delete(key))
 
+        profile = self.config.profile
+        if profile and client.directory_url != self.config.directory and profile not in client.profiles():
+            # A fallback CA is there to keep a valid certificate: its default profile will do.
+            log.warning("ACME: %s does not offer the profile %r; ordering its default", client.directory_url,
+                        profile)
+            profile = ""
         return client.order(domain, key_type, self.config.challenges, publish, withdraw,
-                            profile=self.config.profile, replaces=replaces)
+                            profile=profile, replaces=replaces)
 
     # --- state ----------------------------------------------------------------------------------
     async def failed(self, domain: str, exc: AcmeError) -> None:

@@ -532,9 +532,9 @@ def test_unknown_profile_is_refused_naming_the_offered_ones(tmp_path: Path, pebb
 
 def test_second_ca_when_the_first_is_down_and_back_to_the_first(
         tmp_path: Path, pebble_factory, backend: str, edges: list) -> None:
-    primary = pebble_factory()
-    fallback = pebble_factory(validates=primary)  # its own root, the same edge to validate
-    edge = start_edge(tmp_path / "edge", primary, backend, edges, **ARI_FAST,
+    primary = pebble_factory(profiles=("default", "shortlived"))
+    fallback = pebble_factory(validates=primary)  # its own root, the same edge to validate; no shortlived
+    edge = start_edge(tmp_path / "edge", primary, backend, edges, **ARI_FAST, profile="shortlived",
                       fallback_directories=[{"directory": fallback.directory, "ca_bundle": str(fallback.ca_bundle)}])
     primary.roots_pem()  # kept: the root it issued under while it ran
     primary.stop()
@@ -543,6 +543,9 @@ def test_second_ca_when_the_first_is_down_and_back_to_the_first(
     assert pebble_leaf(edge, primary, "second.shop.test") is None  # chains to the fallback's root only
     log = edge.log.decode(errors="replace")
     assert f"{primary.directory} could not issue for second.shop.test" in log and "cannot reach" in log
+    # The fallback has no "shortlived": its default (90 days here) keeps the domain served.
+    assert f"{fallback.directory} does not offer the profile 'shortlived'" in log
+    assert from_fallback.not_valid_after_utc - from_fallback.not_valid_before_utc > dt.timedelta(days=80)
     listing = row(edge, "second.shop.test")["acme"]
     assert listing["state"] == "valid" and listing["plans"]["ecdsa"]["issuer"] == fallback.directory
     assert f"from {fallback.directory}" in edge.cli("domains").stdout
@@ -554,6 +557,8 @@ def test_second_ca_when_the_first_is_down_and_back_to_the_first(
     # The primary is back; the fallback asks for early renewal: the renewal goes to the primary.
     primary.start()
     fallback.set_renewal_info(leaf_pem(from_fallback), window(-dt.timedelta(hours=2), -dt.timedelta(hours=1)))
-    wait_for(lambda: pebble_leaf(edge, primary, "second.shop.test"), timeout=ISSUANCE, interval=0.1)
+    back = wait_for(lambda: pebble_leaf(edge, primary, "second.shop.test"), timeout=ISSUANCE, interval=0.1)
+    assert back.not_valid_after_utc - back.not_valid_before_utc < dt.timedelta(days=6, seconds=2)  # shortlived
+    wait_for(lambda: row(edge, "second.shop.test")["acme"]["state"] == "valid", timeout=10, interval=0.1)
     assert row(edge, "second.shop.test")["acme"]["plans"]["ecdsa"]["issuer"] == primary.directory
     assert issued_count(edge, "second.shop.test") == 2
