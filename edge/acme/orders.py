@@ -29,6 +29,7 @@ import collections
 import hashlib
 import json
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 LOCK_TTL = 60  # seconds; refreshed every LOCK_TTL / 3 while an order runs
 CHALLENGE_TTL = 600  # seconds a published challenge answer lives in the store
 BUSY_RETRY = 30.0  # another node holds the domain's lock: look again after this
+ARI_CLIENT_TTL = 3600.0  # seconds a client (its connection, its directory) serves renewal-information checks
 
 
 def status_key(domain: str) -> str:
@@ -92,6 +94,7 @@ class Orders:
         self._pool = pool
         self._recent_orders = orders_cap
         self._accounts: dict[str, bytes] = {}
+        self._ari_clients: dict[tuple[str, int], tuple[float, AcmeClient]] = {}
 
     # --- one domain's turn ------------------------------------------------------------------
     async def turn(self, domain: str) -> float:
@@ -169,11 +172,23 @@ class Orders:
                 continue
             ca = ca or CaEndpoint(issuer)
             plan = await asyncio.get_running_loop().run_in_executor(
-                self._pool, self._plan_blocking, AcmeClient(ca.directory, account, self.config.email, ca.ca_bundle),
-                domain, held.pems[key_type], meta, status.plan(key_type))
+                self._pool, lambda ca=ca, account=account, key_type=key_type, meta=meta: self._plan_blocking(
+                    self._ari_client(ca, account), domain, held.pems[key_type], meta, status.plan(key_type)))
             plans[key_type] = asdict(plan)
         status.plans = plans
         await self._set_status(domain, status)
+
+    def _ari_client(self, ca: CaEndpoint, account: bytes) -> AcmeClient:
+        """A client per CA kept for renewal-information checks (one connection and one
+        directory read, not one per check: at a million domains that is ~50 checks a
+        second); made again every ``ARI_CLIENT_TTL`` so a changed directory is seen."""
+        now = time.time()
+        key = (ca.directory, threading.get_ident())  # called in the pool's thread: one client per thread
+        made, client = self._ari_clients.get(key, (0.0, None))
+        if client is None or now - made > ARI_CLIENT_TTL:
+            client = AcmeClient(ca.directory, account, self.config.email, ca.ca_bundle)
+            self._ari_clients[key] = (now, client)
+        return client
 
     def _plan_blocking(self, client: AcmeClient, domain: str, pem: bytes, meta: CertMeta,
                        previous: Plan | None) -> Plan:
