@@ -66,6 +66,15 @@ def _acme_plan(state: dict) -> str:
     return out + (f"; from {', '.join(issuers)}" if issuers else "")
 
 
+def _soon(chosen: tuple, serving: str) -> float:
+    """"expiring" within: 14 days (SPEC §2), or for acme a sixth of the lifetime when
+    shorter: a 6-day certificate (RFC 9773 renewal at about day 3) is expiring in its
+    last day, when its renewal is late, not all its life."""
+    if serving != "acme":
+        return EXPIRY_SOON
+    return min([EXPIRY_SOON, *((b.not_after - b.not_before) / 6 for b in chosen)])
+
+
 def _day(timestamp: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(timestamp))
 
@@ -314,7 +323,7 @@ class Operations:
             chosen = choice.bundles if choice is not None else ()
             expiry = min((b.not_after for b in chosen), default=None)
             if chosen:
-                status = "expiring" if expiry is not None and expiry - when < EXPIRY_SOON else "ok"
+                status = "expiring" if expiry is not None and expiry - when < _soon(chosen, serving) else "ok"
             elif held is not None:
                 status = "expired"
             else:

@@ -515,6 +515,10 @@ def test_shortlived_profile_gives_six_day_certificates_renewed_within_them(
                          if line.startswith("edge_acme_next_renewal_seconds ")))
     assert 2 * 86400 < soonest < 5 * 86400, soonest
     assert 'edge_acme_planned_renewals{reason="ari"} 1.0' in metrics
+    listing = edge.cli("domains").stdout
+    print(listing)
+    assert "(the CA's ARI window); from " + pebble.directory in listing
+    assert row(edge, "short.shop.test")["status"] == "ok"  # 6 days left is not "expiring" for a 6-day certificate
 
 
 def test_unknown_profile_is_refused_naming_the_offered_ones(tmp_path: Path, pebble_factory, backend: str,
