@@ -203,6 +203,12 @@ class Orders:
         try:
             window, retry = client.renewal_info(pem) if ident else (None, None)
         except (AcmeError, ValueError) as exc:
+            known = previous is not None and previous.fingerprint == meta.fingerprint and previous.reason == "ari"
+            if known and previous and isinstance(exc, AcmeError) and exc.kind == "unreachable":
+                # The CA is down: its last window for this certificate still stands (RFC 9773 §4.3.3).
+                log.warning("ACME: renewal information for %s: %s; keeping the CA's last window", domain, exc)
+                previous.ari_next = lifetime.ari_next
+                return previous
             log.warning("ACME: renewal information for %s from %s unusable (%s); renewing by the lifetime "
                         "rule, asking again in %.0f s", domain, client.directory_url, exc, self.config.ari_min)
             return lifetime

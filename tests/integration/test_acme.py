@@ -566,3 +566,9 @@ def test_second_ca_when_the_first_is_down_and_back_to_the_first(
     wait_for(lambda: row(edge, "second.shop.test")["acme"]["state"] == "valid", timeout=10, interval=0.1)
     assert row(edge, "second.shop.test")["acme"]["plans"]["ecdsa"]["issuer"] == primary.directory
     assert issued_count(edge, "second.shop.test") == 2
+    # The primary goes down again: its last window for the certificate still stands.
+    wait_for(lambda: plan(edge, "second.shop.test").get("reason") == "ari", timeout=10, interval=0.1)
+    planned = plan(edge, "second.shop.test")["renew_at"]
+    primary.stop()
+    wait_for(lambda: "keeping the CA's last window" in edge.log.decode(errors="replace"), timeout=10, interval=0.1)
+    assert plan(edge, "second.shop.test")["renew_at"] == planned and issued_count(edge, "second.shop.test") == 2
