@@ -31,6 +31,7 @@ from edge.tls import names
 log = logging.getLogger(__name__)
 
 CONCURRENT_ORDERS = 2
+MAX_TURNS = 200  # domains with a turn started (waiting for one of CONCURRENT_ORDERS slots, or in one)
 SCAN_CHUNK = 2000  # domains examined between two yields to the event loop
 # Every domain is examined once per RESCAN; only what falls due before the
 # next one is kept in the schedule, so a million quiet domains cost no memory.
@@ -46,6 +47,9 @@ class AcmeManager:
         self._due: dict[str, float] = {}  # domain -> when to look at it next (authoritative)
         self._heap: list[tuple[float, str]] = []  # (time, domain), lazily pruned against _due
         self._running: set[str] = set()
+        self._waiting: collections.deque[str] = collections.deque()  # due, beyond MAX_TURNS
+        self._waiting_set: set[str] = set()
+        self._stopping = False
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(CONCURRENT_ORDERS)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -124,6 +128,7 @@ class AcmeManager:
                 except TimeoutError:
                     pass
         finally:
+            self._stopping = True
             gauges.cancel()
             for task in self._tasks:
                 task.cancel()
@@ -193,6 +198,13 @@ class AcmeManager:
         if status is not None and status.next_attempt is not None and status.next_attempt > now:
             self._schedule(domain, status.next_attempt)  # backing off
             return
+        if len(self._running) >= MAX_TURNS:
+            # Say, the first scan after an upgrade: every certificate's renewal information
+            # is due at once. A queue of names, not a million tasks.
+            if domain not in self._waiting_set:
+                self._waiting.append(domain)
+                self._waiting_set.add(domain)
+            return
         self._running.add(domain)
         task = asyncio.get_running_loop().create_task(self._turn(domain))
         self._tasks.add(task)
@@ -205,6 +217,7 @@ class AcmeManager:
             async with self._slots:
                 look_again = await self.orders.turn(domain)
         except asyncio.CancelledError:
+            self._stopping = True  # edge stops: start nothing more
             raise
         except Exception as exc:  # the manager must outlive any one order
             log.exception("ACME order for %s failed unexpectedly: %s", domain, exc)
@@ -212,6 +225,10 @@ class AcmeManager:
         finally:
             self._running.discard(domain)
             self._schedule(domain, look_again)
+            while self._waiting and len(self._running) < MAX_TURNS and not self._stopping:
+                waiting = self._waiting.popleft()
+                self._waiting_set.discard(waiting)
+                self._look_at(waiting, time.time())
             self._wake.set()
 
     def _forget(self, domain: str) -> None:

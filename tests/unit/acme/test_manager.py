@@ -197,3 +197,34 @@ def test_renewal_gauges_are_aggregates_without_a_label_per_domain(tmp_path):
     manager._planned.clear()
     assert manager.renewal_gauges(now + 1) == gauges  # kept a while: a scrape does not walk every domain
     assert "next" not in manager.renewal_gauges(now + 60)  # run() refreshes it every 30 s
+
+
+def test_a_scan_with_everything_due_starts_a_bounded_number_of_turns(tmp_path):
+    """After an upgrade every certificate's renewal information is due at once: the
+    manager keeps a queue of names, not a task per domain."""
+    import asyncio
+    import time
+
+    from edge.acme.manager import MAX_TURNS, AcmeManager
+    from edge.config import AcmeConfig
+    from edge.store.file import FileStore
+    from edge.store.index import Index
+
+    async def run() -> None:
+        index = Index()
+        now = time.time()
+        for n in range(1000):  # fewer than a scan chunk: nothing runs before the counts are read
+            name = f"d{n}.example.com"
+            index.domains[name] = "shop"
+            index.certs[name] = held(CertMeta(name, "acme", "ecdsa", now - DAY, now + 89 * DAY, f"fp{n}"))
+        manager = AcmeManager(AcmeConfig(enabled=True, directory="https://127.0.0.1:1/dir"), FileStore(tmp_path),
+                              index)
+        await manager._scan()
+        assert len(manager._running) == len(manager._tasks) == MAX_TURNS
+        assert len(manager._waiting) == len(manager._waiting_set) == 1000 - MAX_TURNS
+        for task in list(manager._tasks):
+            task.cancel()
+        await asyncio.sleep(0)
+        manager._pool.shutdown(wait=False, cancel_futures=True)
+
+    asyncio.run(run())
