@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 CONCURRENT_ORDERS = 2
 MAX_TURNS = 200  # domains with a turn started (waiting for one of CONCURRENT_ORDERS slots, or in one)
-SCAN_CHUNK = 2000  # domains examined between two yields to the event loop
+SCAN_CHUNK = 500  # domains examined between two yields to the event loop (~6 ms with ARI plans)
 # Every domain is examined once per RESCAN; only what falls due before the
 # next one is kept in the schedule, so a million quiet domains cost no memory.
 RESCAN = 3600.0

@@ -205,7 +205,7 @@ def test_a_scan_with_everything_due_starts_a_bounded_number_of_turns(tmp_path):
     import asyncio
     import time
 
-    from edge.acme.manager import MAX_TURNS, AcmeManager
+    from edge.acme.manager import MAX_TURNS, SCAN_CHUNK, AcmeManager
     from edge.config import AcmeConfig
     from edge.store.file import FileStore
     from edge.store.index import Index
@@ -213,7 +213,7 @@ def test_a_scan_with_everything_due_starts_a_bounded_number_of_turns(tmp_path):
     async def run() -> None:
         index = Index()
         now = time.time()
-        for n in range(1000):  # fewer than a scan chunk: nothing runs before the counts are read
+        for n in range(SCAN_CHUNK - 1):  # one scan chunk: nothing runs before the counts are read
             name = f"d{n}.example.com"
             index.domains[name] = "shop"
             index.certs[name] = held(CertMeta(name, "acme", "ecdsa", now - DAY, now + 89 * DAY, f"fp{n}"))
@@ -221,7 +221,7 @@ def test_a_scan_with_everything_due_starts_a_bounded_number_of_turns(tmp_path):
                               index)
         await manager._scan()
         assert len(manager._running) == len(manager._tasks) == MAX_TURNS
-        assert len(manager._waiting) == len(manager._waiting_set) == 1000 - MAX_TURNS
+        assert len(manager._waiting) == len(manager._waiting_set) == SCAN_CHUNK - 1 - MAX_TURNS
         for task in list(manager._tasks):
             task.cancel()
         await asyncio.sleep(0)
