@@ -43,13 +43,36 @@ def acme_summary(state: dict | None) -> str | None:
         return None
     kind = state.get("state", "?")
     if kind == "valid":
-        return f"valid until {state.get('valid_until', '?')}"
+        return f"valid until {state.get('valid_until', '?')}{_acme_plan(state)}"
     if kind == "failed":
         return (f"failed x{state.get('failures', 1)}: {state.get('last_error', '?')}; "
                 f"next attempt {state.get('next_attempt', '?')}")
     if kind == "pending" and state.get("last_error"):
         return f"pending (last error: {state['last_error']})"
     return str(kind) if kind != "wildcard" else "no ACME for wildcards: upload a certificate"
+
+
+_REASONS = {"ari": "the CA's ARI window", "lifetime": "2/3 of its lifetime", "retry": "retry"}
+
+
+def _acme_plan(state: dict) -> str:
+    """"; renewal <when> (<why>); from <CA directory>" for an ACME state (RFC 9773)."""
+    out = ""
+    if state.get("next_renewal"):
+        why = _REASONS.get(str(state.get("renewal_reason")), str(state.get("renewal_reason")))
+        out += f"; renewal {state['next_renewal']} ({why})"
+    plans = state.get("plans") if isinstance(state.get("plans"), dict) else {}
+    issuers = sorted({str(p.get("issuer")) for p in plans.values() if isinstance(p, dict) and p.get("issuer")})
+    return out + (f"; from {', '.join(issuers)}" if issuers else "")
+
+
+def _soon(chosen: tuple, serving: str) -> float:
+    """"expiring" within: 14 days (SPEC §2), or for acme a sixth of the lifetime when
+    shorter: a 6-day certificate (RFC 9773 renewal at about day 3) is expiring in its
+    last day, when its renewal is late, not all its life."""
+    if serving != "acme":
+        return EXPIRY_SOON
+    return min([EXPIRY_SOON, *((b.not_after - b.not_before) / 6 for b in chosen)])
 
 
 def _day(timestamp: float) -> str:
@@ -278,7 +301,7 @@ class Operations:
             state = json.loads(stored)
         except ValueError:
             return {"state": "unreadable"}
-        for stamp in ("next_attempt", "valid_until", "updated"):
+        for stamp in ("next_attempt", "valid_until", "updated", "next_renewal"):
             if isinstance(state.get(stamp), (int, float)):
                 state[stamp] = _stamp(state[stamp])
         return state
@@ -300,7 +323,7 @@ class Operations:
             chosen = choice.bundles if choice is not None else ()
             expiry = min((b.not_after for b in chosen), default=None)
             if chosen:
-                status = "expiring" if expiry is not None and expiry - when < EXPIRY_SOON else "ok"
+                status = "expiring" if expiry is not None and expiry - when < _soon(chosen, serving) else "ok"
             elif held is not None:
                 status = "expired"
             else:
