@@ -168,6 +168,9 @@ class Operations:
         domain = names.normalize_pattern(raw)
         if domain is None:
             raise OperationError(f"{raw!r} is not a valid domain name (e.g. www.example.com or *.example.com)")
+        problem = names.public_suffix_problem(domain)
+        if problem is not None:
+            raise OperationError(problem)
         bare = domain[2:] if names.is_wildcard(domain) else domain
         if names.is_under(bare, self.platform_domain):
             raise OperationError(
