@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import json
 import subprocess
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import trustme
 
 from tests import pki
-from tests.integration.conftest import EDGE, EdgeProcess
+from tests.integration.conftest import EDGE, EdgeProcess, free_port
 
 
 def fails_with(result: subprocess.CompletedProcess[str], words: str) -> None:
@@ -62,3 +65,122 @@ def test_admin_on_loopback_needs_no_token(tmp_path: Path, host: str) -> None:
     node.config.write_text(node.config.read_text().replace('admin = ""', f'admin = "{host}:9090"'))
     result = node.cli("check", check=False)
     assert "admin_token" not in result.stderr, result.stderr
+
+
+# --- 13: a rule checked then written under the store's lock ---------------------------------------
+RACERS = 20
+
+
+def _admin_node(root: Path, etcd: object | None = None) -> EdgeProcess:
+    from tests.integration.etcd_server import etcd_node
+
+    node = etcd_node(root, etcd) if etcd is not None else EdgeProcess(root)  # type: ignore[arg-type]
+    port = free_port()
+    node.config.write_text(node.config.read_text().replace('admin = ""', f'admin = "127.0.0.1:{port}"'))
+    node.admin = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
+    return node
+
+
+def _admin(node: EdgeProcess, method: str, path: str, body: object | None = None) -> tuple[int, object]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(node.admin + path, data=data, method=method)  # type: ignore[attr-defined]
+    request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _cli_race(node: EdgeProcess, commands: list[tuple[str, ...]]) -> list[subprocess.CompletedProcess[str]]:
+    """Start every command at once, as separate `edge` processes; their results in order."""
+    procs = [subprocess.Popen([EDGE, "--config", str(node.config), *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for args in commands]
+    out = []
+    for args, proc in zip(commands, procs, strict=True):
+        stdout, stderr = proc.communicate(timeout=120)
+        out.append(subprocess.CompletedProcess(list(args), proc.returncode, stdout, stderr))
+    return out
+
+
+def _consistent(node: EdgeProcess) -> None:
+    """Every domain points at an app that exists, and `edge check` agrees."""
+    apps = {a["app"] for a in json.loads(node.cli("apps", "--json").stdout)}
+    rows = json.loads(node.cli("domains", "--json").stdout)
+    assert all(r["app"] in apps for r in rows), [r for r in rows if r["app"] not in apps]
+    check = node.cli("check", check=False)
+    assert "missing app" not in check.stderr, check.stderr
+
+
+def _race_cli(node: EdgeProcess, backend: str, tag: str) -> None:
+    node.cli("apps-add", f"{tag}-a", "--backend", backend)
+    node.cli("apps-add", f"{tag}-b", "--backend", backend)
+    domain = f"contended.{tag}.example.test"
+    results = _cli_race(node, [("domains-add", domain, "--app", f"{tag}-{'ab'[i % 2]}") for i in range(RACERS)])
+    winners = [r for r in results if r.returncode == 0]
+    assert len(winners) == 1, [r.stdout for r in winners]
+    won = winners[0].args[-1]
+    for loser in results:
+        if loser.returncode != 0:
+            assert "already attached to" in loser.stderr, loser.stderr
+    rows = {r["domain"]: r["app"] for r in json.loads(node.cli("domains", "--json").stdout)}
+    assert rows[domain] == won
+    # apps-remove racing domains-add: never a domain left on a removed app.
+    pairs: list[tuple[str, ...]] = []
+    for i in range(RACERS // 2):
+        node.cli("apps-add", f"{tag}-gone{i}", "--backend", backend)
+        pairs += [("apps-remove", f"{tag}-gone{i}"), ("domains-add", f"d{i}.{tag}.example.test", "--app",
+                                                       f"{tag}-gone{i}")]
+    results = _cli_race(node, pairs)
+    for remove, add in zip(results[::2], results[1::2], strict=True):
+        assert (remove.returncode == 0) != (add.returncode == 0), (remove.stderr, add.stderr)
+    _consistent(node)
+
+
+def test_concurrent_cli_writes_file_store(tmp_path: Path, backend: str) -> None:
+    node = EdgeProcess(tmp_path)
+    _race_cli(node, backend, "f")
+
+
+def test_concurrent_cli_writes_etcd(tmp_path: Path, backend: str, etcd: object) -> None:
+    from tests.integration.etcd_server import etcd_node
+
+    node = etcd_node(tmp_path / "node", etcd)  # type: ignore[arg-type]
+    _race_cli(node, backend, "e")
+
+
+def _race_admin(node: EdgeProcess, backend: str) -> None:
+    node.start()
+    try:
+        for app in ("x", "y"):
+            assert _admin(node, "POST", "/v1/apps", {"app": app, "backends": [backend]})[0] == 201
+        domain = "contended.admin.example.test"
+        with ThreadPoolExecutor(RACERS) as pool:
+            results = list(pool.map(lambda i: _admin(node, "POST", "/v1/domains",
+                                                     {"domain": domain, "app": "xy"[i % 2]}), range(RACERS)))
+        assert [status for status, _ in results].count(201) == 1, results
+        assert all("already attached" in body["error"] for status, body in results if status != 201)  # type: ignore[index]
+        for i in range(RACERS // 2):
+            assert _admin(node, "POST", "/v1/apps", {"app": f"gone{i}", "backends": [backend]})[0] == 201
+
+        def pair(i: int) -> tuple[int, int]:
+            with ThreadPoolExecutor(2) as inner:
+                remove = inner.submit(_admin, node, "DELETE", f"/v1/apps/gone{i}")
+                add = inner.submit(_admin, node, "POST", "/v1/domains",
+                                   {"domain": f"d{i}.admin.example.test", "app": f"gone{i}"})
+                return remove.result()[0], add.result()[0]
+
+        with ThreadPoolExecutor(RACERS // 2) as pool:
+            for remove, add in pool.map(pair, range(RACERS // 2)):
+                assert (remove == 200) != (add == 201), (remove, add)
+        _consistent(node)
+    finally:
+        node.stop()
+
+
+def test_concurrent_admin_writes_file_store(tmp_path: Path, backend: str) -> None:
+    _race_admin(_admin_node(tmp_path), backend)
+
+
+def test_concurrent_admin_writes_etcd(tmp_path: Path, backend: str, etcd: object) -> None:
+    _race_admin(_admin_node(tmp_path / "node", etcd), backend)
