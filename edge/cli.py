@@ -17,8 +17,10 @@ from typing import Any
 
 from edge import config as config_mod
 from edge.operations import OperationError, Operations, Result, Upload, acme_summary
-from edge.store.base import StoreError
+from edge.store.base import CERTS, Store, StoreError
+from edge.store.index import Index, split_bundle
 from edge.store.open import open_store
+from edge.tls import bundle as bundles
 from edge.tls import names
 
 EXIT_ERROR = 1
@@ -112,18 +114,27 @@ async def _check(cfg: config_mod.Config) -> int:
         if not path.exists() and not platform.dev_certificates:
             problems.append(f"{path}: no such file ([platform] cert/key)")
     store = open_store(cfg)
-    store_problems = await store.check()
-    if store_problems:
-        for problem in problems + store_problems:
-            print(f"edge: error: {problem}", file=sys.stderr)
-        return EXIT_ERROR
-    ops = Operations(cfg, store)
-    index = await ops.load_index()
-    for key, error in sorted(index.errors.items()):
+    try:
+        store_problems = await store.check()
+        if store_problems:
+            for problem in problems + store_problems:
+                print(f"edge: error: {problem}", file=sys.stderr)
+            return EXIT_ERROR
+        index, damaged = await _load_checked(store)
+        problems += await store.leftovers()
+    finally:
+        await store.close()
+    for key, error in sorted({**index.errors, **damaged}.items()):
         problems.append(f"store entry {key}: {error}")
     for domain, app in sorted(index.domains.items()):
         if app not in index.apps:
             problems.append(f"domain {domain} points to missing app {app}")
+    for domain in sorted(d for d in index.certs if d not in index.domains):
+        problems.append(
+            f"certificates of {domain} belong to no domain (a removal or import killed midway) and are served "
+            f"for it; attach it with `edge domains-add {domain} --app APP`, or attach and remove it "
+            "(`edge domains-remove`) to drop them"
+        )
     for problem in problems:
         print(f"edge: error: {problem}", file=sys.stderr)
     if problems:
@@ -131,6 +142,20 @@ async def _check(cfg: config_mod.Config) -> int:
     print(f"{cfg.path}: ok ({len(index.apps)} apps, {len(index.domains)} domains, "
           f"{sum(len(c) for c in index.certs.values())} certificates)")
     return 0
+
+
+async def _load_checked(store: Store) -> tuple[Index, dict[str, str]]:
+    """The index, and the certificate entries whose PEM cannot be served (the
+    index reads only their headers: a bundle damaged inside is found here)."""
+    index = Index()
+    damaged: dict[str, str] = {}
+    async for key, value in store.snapshot():
+        index.apply_put(key, value)
+        if key.startswith(CERTS) and key not in index.errors:
+            problem = bundles.stored_problem(split_bundle(value)[1])
+            if problem is not None:
+                damaged[key] = problem
+    return index, damaged
 
 
 async def _run(args: argparse.Namespace, cfg: config_mod.Config) -> int:

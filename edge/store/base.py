@@ -148,6 +148,14 @@ class Store(ABC):
         """Problems an operator should hear about (``edge check``); empty when fine."""
         return []
 
+    async def leftovers(self) -> list[str]:
+        """Debris of interrupted writes (``edge check``); empty when none."""
+        return []
+
+    async def recover(self) -> list[str]:
+        """Remove the debris of interrupted writes (at start); what was removed."""
+        return []
+
     async def close(self) -> None:  # noqa: B027 - an optional hook: most backends hold nothing
         pass
 

@@ -282,6 +282,16 @@ def validate(
             f"{cert_path}: the certificate is self-signed ({subject}); browsers will not trust it"
         )
 
+    if not self_signed and len(chain) == 1:
+        # Browsers do not fetch a missing intermediate (most clients never do):
+        # the server must send it, and it can only send what was uploaded.
+        warnings.append(
+            f"{cert_path}: no intermediate certificate came with it: its issuer "
+            f"'{leaf.issuer.rfc4514_string()}' is not in the file, so clients that do not already hold "
+            "it will not trust the certificate; upload the full chain your CA gave (leaf first, then "
+            "its intermediates)"
+        )
+
     chain_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
     key_out = key.private_bytes(
         serialization.Encoding.PEM,
@@ -300,3 +310,22 @@ def validate(
         self_signed=self_signed,
         warnings=tuple(warnings),
     )
+
+
+def stored_problem(pem: bytes) -> str | None:
+    """Why a stored bundle (chain then key, as ``Bundle.pem``) cannot be served, or None.
+
+    For ``edge check``: the index only reads the header of each bundle, so a
+    file damaged inside its PEM is found here (or at its first handshake)."""
+    try:
+        certs = x509.load_pem_x509_certificates(pem)
+    except ValueError as exc:
+        return f"the certificate PEM is damaged ({exc})"
+    start = pem.find(b"-----BEGIN", pem.rfind(b"-----END CERTIFICATE-----") + 1)
+    try:
+        key = serialization.load_pem_private_key(pem[start:], password=None, unsafe_skip_rsa_key_validation=True)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        return f"the private key is damaged ({exc})"
+    if _public_bytes(certs[0].public_key()) != _public_bytes(key.public_key()):
+        return "the private key does not match the first certificate"
+    return None

@@ -39,7 +39,7 @@ DEFAULT = Choice(Source.DEFAULT)
 
 
 def _choice(source: Source, bundles: tuple[CertMeta, ...]) -> Choice:
-    key = tuple(f"{b.store_key}#{b.fingerprint}" for b in bundles)
+    key = tuple(f"{b.store_key}#{b.digest}" for b in bundles)
     return Choice(source, bundles, key)
 
 
