@@ -15,7 +15,7 @@ import pytest
 import trustme
 
 from tests import pki
-from tests.integration.conftest import EDGE, EdgeProcess, free_port
+from tests.integration.conftest import EDGE, EdgeProcess, free_port, wait_for
 
 
 def fails_with(result: subprocess.CompletedProcess[str], words: str) -> None:
@@ -184,3 +184,44 @@ def test_concurrent_admin_writes_file_store(tmp_path: Path, backend: str) -> Non
 
 def test_concurrent_admin_writes_etcd(tmp_path: Path, backend: str, etcd: object) -> None:
     _race_admin(_admin_node(tmp_path / "node", etcd), backend)
+
+
+# --- 8: what is served follows every change of a bundle, not only of its leaf ------------------
+def _sent_chain(node: EdgeProcess, name: str, *extra: str) -> int:
+    """How many certificates edge sent in the handshake for ``name`` (0: no handshake)."""
+    result = node.openssl("-servername", name, "-showcerts", *extra)
+    return result.stdout.count("-----BEGIN CERTIFICATE-----")
+
+
+@pytest.mark.parametrize("key_type", ["ecdsa", "rsa"])
+def test_completed_chain_of_the_same_leaf_is_served_at_once(edge: EdgeProcess, tmp_path: Path,
+                                                            key_type: str) -> None:
+    domain = f"chain-{key_type}.example.test"
+    intermediate = trustme.CA().create_child_ca()
+    issued = intermediate.issue_cert(
+        domain, key_type=trustme.KeyType.ECDSA if key_type == "ecdsa" else trustme.KeyType.RSA)
+    chain = [p.bytes() for p in issued.cert_chain_pems]
+    assert len(chain) == 2  # leaf, intermediate
+    (tmp_path / "leaf.pem").write_bytes(chain[0])
+    (tmp_path / "full.pem").write_bytes(b"".join(chain))
+    (tmp_path / "key.pem").write_bytes(issued.private_key_pem.bytes())
+    rsa_client = ("-tls1_2", "-cipher", "ECDHE-RSA-AES128-GCM-SHA256") if key_type == "rsa" else ()
+    if key_type == "rsa":  # an ECDSA bundle beside it: both key types are part of what is served
+        other = pki.issue(trustme.CA(), domain)
+        (tmp_path / "ec.pem").write_bytes(other.cert)
+        (tmp_path / "ec.key").write_bytes(other.key)
+        edge.cli("domains-add", domain, "--app", "demo", "--cert", str(tmp_path / "ec.pem"),
+                 "--key", str(tmp_path / "ec.key"))
+        added = edge.cli("domains-ssl", domain, "--cert", str(tmp_path / "leaf.pem"),
+                         "--key", str(tmp_path / "key.pem"))
+    else:
+        added = edge.cli("domains-add", domain, "--app", "demo", "--cert", str(tmp_path / "leaf.pem"),
+                         "--key", str(tmp_path / "key.pem"))
+    assert "no intermediate certificate came with it" in added.stderr, added.stderr
+    wait_for(lambda: _sent_chain(edge, domain, *rsa_client) == 1)
+    fixed = edge.cli("domains-ssl", domain, "--cert", str(tmp_path / "full.pem"), "--key", str(tmp_path / "key.pem"))
+    assert "intermediate" not in fixed.stderr, fixed.stderr
+    wait_for(lambda: _sent_chain(edge, domain, *rsa_client) == 2, timeout=3)
+    # And back: the leaf alone again is served alone.
+    edge.cli("domains-ssl", domain, "--cert", str(tmp_path / "leaf.pem"), "--key", str(tmp_path / "key.pem"))
+    wait_for(lambda: _sent_chain(edge, domain, *rsa_client) == 1, timeout=3)
