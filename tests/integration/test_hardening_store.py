@@ -5,6 +5,7 @@ defect is about coordination)."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import urllib.error
 import urllib.request
@@ -225,3 +226,65 @@ def test_completed_chain_of_the_same_leaf_is_served_at_once(edge: EdgeProcess, t
     # And back: the leaf alone again is served alone.
     edge.cli("domains-ssl", domain, "--cert", str(tmp_path / "leaf.pem"), "--key", str(tmp_path / "key.pem"))
     wait_for(lambda: _sent_chain(edge, domain, *rsa_client) == 1, timeout=3)
+
+
+# --- 9: a damaged store entry keeps its last good version in service ------------------------------
+def _damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "garbage":
+        path.write_bytes(b"\x00 not a bundle \xff\n")
+    elif how == "header":
+        path.write_bytes(b"{broken json\n" + data.partition(b"\n")[2])
+    else:  # "pem": the header intact, a line torn out of the certificate's base64
+        lines = data.split(b"\n")
+        start = lines.index(b"-----BEGIN CERTIFICATE-----")
+        del lines[start + 2]
+        path.write_bytes(b"\n".join(lines))
+
+
+def _healthz(node: EdgeProcess) -> dict:
+    with urllib.request.urlopen(node.admin + "/healthz", timeout=10) as response:  # type: ignore[attr-defined]
+        return json.loads(response.read())
+
+
+@pytest.mark.parametrize("how", ["garbage", "header", "pem"])
+def test_damaged_entry_keeps_serving_its_last_good_version(tmp_path: Path, backend: str, ca: trustme.CA,
+                                                           how: str) -> None:
+    node = _admin_node(tmp_path)
+    node.start()
+    try:
+        domain = "damaged.example.test"
+        good = pki.issue(ca, domain)
+        (tmp_path / "c.pem").write_bytes(good.cert)
+        (tmp_path / "k.pem").write_bytes(good.key)
+        node.cli("apps-add", "demo", "--backend", backend)
+        node.cli("domains-add", domain, "--app", "demo", "--cert", str(tmp_path / "c.pem"),
+                 "--key", str(tmp_path / "k.pem"))
+        wait_for(lambda: node.handshake_or_empty(domain) == good.leaf_der)
+        entry = tmp_path / "store" / "certs" / "custom-ecdsa" / f"{domain}.pem"
+        _damage(entry, how)
+        key = f"certs/custom-ecdsa/{domain}"
+        # The watch saw it: still the good certificate, and /healthz names the entry.
+        wait_for(lambda: key in _healthz(node)["corrupted"] or how == "pem")
+        assert node.handshake(domain) == good.leaf_der
+        assert key in _healthz(node)["corrupted"]
+        for reload in ("sighup", "admin"):
+            if reload == "sighup":
+                before = node.log.count(b"store reloaded")
+                node.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+                wait_for(lambda before=before: node.log.count(b"store reloaded") > before)
+            else:
+                assert _admin(node, "POST", "/v1/reload")[0] == 200
+            assert node.handshake(domain) == good.leaf_der, f"after a reload ({reload})"
+            assert key in _healthz(node)["corrupted"]
+        check = node.cli("check", check=False)
+        assert check.returncode != 0 and f"store entry {key}:" in check.stderr, check.stderr
+        # After a restart no earlier version is known: the name gets the default
+        # certificate, and the damaged entry is named by /healthz, `edge check` and the log.
+        node.stop()
+        node.log = bytearray()
+        node.start()
+        assert node.handshake(domain) != good.leaf_der
+        assert key in _healthz(node)["corrupted"]
+    finally:
+        node.stop()
