@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -288,3 +290,89 @@ def test_damaged_entry_keeps_serving_its_last_good_version(tmp_path: Path, backe
         assert key in _healthz(node)["corrupted"]
     finally:
         node.stop()
+
+
+# --- 17: a write killed midway leaves no hidden state ---------------------------------------------
+_KILLED_AT = """
+import os, signal, sys
+calls = 0
+real = os.{fn}
+def dying(*args, **kwargs):
+    global calls
+    calls += 1
+    if calls == {n}:
+        os.kill(os.getpid(), signal.SIGKILL)  # the power cut, at exactly this step
+    return real(*args, **kwargs)
+os.{fn} = dying
+from edge.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _cli_killed(node: EdgeProcess, fn: str, n: int, *args: str) -> None:
+    """Run the real `edge` CLI and SIGKILL it at its ``n``-th call of ``os.<fn>``."""
+    result = subprocess.run([sys.executable, "-c", _KILLED_AT.format(fn=fn, n=n), "--config", str(node.config),
+                             *args], capture_output=True, text=True, timeout=60)
+    assert result.returncode == -signal.SIGKILL, (result.returncode, result.stderr)
+
+
+def _temp_files(node: EdgeProcess) -> list[Path]:
+    return [p for p in (node.root / "store").rglob(".tmp-*")]
+
+
+def _no_hidden_certificate(node: EdgeProcess, domain: str, leaf: bytes) -> None:
+    """A name served with its custom certificate is a listed domain."""
+    listed = {r["domain"] for r in json.loads(node.cli("domains", "--json").stdout)}
+    served = node.handshake_or_empty(domain) == leaf
+    assert not (served and domain not in listed), f"{domain} is served its certificate but not listed"
+
+
+def test_killed_writes_leave_no_hidden_certificate_and_no_debris(tmp_path: Path, backend: str,
+                                                                 ca: trustme.CA) -> None:
+    node = EdgeProcess(tmp_path)
+    node.start()
+    try:
+        node.cli("apps-add", "demo", "--backend", backend)
+        pem = pki.issue(ca, "torn.example.test", "gone.example.test")
+        (tmp_path / "c.pem").write_bytes(pem.cert)
+        (tmp_path / "k.pem").write_bytes(pem.key)
+        upload = ("--cert", str(tmp_path / "c.pem"), "--key", str(tmp_path / "k.pem"))
+        # domains-add with a certificate: two files, killed before the second rename.
+        _cli_killed(node, "replace", 2, "domains-add", "torn.example.test", "--app", "demo", *upload)
+        time.sleep(0.3)  # what the watch applies of it
+        _no_hidden_certificate(node, "torn.example.test", pem.leaf_der)
+        # domains-remove: killed at its first removal.
+        node.cli("domains-add", "gone.example.test", "--app", "demo", *upload)
+        wait_for(lambda: node.handshake_or_empty("gone.example.test") == pem.leaf_der)
+        _cli_killed(node, "unlink", 1, "domains-remove", "gone.example.test")
+        time.sleep(0.3)
+        _no_hidden_certificate(node, "gone.example.test", pem.leaf_der)
+        # The dead write's temporary file: `edge check` names it, the next start removes it.
+        debris = _temp_files(node)
+        assert debris
+        check = node.cli("check", check=False)
+        assert check.returncode != 0 and str(debris[0]) in check.stderr and "interrupted write" in check.stderr
+        node.stop()
+        node.log = bytearray()
+        node.start()
+        wait_for(lambda: not _temp_files(node))
+        assert b"left by an interrupted write" in node.log
+    finally:
+        node.stop()
+
+
+def test_check_names_certificates_of_no_domain(edge: EdgeProcess, ca: trustme.CA, tmp_path: Path) -> None:
+    # What a removal killed midway left behind with an earlier edge (domain
+    # first, certificates after), or a hand edit.
+    pem = pki.issue(ca, "orphan.example.test")
+    (tmp_path / "c.pem").write_bytes(pem.cert)
+    (tmp_path / "k.pem").write_bytes(pem.key)
+    edge.cli("domains-add", "orphan.example.test", "--app", "demo", "--cert", str(tmp_path / "c.pem"),
+             "--key", str(tmp_path / "k.pem"))
+    (edge.root / "store" / "domains" / "orphan.example.test.json").unlink()
+    check = edge.cli("check", check=False)
+    assert check.returncode != 0 and "certificates of orphan.example.test belong to no domain" in check.stderr
+    edge.cli("domains-add", "orphan.example.test", "--app", "demo", "--cert", str(tmp_path / "c.pem"),
+             "--key", str(tmp_path / "k.pem"))
+    edge.cli("domains-remove", "orphan.example.test")
+    assert "orphan.example.test" not in edge.cli("check", check=False).stderr
