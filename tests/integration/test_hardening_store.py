@@ -376,3 +376,26 @@ def test_check_names_certificates_of_no_domain(edge: EdgeProcess, ca: trustme.CA
              "--key", str(tmp_path / "k.pem"))
     edge.cli("domains-remove", "orphan.example.test")
     assert "orphan.example.test" not in edge.cli("check", check=False).stderr
+
+
+def test_concurrent_imports_attach_a_name_once(tmp_path: Path, backend: str, ca: trustme.CA) -> None:
+    node = EdgeProcess(tmp_path)
+    node.cli("apps-add", "imp-a", "--backend", backend)
+    node.cli("apps-add", "imp-b", "--backend", backend)
+    names = [f"n{i}.imported.example.test" for i in range(30)]
+    bundles = tmp_path / "bundles"
+    bundles.mkdir()
+    for name in names:
+        pem = pki.issue(ca, name)
+        (bundles / f"{name}.pem").write_bytes(pem.cert + pem.key)
+    results = _cli_race(node, [("certs-import", "--app", f"imp-{'ab'[i % 2]}", str(bundles))
+                               for i in range(RACERS)])
+    owners = {r["domain"]: r["app"] for r in json.loads(node.cli("domains", "--json").stdout)}
+    # Importing again into the app that holds a name updates its certificate;
+    # an import into the other app must report the name skipped, never imported.
+    for result in results:
+        app = result.args[2]
+        for name in names:
+            if owners[name] != app:
+                assert f"{name} ({bundles / name}.pem): attached to app" in result.stderr \
+                    or f"{name}: attached to app {owners[name]}" in result.stderr, (name, app, result.stderr)
