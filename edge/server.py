@@ -327,6 +327,12 @@ class Edge:
         await self._stopped.wait()
 
 
+def _log_failure(task: asyncio.Task[None]) -> None:
+    """A signal's work that failed says why (a task's exception is otherwise lost)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s failed", task.get_coro().__qualname__, exc_info=task.exception())
+
+
 async def serve(
     config: Config, fixed: FixedContexts | None = None, reuse_port: bool = False, serve_admin: bool = True
 ) -> None:
@@ -342,6 +348,7 @@ async def serve(
         task = loop.create_task(coro)
         background.add(task)
         task.add_done_callback(background.discard)
+        task.add_done_callback(_log_failure)
 
     def on_term() -> None:
         if not edge.stopping:

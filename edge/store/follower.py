@@ -156,6 +156,8 @@ class StoreFollower:
         fresh.revision = max(self.store.revision, fresh.revision)
         self.index.replace_with(fresh)
         self.reloads += 1
+        log.info("store reloaded: %d apps, %d domains, %d names with certificates; %d damaged entries",
+                 len(fresh.apps), len(fresh.domains), len(fresh.certs), len(fresh.errors))
         if self.acme is not None:
             self.acme.rescan()
 

@@ -274,7 +274,10 @@ def test_damaged_entry_keeps_serving_its_last_good_version(tmp_path: Path, backe
             if reload == "sighup":
                 before = node.log.count(b"store reloaded")
                 node.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
-                wait_for(lambda before=before: node.log.count(b"store reloaded") > before)
+                try:
+                    wait_for(lambda before=before: node.log.count(b"store reloaded") > before)
+                except AssertionError:
+                    raise AssertionError(node.log.decode()[-3000:]) from None
             else:
                 assert _admin(node, "POST", "/v1/reload")[0] == 200
             assert node.handshake(domain) == good.leaf_der, f"after a reload ({reload})"
