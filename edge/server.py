@@ -273,6 +273,10 @@ class Edge:
                 log.warning("%s changed: it takes effect at the next restart", what)
         self.selector.strict_sni = new.platform.strict_sni
         self.cache.size = new.tls.context_cache_size
+        if new.tls.min_version != old.tls.min_version:
+            # Built contexts carry the version they were built with and their
+            # cache key does not name it: drop them, the next handshakes rebuild.
+            self.cache.clear()
         self.proxy.config = new.proxy  # new connections take the new timeouts and limits
         self.proxy.access_log = new.log.access_log
         if self.acme is not None and new.acme.enabled:

@@ -49,6 +49,11 @@ def reload_certificates(cfg: Config, fixed: FixedContexts) -> None:
         load_fixed_context(str(cert), str(key), cfg.tls.min_version)  # raises StartupError when broken
     for ctx, cert, key in pairs:
         ctx.load_cert_chain(str(cert), str(key))
+    # The live contexts take the new minimum version too: a SIGHUP that raises
+    # it must not leave the platform and default names on the old one.
+    version = contexts.base_context(cfg.tls.min_version).minimum_version
+    for ctx in {id(c): c for c in (fixed.platform, fixed.default)}.values():
+        ctx.minimum_version = version
 
 
 def load_fixed_contexts(cfg: Config) -> FixedContexts:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -402,3 +404,39 @@ def test_concurrent_imports_attach_a_name_once(tmp_path: Path, backend: str, ca:
             if owners[name] != app:
                 assert f"{name} ({bundles / name}.pem): attached to app" in result.stderr \
                     or f"{name}: attached to app {owners[name]}" in result.stderr, (name, app, result.stderr)
+
+
+# --- 8, a sibling: a cached context that misses an input (the minimum TLS version) -------------
+def _tls12_handshake(node: EdgeProcess, name: str) -> bool:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        with socket.create_connection(("127.0.0.1", node.https_port), timeout=5) as raw, \
+                ctx.wrap_socket(raw, server_hostname=name):
+            return True
+    except (OSError, ssl.SSLError):
+        return False
+
+
+def test_raised_min_version_applies_to_cached_contexts(tmp_path: Path, backend: str, ca: trustme.CA) -> None:
+    node = EdgeProcess(tmp_path)
+    node.start()
+    try:
+        node.cli("apps-add", "demo", "--backend", backend)
+        pem = pki.issue(ca, "v12.example.test")
+        (tmp_path / "c.pem").write_bytes(pem.cert)
+        (tmp_path / "k.pem").write_bytes(pem.key)
+        node.cli("domains-add", "v12.example.test", "--app", "demo", "--cert", str(tmp_path / "c.pem"),
+                 "--key", str(tmp_path / "k.pem"))
+        wait_for(lambda: node.handshake_or_empty("v12.example.test") == pem.leaf_der)
+        assert _tls12_handshake(node, "v12.example.test") and _tls12_handshake(node, "demo.edge.test")
+        node.config.write_text(node.config.read_text() + '\n[tls]\nmin_version = "TLSv1.3"\n')
+        node.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        wait_for(lambda: b"configuration reloaded" in node.log)
+        for name in ("v12.example.test", "demo.edge.test", "unknown.example.test"):
+            assert not _tls12_handshake(node, name), f"{name} still accepts TLS 1.2"
+        assert node.handshake("v12.example.test") == pem.leaf_der  # TLS 1.3 still served
+    finally:
+        node.stop()
