@@ -129,6 +129,7 @@ async def _check(cfg: config_mod.Config) -> int:
     for domain, app in sorted(index.domains.items()):
         if app not in index.apps:
             problems.append(f"domain {domain} points to missing app {app}")
+    problems += _name_problems(cfg, index)
     for domain in sorted(d for d in index.certs if d not in index.domains):
         problems.append(
             f"certificates of {domain} belong to no domain (a removal or import killed midway) and are served "
@@ -142,6 +143,23 @@ async def _check(cfg: config_mod.Config) -> int:
     print(f"{cfg.path}: ok ({len(index.apps)} apps, {len(index.domains)} domains, "
           f"{sum(len(c) for c in index.certs.values())} certificates)")
     return 0
+
+
+def _name_problems(cfg: config_mod.Config, index: Index) -> list[str]:
+    """Stored domains that `domains-add` would refuse (written by hand or by an
+    older edge): a public suffix, a name under the platform domain, a name not
+    in canonical form (never matched: SNI and Host are canonicalised)."""
+    ops = Operations(cfg, None)  # type: ignore[arg-type] - only the name rules, no store
+    out = []
+    for domain in sorted(index.domains.keys() | index.certs.keys()):
+        try:
+            canonical = ops.domain_name(domain)
+        except OperationError as exc:
+            out.append(f"stored domain {domain}: {exc}")
+            continue
+        if canonical != domain:
+            out.append(f"stored domain {domain} is not in canonical form ({canonical}); it never matches")
+    return out
 
 
 async def _load_checked(store: Store) -> tuple[Index, dict[str, str]]:

@@ -440,3 +440,17 @@ def test_raised_min_version_applies_to_cached_contexts(tmp_path: Path, backend: 
         assert node.handshake("v12.example.test") == pem.leaf_der  # TLS 1.3 still served
     finally:
         node.stop()
+
+
+def test_check_names_stored_domains_the_rules_refuse(tmp_path: Path, backend: str) -> None:
+    # Written by hand or by an edge from before the rule: `edge check` says so.
+    node = EdgeProcess(tmp_path)
+    node.cli("apps-add", "demo", "--backend", backend)
+    node.cli("domains-add", "fine.example.test", "--app", "demo")
+    for name in ("_.co.uk", "github.io", "x.edge.test"):
+        (tmp_path / "store" / "domains" / f"{name}.json").write_text('{"app": "demo"}\n')
+    check = node.cli("check", check=False)
+    assert check.returncode != 0
+    for name in ("*.co.uk", "github.io", "x.edge.test"):
+        assert f"stored domain {name}:" in check.stderr, check.stderr
+    assert "fine.example.test" not in check.stderr
