@@ -132,8 +132,8 @@ async def _check(cfg: config_mod.Config) -> int:
     problems += _name_problems(cfg, index)
     for domain in sorted(d for d in index.certs if d not in index.domains):
         problems.append(
-            f"certificates of {domain} belong to no domain (a removal or import killed midway) and are served "
-            f"for it; attach it with `edge domains-add {domain} --app APP`, or attach and remove it "
+            f"certificates of {domain} belong to no domain (a command killed midway, or a hand edit): they "
+            f"are not served; attach it with `edge domains-add {domain} --app APP`, or attach and remove it "
             "(`edge domains-remove`) to drop them"
         )
     for problem in problems:

@@ -113,9 +113,10 @@ async def _write_batch(ops: Operations, app: str, pending: list[tuple[str, bytes
                 owners[domain] = app
             items.append((base.cert_key(domain, "custom", _key_type(value)), value, True))
             report.imported_names += 1
-        # Domains before their certificates: an import killed midway leaves
-        # listed domains, never certificates served for unlisted ones.
-        await ops.store.put_many(attach + items)
+        # Certificates before their domains, as domains-add does: the ACME
+        # manager never sees a new domain without its certificate, and an import
+        # killed midway leaves unattached certificates, which are not served.
+        await ops.store.put_many(items + attach)
 
 
 def _key_type(value: bytes) -> str:

@@ -234,13 +234,14 @@ class Operations:
                     raise OperationError(
                         f"{domain} is already attached to {app}; use `edge domains-ssl` to set its certificate"
                     )
-            # The domain first, then its certificate: a command killed in between
-            # leaves a listed domain without a certificate (`edge domains` shows
-            # it), never a certificate served for a domain nobody lists.
-            if current is None:
-                await self.store.put(base.domain_key(domain), json.dumps({"app": app}).encode() + b"\n")
+            # The certificate first, then the domain: the ACME manager must never
+            # see the domain without it (it would order one). A command killed in
+            # between leaves a certificate of no domain: never served (the
+            # selector serves attached domains only), named by `edge check`.
             if validated is not None:
                 await self._write_bundle(domain, "custom", validated)
+            if current is None:
+                await self.store.put(base.domain_key(domain), json.dumps({"app": app}).encode() + b"\n")
         if validated is None and not self.config.acme.enabled:
             warnings.append(
                 f"{domain} has no certificate: handshakes for it get the default certificate until you "
@@ -288,14 +289,15 @@ class Operations:
         async with self.store.write_lock():
             if await self.store.get(base.domain_key(domain)) is None:
                 raise NotFoundError(f"no domain {domain}; `edge domains` lists them")
-            # Certificates first, the domain last: a command killed in between
-            # leaves the domain listed (remove it again), never an unlisted
-            # certificate still served.
+            # The domain first: from then on nothing serves or renews its
+            # certificates (the ACME manager would order a replacement for a
+            # deleted one of a live domain). A command killed before the
+            # certificates are gone leaves them unserved; `edge check` names them.
+            await self.store.delete(base.domain_key(domain))
             for source in SOURCES:
                 for key_type in KEY_TYPES:
                     await self.store.delete(base.cert_key(domain, source, key_type))
             await self.store.delete(base.ACME_STATUS + domain)
-            await self.store.delete(base.domain_key(domain))
         return Result(f"domain {domain} removed")
 
     def _acme_state(self, domain: str, stored: bytes | None) -> dict | None:

@@ -111,9 +111,10 @@ class StoreFollower:
                       "process; `edge check` lists every damaged entry", key, reason)
         orphans = sorted(d for d in index.certs if d not in index.domains)
         if orphans:
-            # Left by a removal or an import that was killed midway (before
-            # writes were ordered domain-first): served, but listed nowhere.
-            log.warning("store: %d certificates belong to no domain (%s%s); `edge check` lists them",
+            # Left by a command killed midway (or a hand edit): not served,
+            # as they are listed nowhere; the operator decides what they were.
+            log.warning("store: %d certificates belong to no domain and are not served (%s%s); "
+                        "`edge check` lists them",
                         len(orphans), ", ".join(orphans[:5]), ", ..." if len(orphans) > 5 else "")
 
     async def fetch_name(self, name: str) -> None:

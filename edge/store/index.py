@@ -56,7 +56,7 @@ class CertMeta:
     # The digest of the whole stored value: chain, key, header. TLS contexts
     # are cached under it, so anything that changes what is served (a chain
     # completed for the same leaf, a new key) names a new context.
-    digest: str = ""
+    digest: int = 0  # 64 bits: an int is half the memory of its hex string, at a million names
 
     @property
     def store_key(self) -> str:
@@ -100,9 +100,9 @@ def bundle_header(meta: CertMeta | dict[str, object]) -> bytes:
     return json.dumps(meta, sort_keys=True).encode() + b"\n"
 
 
-def entry_digest(value: bytes) -> str:
-    """What identifies one stored version of an entry (~3 µs for a bundle)."""
-    return hashlib.sha256(value).hexdigest()[:32]
+def entry_digest(value: bytes) -> int:
+    """What identifies one stored version of an entry (~4 µs for a bundle)."""
+    return int.from_bytes(hashlib.sha256(value).digest()[:8])
 
 
 def split_bundle(value: bytes) -> tuple[bytes, bytes]:

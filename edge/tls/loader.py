@@ -1,7 +1,7 @@
 """Build the TLS context a cache key names, from the store's bundles.
 
 A cache key (``edge.tls.selector``) names each bundle by its store key and the
-digest of the stored value the index accepted: ``certs/custom-rsa/x#<digest>``.
+digest of the stored value the index accepted: ``certs/custom-rsa/x#<digest, hex>``.
 The loader reads the store and uses the value when its digest matches. When
 it does not (the entry was damaged since, or replaced and the index has not
 seen it yet) or the store cannot be read, it falls back to the bytes it kept
@@ -34,15 +34,15 @@ class _Kept:
 
     def __init__(self, size: int) -> None:
         self.size = max(size, 1)
-        self.entries: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
+        self.entries: OrderedDict[str, tuple[int, bytes]] = OrderedDict()
 
-    def put(self, store_key: str, digest: str, value: bytes) -> None:
+    def put(self, store_key: str, digest: int, value: bytes) -> None:
         self.entries[store_key] = (digest, value)
         self.entries.move_to_end(store_key)
         while len(self.entries) > self.size:
             self.entries.popitem(last=False)
 
-    def get(self, store_key: str, digest: str | None = None) -> bytes | None:
+    def get(self, store_key: str, digest: int | None = None) -> bytes | None:
         held = self.entries.get(store_key)
         if held is None or (digest is not None and held[0] != digest):
             return None
@@ -62,12 +62,13 @@ class ContextLoader:
         """The watch delivered ``value`` for ``store_key`` and the index accepted it."""
         self._watched.put(store_key, entry_digest(value), value)
 
-    def kept(self, store_key: str, digest: str) -> bytes | None:
+    def kept(self, store_key: str, digest: int) -> bytes | None:
         return self._good.get(store_key, digest) or self._watched.get(store_key, digest)
 
     async def _value(self, part: str) -> bytes:
         """The stored value a cache key part names (see the module doc)."""
-        store_key, _, digest = part.partition("#")
+        store_key, _, digest_hex = part.partition("#")
+        digest = int(digest_hex, 16)
         try:
             value = await self.store.get(store_key)
         except StoreError as exc:
