@@ -2,11 +2,13 @@
 
 A cache key (``edge.tls.selector``) names each bundle by its store key and the
 digest of the stored value the index accepted: ``certs/custom-rsa/x#<digest, hex>``.
-The loader reads the store and uses the value when its digest matches. When
-it does not (the entry was damaged since, or replaced and the index has not
-seen it yet) or the store cannot be read, it falls back to the bytes it kept
-of that very version: the last good bundle of a name stays served although
-the store's copy is broken (SPEC: the previous version stays in service).
+The loader uses the bytes it kept of that very version when it has them
+(delivered by the watch, or built before), without asking the store: a
+handshake then neither waits on the store nor fails when it is unreachable
+(issue #18, for those names). Otherwise it reads the store and uses the
+value. A version OpenSSL refuses (a file damaged inside its PEM) is served
+as the last version of that entry that built: the previous version stays in
+service.
 
 Kept bytes are bounded (an LRU as large as the context cache): the versions
 the watch delivered and the ones contexts were built from.
@@ -69,18 +71,15 @@ class ContextLoader:
         """The stored value a cache key part names (see the module doc)."""
         store_key, _, digest_hex = part.partition("#")
         digest = int(digest_hex, 16)
+        kept = self.kept(store_key, digest)
+        if kept is not None:
+            return kept  # no store round trip: the handshake does not wait on it, nor fail with it
         try:
             value = await self.store.get(store_key)
         except StoreError as exc:
-            kept = self.kept(store_key, digest)
-            if kept is None:
-                raise ContextBuildError(f"{store_key}: {exc}") from None
-            return kept
+            raise ContextBuildError(f"{store_key}: {exc}") from None
         if value is not None and entry_digest(value) == digest:
             return value
-        kept = self.kept(store_key, digest)
-        if kept is not None:
-            return kept
         if value is None:
             raise ContextBuildError(f"{store_key} vanished from the store")
         try:

@@ -456,3 +456,25 @@ def test_check_names_stored_domains_the_rules_refuse(tmp_path: Path, backend: st
     for name in ("*.co.uk", "github.io", "x.edge.test"):
         assert f"stored domain {name}:" in check.stderr, check.stderr
     assert "fine.example.test" not in check.stderr
+
+
+# --- 18, in part: a certificate the watch delivered is served without the store ---------------
+def test_watched_certificate_served_while_etcd_is_down(tmp_path: Path, backend: str, etcd: object,
+                                                       ca: trustme.CA) -> None:
+    from tests.integration.etcd_server import etcd_node
+
+    node = etcd_node(tmp_path / "node", etcd)  # type: ignore[arg-type]
+    node.cli("apps-add", "demo", "--backend", backend)
+    node.start()
+    try:
+        pem = pki.issue(ca, "offline.example.test")
+        (tmp_path / "c.pem").write_bytes(pem.cert)
+        (tmp_path / "k.pem").write_bytes(pem.key)
+        node.cli("domains-add", "offline.example.test", "--app", "demo", "--cert", str(tmp_path / "c.pem"),
+                 "--key", str(tmp_path / "k.pem"))
+        time.sleep(1)  # SPEC §6: applied within 100 ms (no handshake here: it would build the context)
+        etcd.stop()  # type: ignore[attr-defined]
+        # No handshake built its context before: it is built from what the watch delivered.
+        assert node.handshake("offline.example.test") == pem.leaf_der
+    finally:
+        node.stop()
