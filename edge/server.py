@@ -28,7 +28,7 @@ from edge.errors import StartupError
 from edge.proxy.exchange import ListenerInfo, ProxyContext
 from edge.proxy.protocol import HttpProxyProtocol
 from edge.proxy.routing import Router
-from edge.store.base import Store, StoreError, challenge_key, tls_alpn_key
+from edge.store.base import Store, StoreError, challenge_key, parse_cert_key, tls_alpn_key
 from edge.store.follower import FollowError, StoreFollower
 from edge.store.index import Index
 from edge.store.open import open_store
@@ -99,7 +99,7 @@ class Edge:
             self.index, platform.domain, platform.strict_sni, default_is_platform=default_ctx is platform_ctx
         )
         self.loader = ContextLoader(self.store, self.executor, lambda: self.config.tls.min_version,
-                                    keep=cfg.tls.context_cache_size)
+                                    keep=min(cfg.tls.context_cache_size, 4096))
         self.cache = ContextCache(cfg.tls.context_cache_size, self.loader.load)
         self.router = Router(self.index, self.selector, platform.domain, cfg.proxy.pool_size)
         self.proxy = ProxyContext(
@@ -214,7 +214,10 @@ class Edge:
         """Damaged store entries (key -> why) this process knows of, for /healthz:
         those the index could not parse (their last good version, if this
         process saw one, stays served) and those OpenSSL refused at a handshake."""
-        found = {**self.index.corrupted(limit), **self.loader.damaged}
+        held = {m.store_key for key in self.loader.damaged if (parts := parse_cert_key(key))
+                for m in self.index.certs.get(parts[0], ())}
+        # A damaged version since replaced or deleted is no longer a problem.
+        found = {**self.index.corrupted(limit), **{k: v for k, v in self.loader.damaged.items() if k in held}}
         return dict(sorted(found.items())[:limit])
 
     async def _recover_store(self) -> None:

@@ -63,6 +63,7 @@ class ContextLoader:
     def remember(self, store_key: str, value: bytes) -> None:
         """The watch delivered ``value`` for ``store_key`` and the index accepted it."""
         self._watched.put(store_key, entry_digest(value), value)
+        self.damaged.pop(store_key, None)  # a new version: judged when a handshake builds it
 
     def kept(self, store_key: str, digest: int) -> bytes | None:
         return self._good.get(store_key, digest) or self._watched.get(store_key, digest)
