@@ -7,6 +7,7 @@ Unknown keys are errors: a typo must not silently fall back to a default.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -36,7 +37,15 @@ class Address:
 
     @property
     def is_loopback(self) -> bool:
-        return self.host in ("localhost", "::1") or self.host.startswith("127.")
+        # Only what cannot leave the machine without asking DNS: an IP literal
+        # in 127.0.0.0/8 or ::1, or the name localhost (RFC 6761 §6.3). A name
+        # such as "127.evil.example" resolves wherever its owner wants.
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
 
 
 @dataclass(frozen=True, slots=True)

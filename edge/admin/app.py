@@ -142,11 +142,15 @@ def _probes(edge: Edge) -> tuple[Handler, Handler]:
 
     async def healthz(_request: web.Request) -> web.Response:
         problems = await edge.health_problems()
+        # Damaged store entries do not make a node unhealthy (every node would be): they are named here.
+        corrupted = edge.corrupted_entries()
         if problems:
-            return web.json_response({"status": "unhealthy", "reasons": problems}, status=503)
+            return web.json_response({"status": "unhealthy", "reasons": problems, "corrupted": corrupted},
+                                     status=503)
         # "loading": serving already, every name answered (fetched on demand) while the index fills.
         return web.json_response({"status": "ok", "https": edge.bound_https(), "http": edge.bound_http(),
-                                  "store": "loading" if edge.index.loading else "loaded"})
+                                  "store": "loading" if edge.index.loading else "loaded",
+                                  "corrupted": corrupted})
 
     async def metrics(_request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
