@@ -18,7 +18,10 @@ from typing import Any
 from edge.acme.settings import AcmeConfig as AcmeConfig  # [acme] lives with the ACME code
 from edge.acme.settings import CaEndpoint as CaEndpoint
 from edge.acme.settings import parse_acme
+from edge.limits import LimitsConfig as LimitsConfig  # [limits] lives with the limits
+from edge.limits import parse_limits
 from edge.tls import names
+from edge.trust import TrustedProxies, trusted_key
 
 DEFAULT_CONFIG = Path("config/edge.toml")
 
@@ -57,6 +60,8 @@ class ServerConfig:
     admin_hosts: tuple[str, ...] = ()  # Host names allowed besides its address (DNS rebinding)
     metrics: Address | None = None  # /metrics and /healthz without a token, for scrapers and probes
     workers: int = 1
+    proxy_protocol: bool = False  # every connection starts with a PROXY v1/v2 header (edge.tls.proxyproto)
+    trusted_proxies: TrustedProxies = field(default_factory=TrustedProxies)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +124,8 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    metrics_per_app: bool = True  # [metrics] per_app: the edge_app_* series
 
 
 # --- parsing helpers -------------------------------------------------------------
@@ -255,7 +262,7 @@ def parse(text: str, path: Path) -> Config:
         raise ConfigError(f"{where}: invalid TOML: {str(exc).split(' (at line')[0]}") from None
     src = _Source(path, text)
     base = path.parent.resolve()
-    known = {"server", "platform", "store", "acme", "tls", "proxy", "log"}
+    known = {"server", "platform", "store", "acme", "tls", "proxy", "log", "limits", "metrics"}
     for name, value in data.items():
         if name not in known:
             raise src.error(name, None, f"unknown section; expected one of {', '.join(sorted(known))}")
@@ -282,8 +289,13 @@ def parse(text: str, path: Path) -> Config:
         admin_hosts=_host_names(t, "admin_hosts"),
         metrics=_optional_address(t, "metrics", ""),
         workers=workers,
+        proxy_protocol=t.get("proxy_protocol", bool, False),
+        trusted_proxies=trusted_key(t),
     )
     t.done()
+    if server.proxy_protocol and not server.trusted_proxies:
+        raise t.fail("trusted_proxies", "proxy_protocol = true needs the addresses allowed to send PROXY headers "
+                                        '(e.g. trusted_proxies = ["10.0.0.0/8"])')
 
     t = table("platform")
     dp = PlatformConfig()
@@ -375,4 +387,10 @@ def parse(text: str, path: Path) -> Config:
             "server", "admin", "the admin API is bound beyond loopback; set admin_token (or EDGE_ADMIN_TOKEN) too"
         )
 
-    return Config(path, server, platform, store, acme, tls, proxy, log)
+    t = table("limits")
+    limits = parse_limits(t)
+    t.done()
+    t = table("metrics")
+    per_app = t.get("per_app", bool, True)
+    t.done()
+    return Config(path, server, platform, store, acme, tls, proxy, log, limits, per_app)
