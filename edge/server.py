@@ -25,6 +25,7 @@ from edge import config as config_mod
 from edge import logs
 from edge.config import Address, Config
 from edge.errors import StartupError
+from edge.limits import ConnectionLimits
 from edge.proxy.exchange import ListenerInfo, ProxyContext
 from edge.proxy.protocol import HttpProxyProtocol
 from edge.proxy.routing import Router
@@ -35,6 +36,7 @@ from edge.store.open import open_store
 from edge.tls.acceptor import TlsAcceptor, TlsInfo
 from edge.tls.contexts import ContextCache
 from edge.tls.fixed import FixedContexts, load_fixed_contexts, reload_certificates
+from edge.tls.gate import Gate
 from edge.tls.intake import PlainListener
 from edge.tls.loader import ContextLoader
 from edge.tls.selector import Selector
@@ -115,6 +117,10 @@ class Edge:
         except FollowError as exc:
             raise StartupError(str(exc)) from None
 
+        # PROXY headers and connection limits, shared by every listener of this process.
+        self.limits = ConnectionLimits(cfg.limits.connections_per_ip, cfg.limits.max_connections)
+        self.gate = Gate(proxy_protocol=cfg.server.proxy_protocol, trusted=cfg.server.trusted_proxies,
+                         limits=self.limits, timeout=cfg.proxy.handshake_timeout)
         self.acceptor = TlsAcceptor(
             listener_context=default_ctx,
             platform_context=platform_ctx,
@@ -123,6 +129,7 @@ class Edge:
             handshake_timeout=cfg.proxy.handshake_timeout,
             challenge_certificate=lambda domain: self.store.get(tls_alpn_key(domain)),
             fetch_name=self.fetch_name,
+            gate=self.gate,
         )
         self.https_sockets = [bind(address, self.reuse_port) for address in cfg.server.https]
         # Redirects from port 80 point at the first TLS listener's real port.
@@ -135,9 +142,9 @@ class Edge:
             sock = bind(address, self.reuse_port)
             listener = ListenerInfo(b"http", str(sock.getsockname()[1]).encode(), https_port)
             # Not loop.create_server: see PlainListener (the descriptor limit).
-            self.http_servers.append(
-                PlainListener(sock, lambda listener=listener: HttpProxyProtocol(self.proxy, listener, None))
-            )
+            self.http_servers.append(PlainListener(
+                sock, lambda peer, listener=listener: HttpProxyProtocol(self.proxy, listener, None, peer),
+                self.gate if self.gate.active else None))
         if self.serve_admin:  # one process per node cleans up
             self._tasks.append(loop.create_task(self._recover_store()))
         if cfg.acme.enabled and self.serve_admin:
@@ -281,6 +288,9 @@ class Edge:
             ("[store]", old.store, new.store),
             ("[platform] domain", old.platform.domain, new.platform.domain),
             ("[acme] enabled", old.acme.enabled, new.acme.enabled),
+            ("[server] proxy_protocol", old.server.proxy_protocol, new.server.proxy_protocol),
+            ("[server] trusted_proxies", old.server.trusted_proxies, new.server.trusted_proxies),
+            ("[limits]", old.limits, new.limits),
         ):
             if before != after:
                 log.warning("%s changed: it takes effect at the next restart", what)
@@ -297,7 +307,8 @@ class Edge:
         logging.getLogger().setLevel(new.log.level.upper())
         # What needs a restart stays as it runs until then.
         platform = dataclasses.replace(new.platform, domain=old.platform.domain)
-        self.config = dataclasses.replace(new, server=old.server, store=old.store, platform=platform)
+        self.config = dataclasses.replace(new, server=old.server, store=old.store, platform=platform,
+                                          limits=old.limits)
         log.info("configuration reloaded from %s", new.path)
         return True
 
@@ -313,6 +324,7 @@ class Edge:
         self.acceptor.close_pending()
         for server in self.http_servers:
             server.close()
+        self.gate.close_all()
         self.proxy.draining = True
         for connection in list(self.proxy.connections):
             connection.drain()

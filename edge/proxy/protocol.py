@@ -29,6 +29,7 @@ from edge.proxy.forwarding import RequestSide
 from edge.proxy.responses import ResponseSide
 from edge.proxy.upstream import BackendConnection, UpstreamError
 from edge.tls.acceptor import TlsInfo
+from edge.tls.gate import Peer
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,14 @@ _READ_BUFFER = memoryview(bytearray(64 * 1024))
 
 
 class HttpProxyProtocol(ResponseSide, RequestSide, LocalAnswers, asyncio.BufferedProtocol):
-    def __init__(self, ctx: ProxyContext, listener: ListenerInfo, tls: TlsInfo | None) -> None:
+    def __init__(self, ctx: ProxyContext, listener: ListenerInfo, tls: TlsInfo | None,
+                 peer: Peer | None = None) -> None:
         self.ctx = ctx
         self.config = ctx.config
         self.listener = listener
         self.tls = tls
+        # The client when a control named it (PROXY header, limits); None: the socket's peer.
+        self.peer = peer if peer is not None or tls is None else tls.peer
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.queue: deque[Exchange] = deque()
@@ -84,8 +88,11 @@ class HttpProxyProtocol(ResponseSide, RequestSide, LocalAnswers, asyncio.Buffere
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self._loop = asyncio.get_running_loop()
-        peer = transport.get_extra_info("peername")
-        self.client_ip = str(peer[0]).encode() if peer else b""
+        if self.peer is not None:
+            self.client_ip = self.peer.ip
+        else:
+            peername = transport.get_extra_info("peername")
+            self.client_ip = str(peername[0]).encode() if peername else b""
         if self.tls is not None:
             sslobj = transport.get_extra_info("ssl_object")
             self.tls_version = (sslobj.version() or "") if sslobj is not None else ""
@@ -99,6 +106,8 @@ class HttpProxyProtocol(ResponseSide, RequestSide, LocalAnswers, asyncio.Buffere
         self._closing = True
         self._cancel_timer()
         self.ctx.connections.discard(self)
+        if self.peer is not None and self.peer.slot is not None:
+            self.peer.slot.release()  # [limits]: the connection's place frees now, not at collection
         for exchange in self.queue:
             if exchange.conn is not None:
                 exchange.conn.close()  # the client is gone: nobody to answer
