@@ -12,8 +12,10 @@ import re
 import time
 from dataclasses import dataclass
 
+from edge.appops import AppSettingsOps, merged_record
 from edge.config import Config, parse_address
 from edge.store import base
+from edge.store.appsettings import Hsts
 from edge.store.base import Store
 from edge.store.index import (
     KEY_TYPES,
@@ -123,7 +125,7 @@ class Result:
     warnings: tuple[str, ...] = ()
 
 
-class Operations:
+class Operations(AppSettingsOps):
     def __init__(self, config: Config, store: Store) -> None:
         self.config = config
         self.store = store
@@ -144,7 +146,9 @@ class Operations:
         return {"backends": list(app.backends), "force_https": app.force_https}
 
     # --- apps ---------------------------------------------------------------------------
-    async def apps_add(self, name: str, backends: list[str], force_https: bool = True) -> Result:
+    async def apps_add(self, name: str, backends: list[str], force_https: bool = True, *,
+                       hsts: Hsts | bool | None = None, maintenance: bool | None = None) -> Result:
+        """Add or update an app; ``hsts``/``maintenance`` None keep what the app had (``appops``)."""
         if not APP_NAME.match(name):
             raise OperationError(
                 f"app name {name!r} is invalid: use 1-63 lower-case letters, digits and hyphens, "
@@ -161,12 +165,14 @@ class Operations:
             if address.port == 0:
                 raise OperationError(f"backend {raw!r} has port 0; give the port the app listens on")
             clean.append(str(address))
-        record = {"backends": clean, "force_https": force_https}
         async with self.store.write_lock():
-            existed = await self.store.get(base.app_key(name)) is not None
+            old = await self.store.get(base.app_key(name))
+            record = merged_record(old, {"backends": clean, "force_https": force_https}, hsts, maintenance)
             await self.store.put(base.app_key(name), json.dumps(record, indent=1).encode() + b"\n")
-        verb = "updated" if existed else "added"
-        return Result(f"app {name} {verb}: https://{name}.{self.platform_domain} -> {', '.join(clean)}")
+        verb = "updated" if old is not None else "added"
+        note = " (in maintenance: answering 503)" if record.get("maintenance") else ""
+        return Result(f"app {name} {verb}: https://{name}.{self.platform_domain} -> {', '.join(clean)}{note}",
+                      tuple(hsts.warnings()) if isinstance(hsts, Hsts) else ())
 
     async def apps_remove(self, name: str) -> Result:
         async with self.store.write_lock():
@@ -191,6 +197,9 @@ class Operations:
                 "app": app.name,
                 "backends": list(app.backends),
                 "force_https": app.force_https,
+                "hsts": app.hsts.decode() or None,
+                "maintenance": app.maintenance,
+                "error_pages": [status for status, _ in app.error_pages],
                 "domains": sorted(d for d, a in index.domains.items() if a == app.name),
             }
             for app in sorted(index.apps.values(), key=lambda a: a.name)
