@@ -135,6 +135,11 @@ class RateLimiter:
         self.buckets: OrderedDict[bytes, list[float]] = OrderedDict()
         self.limited = 0
 
+    @classmethod
+    def from_config(cls, config: LimitsConfig) -> RateLimiter | None:
+        rate = config.requests_per_ip_per_second
+        return cls(rate, config.bucket_size) if rate else None
+
     def take(self, ip: bytes, now: float) -> float:
         """0.0 when ``ip`` may make a request now, else the seconds until it may."""
         buckets = self.buckets

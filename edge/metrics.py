@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from edge.appmetrics import control_counters, control_families
 from edge.proxy.exchange import DURATION_BUCKETS
 from edge.tls.acceptor import HANDSHAKE_BUCKETS
 
@@ -147,6 +148,7 @@ class EdgeCollector(Collector):
             yield from _acme_renewals(edge.acme.renewal_gauges())
         yield GaugeMetricFamily("edge_workers_reporting", "Processes whose counters are summed here",
                                 value=c["processes"])
+        yield from control_families(c)  # issue #14: accept-time controls, per-app series
 
 
 def _acme_renewals(gauges: dict[str, float]) -> Iterator[GaugeMetricFamily]:
@@ -195,6 +197,7 @@ def counters(edge: Edge) -> dict[str, Any]:
         "cache_hits": cache.hits,
         "cache_misses": cache.misses,
         "reloads": edge.reloads,
+        **control_counters(edge),
     }
 
 

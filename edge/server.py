@@ -25,7 +25,8 @@ from edge import config as config_mod
 from edge import logs
 from edge.config import Address, Config
 from edge.errors import StartupError
-from edge.limits import ConnectionLimits
+from edge.limits import RateLimiter
+from edge.proxy.appstats import AppStats
 from edge.proxy.exchange import ListenerInfo, ProxyContext
 from edge.proxy.protocol import HttpProxyProtocol
 from edge.proxy.routing import Router
@@ -110,6 +111,8 @@ class Edge:
             config=cfg.proxy,
             access_log=cfg.log.access_log,
             challenge=lambda token: self.store.get(challenge_key(token)),
+            app_stats=AppStats(cfg.metrics_per_app),
+            rate=RateLimiter.from_config(cfg.limits),
         )
         self.follower = StoreFollower(self.store, self.index, on_cert=self.loader.remember)
         try:
@@ -117,10 +120,7 @@ class Edge:
         except FollowError as exc:
             raise StartupError(str(exc)) from None
 
-        # PROXY headers and connection limits, shared by every listener of this process.
-        self.limits = ConnectionLimits(cfg.limits.connections_per_ip, cfg.limits.max_connections)
-        self.gate = Gate(proxy_protocol=cfg.server.proxy_protocol, trusted=cfg.server.trusted_proxies,
-                         limits=self.limits, timeout=cfg.proxy.handshake_timeout)
+        self.gate = Gate.from_config(cfg)  # PROXY headers, connection limits: every listener of this process
         self.acceptor = TlsAcceptor(
             listener_context=default_ctx,
             platform_context=platform_ctx,
@@ -143,8 +143,7 @@ class Edge:
             listener = ListenerInfo(b"http", str(sock.getsockname()[1]).encode(), https_port)
             # Not loop.create_server: see PlainListener (the descriptor limit).
             self.http_servers.append(PlainListener(
-                sock, lambda peer, listener=listener: HttpProxyProtocol(self.proxy, listener, None, peer),
-                self.gate if self.gate.active else None))
+                sock, lambda peer, listener=listener: HttpProxyProtocol(self.proxy, listener, None, peer), self.gate))
         if self.serve_admin:  # one process per node cleans up
             self._tasks.append(loop.create_task(self._recover_store()))
         if cfg.acme.enabled and self.serve_admin:
@@ -288,8 +287,8 @@ class Edge:
             ("[store]", old.store, new.store),
             ("[platform] domain", old.platform.domain, new.platform.domain),
             ("[acme] enabled", old.acme.enabled, new.acme.enabled),
-            ("[server] proxy_protocol", old.server.proxy_protocol, new.server.proxy_protocol),
-            ("[server] trusted_proxies", old.server.trusted_proxies, new.server.trusted_proxies),
+            ("[server] proxy_protocol or trusted_proxies", old.server.trusted_proxies if old.server.proxy_protocol
+             else None, new.server.trusted_proxies if new.server.proxy_protocol else None),
             ("[limits]", old.limits, new.limits),
         ):
             if before != after:
@@ -302,6 +301,7 @@ class Edge:
             self.cache.clear()
         self.proxy.config = new.proxy  # new connections take the new timeouts and limits
         self.proxy.access_log = new.log.access_log
+        self.proxy.app_stats.enabled = new.metrics_per_app
         if self.acme is not None and new.acme.enabled:
             self.acme.config = new.acme  # the next order uses the new directory, key types, back-off
         logging.getLogger().setLevel(new.log.level.upper())

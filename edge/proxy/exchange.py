@@ -10,6 +10,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from edge.config import ProxyConfig
+from edge.limits import RateLimiter
+from edge.proxy.appstats import DURATION_BUCKETS as DURATION_BUCKETS  # re-exported: metrics reads it here
+from edge.proxy.appstats import AppStats
 from edge.proxy.routing import Router
 from edge.proxy.upstream import BackendConnection
 
@@ -23,8 +26,6 @@ class ListenerInfo:
     https_port: int  # where redirects to https point
 
 
-# Request duration buckets, seconds (Prometheus histogram upper bounds).
-DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class ProxyStats:
@@ -59,6 +60,9 @@ class ProxyContext:
     connections: set = field(default_factory=set)  # open HttpProxyProtocol objects
     tasks: set = field(default_factory=set)  # forwarding tasks in flight (strong references)
     draining: bool = False  # shutting down: finish what is in flight, take nothing new
+    # Issue #14: per-app series ([metrics] per_app) and requests per address ([limits]); None: off.
+    app_stats: AppStats = field(default_factory=AppStats)
+    rate: RateLimiter | None = None
 
 
 class Exchange:

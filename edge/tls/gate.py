@@ -23,10 +23,14 @@ import asyncio
 import logging
 import socket
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from edge.limits import ConnectionLimits, Slot
 from edge.tls import proxyproto
 from edge.trust import TrustedProxies
+
+if TYPE_CHECKING:
+    from edge.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +75,13 @@ class Gate:
         self.local = 0  # PROXY v2 LOCAL connections (the proxy's health checks)
         self._loop = asyncio.get_running_loop()
         self._pending: dict[int, _Waiting] = {}
+
+    @classmethod
+    def from_config(cls, config: Config) -> Gate:
+        limits = config.limits
+        return cls(proxy_protocol=config.server.proxy_protocol, trusted=config.server.trusted_proxies,
+                   limits=ConnectionLimits(limits.connections_per_ip, limits.max_connections),
+                   timeout=config.proxy.handshake_timeout)
 
     def admit(self, sock: socket.socket, address: tuple, on_ready: OnReady) -> None:
         if not self.active:

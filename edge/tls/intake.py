@@ -138,7 +138,7 @@ class PlainListener:
                  gate: Gate | None = None) -> None:
         self.sockets = [sock]
         self._factory = protocol_factory
-        self._gate = gate
+        self._gate = gate if gate is not None and gate.active else None
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task] = set()
         sock.setblocking(False)
