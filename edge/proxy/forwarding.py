@@ -140,6 +140,7 @@ class RequestSide:
             chunked=exchange.chunked,
             upgrade=exchange.upgrade_to,
             has_connection=exchange.has_connection,
+            trusted=self.peer is not None and self.peer.trusted,
         )
         # Idempotent requests without a body may be sent again on a fresh
         # connection when a reused one turns out dead (RFC 9110 §9.2.2).

@@ -172,3 +172,42 @@ listen front
     finally:
         proc.terminate()
         proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def xff_edge(tmp_path_factory: pytest.TempPathFactory, backend: str) -> Iterator[EdgeProcess]:
+    """No PROXY protocol; 127.0.0.1 is a trusted proxy, 127.0.0.2 a client like any other."""
+    process = EdgeProcess(tmp_path_factory.mktemp("edge-xff"))
+    text = process.config.read_text().replace('admin = ""', 'admin = ""\ntrusted_proxies = ["127.0.0.1/32"]')
+    process.config.write_text(text)
+    process.start()
+    process.cli("apps-add", "demo", "--backend", backend, "--no-force-https")
+    process.wait_routed(HOST)
+    yield process
+    process.stop()
+
+
+CLAIMS = "X-Forwarded-For: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\n"
+
+
+def echoed(answer: bytes) -> dict[str, str]:
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    return dict(json.loads(answer.split(b"\r\n\r\n", 1)[1])["headers"])
+
+
+def test_forwarded_for_appended_from_a_trusted_proxy(xff_edge: EdgeProcess) -> None:
+    headers = echoed(plain_request(xff_edge, b"", "127.0.0.1", CLAIMS))
+    assert headers["x-forwarded-for"] == "6.6.6.6, 127.0.0.1"
+    assert headers["forwarded"] == "for=6.6.6.6" and headers["x-real-ip"] == "6.6.6.6"
+
+
+def test_forwarded_for_replaced_from_an_untrusted_client(xff_edge: EdgeProcess) -> None:
+    headers = echoed(plain_request(xff_edge, b"", "127.0.0.2", CLAIMS))
+    assert headers["x-forwarded-for"] == "127.0.0.2"
+    assert "forwarded" not in headers and "x-real-ip" not in headers
+
+
+def test_forwarded_for_from_a_proxy_protocol_client_is_replaced(pp_edge: EdgeProcess) -> None:
+    # The PROXY header names the client (198.51.100.4, not trusted): its own claims are not believed.
+    answer = plain_request(pp_edge, proxyproto.v2(("198.51.100.4", 9)), extra=CLAIMS)
+    assert echoed(answer)["x-forwarded-for"] == "198.51.100.4"
