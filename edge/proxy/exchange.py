@@ -15,6 +15,7 @@ from edge.proxy.appstats import DURATION_BUCKETS as DURATION_BUCKETS  # re-expor
 from edge.proxy.appstats import AppStats
 from edge.proxy.routing import Router
 from edge.proxy.upstream import BackendConnection
+from edge.store.index import App
 
 access_log = logging.getLogger("edge.access")
 
@@ -69,6 +70,7 @@ class Exchange:
     """One request and its response."""
 
     __slots__ = (
+        "app",
         "backend",
         "body",
         "body_apart",
@@ -131,6 +133,7 @@ class Exchange:
         self.status = 0
         self.response_bytes = 0
         self.host = ""
+        self.app: App | None = None  # the app routed to, once known (per-app controls and series)
         self.backend = ""
         self.request_id = b""
         # Noted while the head is parsed, so the head is walked once.

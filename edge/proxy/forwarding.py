@@ -16,6 +16,7 @@ import httptools
 from edge.proxy import h1
 from edge.proxy.answers import CHALLENGE_PREFIX
 from edge.proxy.authority import request_authority
+from edge.proxy.controls import count_upstream_error, rate_wait
 from edge.proxy.errors import HttpError
 from edge.proxy.exchange import Exchange
 from edge.proxy.responses import STATUS_FOR
@@ -88,6 +89,11 @@ class RequestSide:
 
     def _start(self: HttpProxyProtocol, exchange: Exchange) -> None:
         exchange.started = True
+        if self.ctx.rate is not None:
+            wait = rate_wait(self.ctx.rate, self.peer, self.client_ip)
+            if wait:
+                self._answer_error(exchange, 429, wait)
+                return
         if exchange.method == b"CONNECT":
             # RFC 9110 §9.3.6: CONNECT asks a forward proxy for a tunnel; edge is a gateway.
             self._answer_error(exchange, 501)
@@ -118,8 +124,12 @@ class RequestSide:
             # Still loading the store at start: the name may not be read yet (try again soon).
             self._answer_error(exchange, 503 if router.index.loading else 404)
             return
+        exchange.app = app
         if self.tls is None and app.force_https:
             self._redirect(exchange, host)
+            return
+        if app.maintenance:
+            self._answer_error(exchange, 503)  # the backend is not contacted; challenges were answered above
             return
         pool = router.pool_for(app)
         if not pool.backends:
@@ -194,6 +204,7 @@ class RequestSide:
             assert error is not None
             log.info("upstream %s: %s", error.kind, error)
             self.ctx.stats.upstream_error(error.kind)
+            count_upstream_error(exchange.app, self.ctx.app_stats, error.kind)
             self._answer_error(exchange, STATUS_FOR.get(error.kind, 502))
             return
         self._attach(exchange, conn, head)

@@ -23,6 +23,7 @@ import httptools
 
 from edge.proxy import h1
 from edge.proxy.answers import LocalAnswers
+from edge.proxy.controls import count_done
 from edge.proxy.errors import HttpError
 from edge.proxy.exchange import Exchange, ListenerInfo, ProxyContext
 from edge.proxy.forwarding import RequestSide
@@ -345,7 +346,9 @@ class HttpProxyProtocol(ResponseSide, RequestSide, LocalAnswers, asyncio.Buffere
     def _finish(self, exchange: Exchange) -> None:
         exchange.response_done = True
         self._served += 1
-        self.ctx.stats.request_done(exchange.status, time.monotonic() - exchange.t0)
+        seconds = time.monotonic() - exchange.t0
+        self.ctx.stats.request_done(exchange.status, seconds)
+        count_done(exchange.app, self.ctx.app_stats, exchange.status, seconds)
         self._log(exchange)
         if self.queue and self.queue[0] is exchange:
             self.queue.popleft()
