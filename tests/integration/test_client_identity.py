@@ -211,3 +211,34 @@ def test_forwarded_for_from_a_proxy_protocol_client_is_replaced(pp_edge: EdgePro
     # The PROXY header names the client (198.51.100.4, not trusted): its own claims are not believed.
     answer = plain_request(pp_edge, proxyproto.v2(("198.51.100.4", 9)), extra=CLAIMS)
     assert echoed(answer)["x-forwarded-for"] == "198.51.100.4"
+
+
+def test_edge_check_refuses_proxy_protocol_without_trusted_proxies(tmp_path) -> None:
+    process = EdgeProcess(tmp_path / "e")
+    process.config.write_text(process.config.read_text().replace('admin = ""', 'admin = ""\nproxy_protocol = true'))
+    result = process.cli("check", check=False)
+    assert result.returncode == 1 and "[server] trusted_proxies" in result.stderr
+
+
+def test_max_connections_pauses_accept_until_one_closes(tmp_path, backend: str) -> None:
+    process = EdgeProcess(tmp_path / "e", "[limits]\nmax_connections = 3\n")
+    process.start()
+    try:
+        process.cli("apps-add", "demo", "--backend", backend, "--no-force-https")
+        process.wait_routed(HOST)  # these connections close: the count is back to 0
+        held = [connect(process.http_port) for _ in range(3)]
+        for sock in held:
+            sock.sendall(f"GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+            assert sock.recv(12) == b"HTTP/1.1 200"
+        fourth = connect(process.http_port)  # the kernel completes it; edge does not accept it yet
+        fourth.sendall(f"GET / HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
+        fourth.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            fourth.recv(12)
+        held.pop().close()
+        fourth.settimeout(5)
+        assert fourth.recv(12) == b"HTTP/1.1 200"  # accepted once one closed: paused, not refused
+        for sock in [*held, fourth]:
+            sock.close()
+    finally:
+        process.stop()
