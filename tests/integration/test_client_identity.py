@@ -242,3 +242,23 @@ def test_max_connections_pauses_accept_until_one_closes(tmp_path, backend: str) 
             sock.close()
     finally:
         process.stop()
+
+
+def test_trusted_proxies_are_exempt_from_per_address_limits(tmp_path, backend: str) -> None:
+    """Without a PROXY header a trusted proxy speaks for many clients: not counted; others are."""
+    process = EdgeProcess(tmp_path / "e", "[limits]\nconnections_per_ip = 2\n")
+    process.config.write_text(process.config.read_text().replace(
+        'admin = ""', 'admin = ""\ntrusted_proxies = ["127.0.0.1/32"]'))
+    process.start()
+    try:
+        process.cli("apps-add", "demo", "--backend", backend, "--no-force-https")
+        process.wait_routed(HOST)
+        held = [connect(process.http_port, "127.0.0.1") for _ in range(5)]
+        held += [connect(process.http_port, "127.0.0.2") for _ in range(2)]
+        time.sleep(0.3)
+        assert forwarded_for(plain_request(process, b"", "127.0.0.1")) == "127.0.0.1"  # the 6th: served
+        assert plain_request(process, b"", "127.0.0.2") == b""  # the 3rd from an ordinary client: closed
+        for sock in held:
+            sock.close()
+    finally:
+        process.stop()
