@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge import names
 from edge.acme.settings import AcmeConfig as AcmeConfig  # [acme] lives with the ACME code
 from edge.acme.settings import CaEndpoint as CaEndpoint
 from edge.acme.settings import parse_acme
-from edge.tls import names
 
 DEFAULT_CONFIG = Path("config/edge.toml")
 

@@ -12,6 +12,7 @@ import re
 import time
 from dataclasses import dataclass
 
+from edge import names
 from edge.config import Config, parse_address
 from edge.store import base
 from edge.store.base import Store
@@ -27,7 +28,6 @@ from edge.store.index import (
     parse_domain,
 )
 from edge.tls import bundle as bundles
-from edge.tls import names
 from edge.tls.selector import Selector
 
 APP_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}\Z")

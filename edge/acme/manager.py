@@ -19,6 +19,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from edge import names
 from edge.acme import renewal
 from edge.acme.client import AcmeClient, AcmeError, new_account_key
 from edge.acme.orders import AcmeStats, Orders, status_key
@@ -26,7 +27,6 @@ from edge.acme.renewal import DomainStatus
 from edge.config import AcmeConfig
 from edge.store import base
 from edge.store.index import DomainCerts, Index
-from edge.tls import names
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,9 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable
 
+from edge import names
 from edge.store.base import StoreError
-from edge.tls import clienthello, contexts, handover, names
+from edge.tls import clienthello, contexts, handover
 from edge.tls.contexts import ContextBuildError, ContextCache
 from edge.tls.handover import alert
 from edge.tls.intake import AcceptLoop, HelloReader, close_gently

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtensionOID
 
-from edge.tls import names
+from edge import names
 
 MAX_BUNDLE_BYTES = 64 * 1024
 MAX_CERTIFICATES = 10

@@ -9,8 +9,8 @@ import enum
 import time
 from dataclasses import dataclass
 
+from edge import names
 from edge.store.index import CertMeta, Index
-from edge.tls import names
 
 
 class Source(enum.Enum):
