@@ -7,6 +7,7 @@ Unknown keys are errors: a typo must not silently fall back to a default.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
@@ -232,6 +233,29 @@ def _host_names(table: _Table, key: str) -> tuple[str, ...]:
     if None in result:
         raise table.fail(key, f"expected a list of host names (e.g. [\"edge-admin.internal\"]), got {values!r}")
     return result  # type: ignore[return-value]
+
+
+def restart_needed(old: Config, new: Config) -> list[str]:
+    """What changed in ``new`` that only a restart applies (listeners, store, ...)."""
+    pairs = (
+        ("[server] https", old.server.https, new.server.https),
+        ("[server] http", old.server.http, new.server.http),
+        ("[server] admin", old.server.admin, new.server.admin),
+        ("[server] admin_hosts", old.server.admin_hosts, new.server.admin_hosts),
+        ("[server] metrics", old.server.metrics, new.server.metrics),
+        ("[server] workers", old.server.workers, new.server.workers),
+        ("[store]", old.store, new.store),
+        ("[platform] domain", old.platform.domain, new.platform.domain),
+        ("[acme] enabled", old.acme.enabled, new.acme.enabled),
+    )
+    return [what for what, before, after in pairs if before != after]
+
+
+def live(old: Config, new: Config) -> Config:
+    """The configuration a reload runs with: ``new``, but what needs a restart
+    stays as it runs until then."""
+    platform = dataclasses.replace(new.platform, domain=old.platform.domain)
+    return dataclasses.replace(new, server=old.server, store=old.store, platform=platform)
 
 
 def load(path: Path) -> Config:

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 
 from edge import names
+from edge.config import Config
 from edge.store.index import CertMeta, Index
 
 
@@ -49,6 +50,11 @@ class Selector:
         self.platform_domain = platform_domain
         self.strict_sni = strict_sni
         self.default_is_platform = default_is_platform
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload: ``strict_sni`` applies to the next handshakes (the platform
+        domain needs a restart)."""
+        self.strict_sni = config.platform.strict_sni
 
     def same_certificate(self, a: Choice | None, b: Choice | None) -> bool:
         """Do two choices serve the same certificate?"""
