@@ -23,6 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from edge.proxy.exchange import DURATION_BUCKETS
+from edge.store.records import SOURCES
 from edge.tls.stats import HANDSHAKE_BUCKETS
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ class EdgeCollector(Collector):
             return summary
         counts: dict[str, int] = {}
         nearest: dict[str, float] = {}
-        within = {(s, d): 0 for s in ("custom", "acme") for d in EXPIRY_BUCKETS_DAYS}
+        within = {(s, d): 0 for s in SOURCES for d in EXPIRY_BUCKETS_DAYS}
         for held in list(self.edge.index.certs.values()):
             for meta in held:
                 source = meta.source

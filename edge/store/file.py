@@ -24,6 +24,7 @@ from pathlib import Path
 
 from edge.store.base import APPS, CERTS, DOMAINS, LOCKS, Event, EventKind, Lock, ResyncNeeded, Store, StoreError
 from edge.store.inotify import Inotify, Overflow
+from edge.store.records import KEY_TYPES, SOURCES
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ _SUFFIX = {APPS: ".json", DOMAINS: ".json", CERTS: ".pem"}
 _TMP_PREFIX = ".tmp-"
 _STANDARD_DIRS = (
     "apps", "domains", "acme/challenges", "acme/tls-alpn", "acme/status", "locks",
-    *(f"certs/{source}-{kind}" for source in ("custom", "acme") for kind in ("ecdsa", "rsa")),
+    *(f"certs/{source}-{kind}" for source in SOURCES for kind in KEY_TYPES),
 )
 _SNAPSHOT_BATCH = 5000
 _READ_SIZE = 1 << 17  # larger than any valid entry (bundles are capped at 64 KiB)

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 
 from edge import names
 from edge.store.base import APPS, CERTS, Event, EventKind, ResyncNeeded, Store, StoreError, cert_key, domain_key
-from edge.store.index import KEY_TYPES, SOURCES, Index
+from edge.store.index import Index
+from edge.store.records import KEY_TYPES, SOURCES
 
 if TYPE_CHECKING:
     from edge.acme.manager import AcmeManager

@@ -20,11 +20,10 @@ import sys
 from dataclasses import dataclass
 
 from edge.store.base import APPS, CERTS, DOMAINS, Event, EventKind, cert_key, parse_cert_key
+from edge.store.records import KEY_TYPES, SOURCES
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("custom", "acme")
-KEY_TYPES = ("ecdsa", "rsa")
 _INTERNED = {s: s for s in (*SOURCES, *KEY_TYPES)}
 
 
