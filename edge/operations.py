@@ -16,7 +16,7 @@ from edge import names
 from edge.config import Config, parse_address
 from edge.store import base, records
 from edge.store.base import Store
-from edge.store.index import CertMeta, EntryError, Index, parse_app, parse_cert, parse_domain
+from edge.store.index import CertMeta, EntryError, Index, parse_cert, parse_domain
 from edge.store.records import KEY_TYPES, SOURCES, CertSource
 from edge.tls import bundle as bundles
 from edge.tls.selector import Selector
@@ -126,13 +126,6 @@ class Operations:
         async for key, value in self.store.snapshot():
             index.apply_put(key, value)
         return index
-
-    async def _app(self, name: str) -> dict | None:
-        value = await self.store.get(base.app_key(name))
-        if value is None:
-            return None
-        app = parse_app(name, value)
-        return {"backends": list(app.backends), "force_https": app.force_https}
 
     # --- apps ---------------------------------------------------------------------------
     async def apps_add(self, name: str, backends: list[str], force_https: bool = True) -> Result:

@@ -124,11 +124,6 @@ class TlsAcceptor:
         self._readers.append(reader)
         self._listeners.append(AcceptLoop(sock, lambda conn: self._accepted(conn, reader)))
 
-    @property
-    def accept_pauses(self) -> int:
-        """Times accepting stopped for lack of file descriptors or memory."""
-        return sum(listener.paused_count for listener in self._listeners)
-
     def stop_listening(self) -> None:
         for listener in self._listeners:
             listener.close()
