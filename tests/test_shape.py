@@ -26,3 +26,11 @@ def test_no_function_over_80_lines() -> None:
                 if length > MAX_FUNCTION_LINES:
                     long[f"{path.relative_to(EDGE)}:{node.lineno} {node.name}"] = length
     assert not long, f"split these functions (lines): {long}"
+
+
+def test_the_readme_layout_names_every_module() -> None:
+    readme = (EDGE.parent / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    missing = sorted(str(p.relative_to(EDGE)) for p in EDGE.rglob("*.py")
+                     if p.stem != "__init__" and p.stem not in layout)
+    assert not missing, f"README's Layout section does not name: {missing}"
