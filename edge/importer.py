@@ -17,10 +17,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge import records
 from edge.operations import OperationError, Operations
-from edge.store import base, records
+from edge.records import CertSource
+from edge.store import base
 from edge.store.index import CertMeta, EntryError, parse_domain
-from edge.store.records import CertSource
 from edge.tls import bundle as bundles
 
 _BLOCK = re.compile(rb"-----BEGIN ([A-Z ]+)-----.*?-----END \1-----\r?\n?", re.S)

@@ -23,7 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from edge.proxy.exchange import DURATION_BUCKETS
-from edge.store.records import SOURCES
+from edge.records import SOURCES
 from edge.tls.stats import HANDSHAKE_BUCKETS
 
 if TYPE_CHECKING:

@@ -12,12 +12,12 @@ import re
 import time
 from dataclasses import dataclass
 
-from edge import names
+from edge import names, records
 from edge.config import Config, parse_address
-from edge.store import base, records
+from edge.records import KEY_TYPES, SOURCES, CertSource
+from edge.store import base
 from edge.store.base import Store
 from edge.store.index import CertMeta, EntryError, Index, parse_cert, parse_domain
-from edge.store.records import KEY_TYPES, SOURCES, CertSource
 from edge.tls import bundle as bundles
 from edge.tls.selector import Selector
 

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from edge.acme import renewal
-from edge.store.records import KeyType
+from edge.records import KeyType
 from edge.tls import csr
 
 log = logging.getLogger(__name__)

@@ -35,13 +35,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from edge import records
 from edge.acme import renewal
 from edge.acme.client import AcmeClient, AcmeError, Issued, cert_id, new_account_key
 from edge.acme.renewal import DomainStatus, Plan
 from edge.acme.settings import AcmeConfig, CaEndpoint
-from edge.store import base, records
+from edge.records import KEY_TYPES, SOURCES, CertSource
+from edge.store import base
 from edge.store.index import CertMeta, DomainCerts, EntryError, parse_cert
-from edge.store.records import KEY_TYPES, SOURCES, CertSource
 from edge.tls import bundle as bundles
 
 log = logging.getLogger(__name__)

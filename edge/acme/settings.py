@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge.records import KEY_TYPES, KeyType
 from edge.toml_tables import Table, join
 
 
@@ -25,7 +26,7 @@ class AcmeConfig:
     directory: str = "https://acme-v02.api.letsencrypt.org/directory"
     email: str = ""
     ca_bundle: Path | None = None
-    key_types: tuple[str, ...] = ("ecdsa",)  # "ecdsa" (P-256) and/or "rsa" (2048)
+    key_types: tuple[str, ...] = (KeyType.ECDSA,)  # and/or KeyType.RSA
     challenges: tuple[str, ...] = ("http-01", "tls-alpn-01")  # in order of preference
     backoff_min: float = 60.0  # seconds after a first failure; doubles with each failure
     backoff_max: float = 86400.0
@@ -56,7 +57,7 @@ def parse_acme(t: Table, base: Path, http: tuple[Any, ...], https: tuple[Any, ..
         directory=t.get("directory", str, da.directory),
         email=t.get("email", str, da.email),
         ca_bundle=t.path("ca_bundle", None, base),
-        key_types=_choices(t, "key_types", ("ecdsa", "rsa"), da.key_types),
+        key_types=_choices(t, "key_types", tuple(k.value for k in KEY_TYPES), da.key_types),
         challenges=_choices(t, "challenges", ("http-01", "tls-alpn-01"), da.challenges),
         backoff_min=t.get("backoff_min", float, da.backoff_min),
         backoff_max=t.get("backoff_max", float, da.backoff_max),

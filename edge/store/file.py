@@ -22,9 +22,9 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from edge.records import KEY_TYPES, SOURCES
 from edge.store.base import APPS, CERTS, DOMAINS, LOCKS, Event, EventKind, Lock, ResyncNeeded, Store, StoreError
 from edge.store.inotify import Inotify, Overflow
-from edge.store.records import KEY_TYPES, SOURCES
 
 log = logging.getLogger(__name__)
 

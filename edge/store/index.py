@@ -19,8 +19,8 @@ import logging
 import sys
 from dataclasses import dataclass
 
+from edge.records import KEY_TYPES, SOURCES
 from edge.store.base import APPS, CERTS, DOMAINS, Event, EventKind, cert_key, parse_cert_key
-from edge.store.records import KEY_TYPES, SOURCES
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtensionOID
 
 from edge import names
-from edge.store.records import KeyType
+from edge.records import KeyType
 
 MAX_BUNDLE_BYTES = 64 * 1024
 MAX_CERTIFICATES = 10

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from edge import names
 from edge.config import Config
+from edge.records import CertSource
 from edge.store.index import CertMeta, Index
-from edge.store.records import CertSource
 
 
 class Source(enum.Enum):

@@ -1,8 +1,8 @@
 import json
 
+from edge.records import encode_bundle
 from edge.store.base import Event, EventKind, cert_key
 from edge.store.index import CertMeta, Index
-from edge.store.records import encode_bundle
 
 PEM = b"-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n-----BEGIN PRIVATE KEY-----\ny\n"
 

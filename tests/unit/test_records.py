@@ -1,13 +1,13 @@
-"""Every record the writers encode (edge.store.records) reads back as written
+"""Every record the writers encode (edge.records) reads back as written
 through the index's decoders."""
 
 from __future__ import annotations
 
 import json
 
+from edge.records import KEY_TYPES, SOURCES, CertSource, KeyType, encode_app, encode_bundle, encode_domain
 from edge.store.base import cert_key
 from edge.store.index import CertMeta, parse_app, parse_cert, parse_domain, split_bundle
-from edge.store.records import KEY_TYPES, SOURCES, CertSource, KeyType, encode_app, encode_bundle, encode_domain
 
 PEM = (b"-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n"
        b"-----BEGIN PRIVATE KEY-----\ny\n-----END PRIVATE KEY-----\n")

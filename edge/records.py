@@ -1,5 +1,9 @@
 """The vocabulary of the store's records, and how writers encode them.
 
+At the bottom of the layers (it imports nothing of edge): the store, TLS
+bundle validation, the ACME settings and the writers above all name
+certificate sources and key types from here.
+
 Every writer (the CLI and admin operations, ``certs-import``, the ACME
 manager) encodes through here, so a record has one shape. The readers'
 decoders are in ``edge.store.index`` (``parse_app``, ``parse_domain``,
