@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from edge.proxy.exchange import DURATION_BUCKETS
@@ -95,7 +95,7 @@ class EdgeCollector(Collector):
         self._expiry = (now, self.edge.index.changes, summary)
         return summary
 
-    def collect(self) -> Iterator[object]:
+    def collect(self) -> Iterator[Metric]:
         edge = self.edge
         # Traffic counters: this process's, plus the other workers' last snapshots.
         c = merge([edge.counters(), *peer_counters(self.metrics_dir, os.getpid())])

@@ -134,9 +134,7 @@ class Edge:
             sock = bind(address, self.reuse_port)
             listener = ListenerInfo(b"http", str(sock.getsockname()[1]).encode(), https_port)
             # Not loop.create_server: see PlainListener (the descriptor limit).
-            self.http_servers.append(
-                PlainListener(sock, lambda listener=listener: HttpProxyProtocol(self.proxy, listener, None))
-            )
+            self.http_servers.append(PlainListener(sock, self._http_protocol_factory(listener)))
         if self.serve_admin:  # one process per node cleans up
             self._tasks.append(loop.create_task(self._recover_store()))
         if cfg.acme.enabled and self.serve_admin:
@@ -157,13 +155,17 @@ class Edge:
             "loading the rest of the store" if self.index.loading else "store loaded",
         )
 
-    def _https_protocol_factory(self, listener: ListenerInfo) -> Callable[[TlsInfo], asyncio.Protocol]:
+    def _https_protocol_factory(self, listener: ListenerInfo) -> Callable[[TlsInfo], asyncio.BaseProtocol]:
         proxy = self.proxy
 
-        def factory(info: TlsInfo) -> asyncio.Protocol:
+        def factory(info: TlsInfo) -> asyncio.BaseProtocol:
             return HttpProxyProtocol(proxy, listener, info)
 
         return factory
+
+    def _http_protocol_factory(self, listener: ListenerInfo) -> Callable[[], asyncio.BaseProtocol]:
+        proxy = self.proxy
+        return lambda: HttpProxyProtocol(proxy, listener, None)
 
     async def _start_http_apis(self) -> None:
         """The admin API and the probes' listener, on the process that serves them."""
