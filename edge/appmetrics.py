@@ -6,7 +6,7 @@ as every edge family is. Kept apart from ``metrics`` so that each stays short.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -15,23 +15,18 @@ from edge.proxy.appstats import UPSTREAM_KINDS
 from edge.proxy.exchange import DURATION_BUCKETS
 
 if TYPE_CHECKING:
-    from edge.server import Edge
+    from edge.proxy.exchange import ProxyContext
+    from edge.tls.gate import Gate
 
 
-def control_counters(edge: Edge) -> dict[str, Any]:
-    """This process's counters for the families below."""
-    out: dict[str, Any] = {"connections_refused": {}, "proxy_local": 0, "accept_full_pauses": 0, "rate_limited": 0}
-    gate = edge.gate
-    out["connections_refused"] = dict(gate.refused)
-    out["proxy_local"] = gate.local
-    if gate.limits is not None:
-        out["accept_full_pauses"] = gate.limits.full_pauses
-    rate = edge.proxy.rate
-    if rate is not None:
-        out["rate_limited"] = rate.limited
-    app_stats = edge.proxy.app_stats
+def control_counters(gate: Gate, proxy: ProxyContext, live_apps: Collection[str]) -> dict[str, Any]:
+    """This process's counters for the families below (``Edge.counters`` adds them)."""
+    out: dict[str, Any] = {"connections_refused": dict(gate.refused), "proxy_local": gate.local,
+                           "accept_full_pauses": gate.limits.full_pauses if gate.limits is not None else 0,
+                           "rate_limited": proxy.rate.limited if proxy.rate is not None else 0}
+    app_stats = proxy.app_stats
     if app_stats.enabled:
-        app_stats.forget_except(edge.index.apps)
+        app_stats.forget_except(live_apps)
         out.update(app_stats.snapshot())
     return out
 

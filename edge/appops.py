@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from edge import records
 from edge.store import base
 from edge.store.appsettings import ERROR_PAGE_STATUSES, Hsts, error_page_problem
 
@@ -77,7 +78,8 @@ class AppSettingsOps:
                 record["error_pages"] = pages
             else:
                 record.pop("error_pages", None)
-            await self.store.put(key, json.dumps(record, indent=1).encode() + b"\n")
+            backends, force_https = record.pop("backends", []), bool(record.pop("force_https", True))
+            await self.store.put(key, records.encode_app(backends, force_https, record))
         if html is None:
             return Result(f"app {name}: the {status} page removed (edge's own page is served)")
         return Result(f"app {name}: {len(html)} bytes served as the body of its {status} answers")

@@ -21,14 +21,14 @@ CHALLENGE_PREFIX = b"/.well-known/acme-challenge/"
 
 class LocalAnswers:
     def _log(self: HttpProxyProtocol, exchange: Exchange) -> None:
-        if self.ctx.access_log:
+        if self.shared.access_log:
             log_access(exchange, self.client_ip, self.tls_version, self.tls.source.value if self.tls else "")
 
     async def _answer_challenge(self: HttpProxyProtocol, exchange: Exchange) -> None:
         token = exchange.target[len(CHALLENGE_PREFIX) :].split(b"?", 1)[0].decode("latin-1")
-        assert self.ctx.challenge is not None
+        assert self.shared.challenge is not None
         try:
-            value = await self.ctx.challenge(token) if token and "/" not in token else None
+            value = await self.shared.challenge(token) if token and "/" not in token else None
         except Exception as exc:  # a store error must not kill the connection
             log.error("ACME challenge lookup failed: %s", exc)
             value = None
@@ -55,7 +55,7 @@ class LocalAnswers:
             and status not in (400, 408, 414, 431)
             and (exchange.request_done or not exchange.body_expected)
             and not exchange.upgrade
-            and not self.ctx.draining
+            and not self.shared.draining
         )
         exchange.keep_alive = keep
         exchange.status = status

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import bisect
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from edge.config import ProxyConfig
+from edge.config import Config, ProxyConfig
+from edge.histogram import Histogram
 from edge.limits import RateLimiter
 from edge.proxy.appstats import DURATION_BUCKETS as DURATION_BUCKETS  # re-exported: metrics reads it here
 from edge.proxy.appstats import AppStats
@@ -27,25 +28,30 @@ class ListenerInfo:
     https_port: int  # where redirects to https point
 
 
-
-
 class ProxyStats:
     """Plain counters the hot path bumps; the metrics module reads them at
     scrape time, so a request costs an index increment, not a lock."""
 
     def __init__(self) -> None:
         self.status_classes = [0] * 6  # index = status // 100
-        self.duration_buckets = [0] * (len(DURATION_BUCKETS) + 1)  # the last one is +Inf
-        self.duration_sum = 0.0
+        self.duration = Histogram(DURATION_BUCKETS)
         self.upstream_errors: dict[str, int] = {}
 
     def request_done(self, status: int, seconds: float) -> None:
         self.status_classes[status // 100 if 0 < status < 600 else 0] += 1
-        self.duration_buckets[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
-        self.duration_sum += seconds
+        self.duration.observe(seconds)
 
     def upstream_error(self, kind: str) -> None:
         self.upstream_errors[kind] = self.upstream_errors.get(kind, 0) + 1
+
+    def counters(self) -> dict[str, Any]:
+        """A snapshot for edge.metrics (summed across workers key by key)."""
+        return {
+            "status_classes": list(self.status_classes),
+            "request_buckets": list(self.duration.counts),
+            "request_sum": self.duration.total,
+            "upstream_errors": dict(self.upstream_errors),
+        }
 
 
 @dataclass(eq=False)
@@ -64,6 +70,12 @@ class ProxyContext:
     # Issue #14: per-app series ([metrics] per_app) and requests per address ([limits]); None: off.
     app_stats: AppStats = field(default_factory=AppStats)
     rate: RateLimiter | None = None
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload: new connections take the new timeouts and limits."""
+        self.config = config.proxy
+        self.access_log = config.log.access_log
+        self.app_stats.enabled = config.metrics_per_app
 
 
 class Exchange:

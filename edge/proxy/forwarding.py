@@ -89,8 +89,8 @@ class RequestSide:
 
     def _start(self: HttpProxyProtocol, exchange: Exchange) -> None:
         exchange.started = True
-        if self.ctx.rate is not None:
-            wait = rate_wait(self.ctx.rate, self.peer, self.client_ip)
+        if self.shared.rate is not None:
+            wait = rate_wait(self.shared.rate, self.peer, self.client_ip)
             if wait:
                 self._answer_error(exchange, 429, wait)
                 return
@@ -109,13 +109,13 @@ class RequestSide:
         host = authority.name
         exchange.target = authority.target
         exchange.host = host or ""
-        if self.tls is None and exchange.target.startswith(CHALLENGE_PREFIX) and self.ctx.challenge is not None:
+        if self.tls is None and exchange.target.startswith(CHALLENGE_PREFIX) and self.shared.challenge is not None:
             self._spawn(self._answer_challenge(exchange))
             return
         if host is None:
             self._answer_error(exchange, 404)
             return
-        router = self.ctx.router
+        router = self.shared.router
         if sni is not None and not router.same_certificate(sni, host):
             self._answer_error(exchange, 421)
             return
@@ -175,7 +175,7 @@ class RequestSide:
     def _spawn(self: HttpProxyProtocol, coro: Coroutine[Any, Any, None]) -> None:
         # The loop holds tasks weakly: keep a reference until each is done.
         task = asyncio.get_running_loop().create_task(coro)
-        tasks = self.ctx.tasks
+        tasks = self.shared.tasks
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
@@ -203,8 +203,8 @@ class RequestSide:
         if conn is None:
             assert error is not None
             log.info("upstream %s: %s", error.kind, error)
-            self.ctx.stats.upstream_error(error.kind)
-            count_upstream_error(exchange.app, self.ctx.app_stats, error.kind)
+            self.shared.stats.upstream_error(error.kind)
+            count_upstream_error(exchange.app, self.shared.app_stats, error.kind)
             self._answer_error(exchange, STATUS_FOR.get(error.kind, 502))
             return
         self._attach(exchange, conn, head)

@@ -55,10 +55,10 @@ _READ_BUFFER = memoryview(bytearray(64 * 1024))
 
 
 class HttpProxyProtocol(ResponseSide, RequestSide, LocalAnswers, asyncio.BufferedProtocol):
-    def __init__(self, ctx: ProxyContext, listener: ListenerInfo, tls: TlsInfo | None,
+    def __init__(self, shared: ProxyContext, listener: ListenerInfo, tls: TlsInfo | None,
                  peer: Peer | None = None) -> None:
-        self.ctx = ctx
-        self.config = ctx.config
+        self.shared = shared  # what every connection of this process shares (not an SSLContext)
+        self.config = shared.config
         self.listener = listener
         self.tls = tls
         # The client when a control named it (PROXY header, limits); None: the socket's peer.
@@ -97,7 +97,7 @@ class HttpProxyProtocol(ResponseSide, RequestSide, LocalAnswers, asyncio.Buffere
         if self.tls is not None:
             sslobj = transport.get_extra_info("ssl_object")
             self.tls_version = (sslobj.version() or "") if sslobj is not None else ""
-        self.ctx.connections.add(self)
+        self.shared.connections.add(self)
         # Bounded buffering per connection: above this the backend is paused
         # (pause_writing), so a client that reads nothing holds little.
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
@@ -106,7 +106,7 @@ class HttpProxyProtocol(ResponseSide, RequestSide, LocalAnswers, asyncio.Buffere
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         self._cancel_timer()
-        self.ctx.connections.discard(self)
+        self.shared.connections.discard(self)
         if self.peer is not None and self.peer.slot is not None:
             self.peer.slot.release()  # [limits]: the connection's place frees now, not at collection
         for exchange in self.queue:
@@ -300,7 +300,7 @@ class HttpProxyProtocol(ResponseSide, RequestSide, LocalAnswers, asyncio.Buffere
         parser = self.parser
         exchange.method = parser.get_method()
         exchange.version = parser.get_http_version()
-        exchange.keep_alive = parser.should_keep_alive() and not self.ctx.draining
+        exchange.keep_alive = parser.should_keep_alive() and not self.shared.draining
         if exchange.framing:
             exchange.content_length, exchange.chunked = h1.check_framing(exchange.headers)
             exchange.body_expected = exchange.chunked or bool(exchange.content_length)
@@ -347,8 +347,8 @@ class HttpProxyProtocol(ResponseSide, RequestSide, LocalAnswers, asyncio.Buffere
         exchange.response_done = True
         self._served += 1
         seconds = time.monotonic() - exchange.t0
-        self.ctx.stats.request_done(exchange.status, seconds)
-        count_done(exchange.app, self.ctx.app_stats, exchange.status, seconds)
+        self.shared.stats.request_done(exchange.status, seconds)
+        count_done(exchange.app, self.shared.app_stats, exchange.status, seconds)
         self._log(exchange)
         if self.queue and self.queue[0] is exchange:
             self.queue.popleft()

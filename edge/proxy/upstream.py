@@ -92,10 +92,6 @@ class BackendConnection(asyncio.BufferedProtocol):
         if self.transport is not None:
             self.transport.write(data)
 
-    @property
-    def got_response(self) -> bool:
-        return self._got_response
-
     def pause_reading(self) -> None:
         if self.transport is not None:
             self.transport.pause_reading()

@@ -73,7 +73,7 @@ class Gate:
         self.active = bool(proxy_protocol or trusted or self.limits)
         self.refused: dict[str, int] = {}  # reason -> connections closed here
         self.local = 0  # PROXY v2 LOCAL connections (the proxy's health checks)
-        self._loop = asyncio.get_running_loop()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the running one, from the first connection
         self._pending: dict[int, _Waiting] = {}
 
     @classmethod
@@ -100,9 +100,10 @@ class Gate:
             # §1: only addresses known to be proxies may claim to speak for others.
             self._refuse(sock, "untrusted")
             return
-        deadline = self._loop.time() + self.timeout
+        loop = self._loop = self._loop or asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
         fd = sock.fileno()
-        timer = self._loop.call_at(deadline, self._expired, fd)
+        timer = loop.call_at(deadline, self._expired, fd)
         self._pending[fd] = _Waiting(sock, ip, slot, deadline, on_ready, timer)
         self._try(fd)
 
@@ -127,7 +128,7 @@ class Gate:
     def _forget(self, fd: int) -> _Waiting:
         waiting = self._pending.pop(fd)
         waiting.timer.cancel()
-        if waiting.reading:
+        if waiting.reading and self._loop is not None:
             self._loop.remove_reader(fd)
         return waiting
 
@@ -192,7 +193,7 @@ class Gate:
         if need != waiting.lowat:
             waiting.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, need)
             waiting.lowat = need
-        if not waiting.reading:
+        if not waiting.reading and self._loop is not None:
             self._loop.add_reader(fd, self._try, fd)
             waiting.reading = True
 
