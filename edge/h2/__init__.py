@@ -1,0 +1,31 @@
+"""HTTP/2 (RFC 9113) and HPACK (RFC 7541) for the client side of the data path.
+
+Sans-I/O: ``H2Connection.receive_data`` takes bytes and returns events,
+``data_to_send`` hands back the bytes to write. No sockets, no timers, no
+asyncio here; the protocol adapter in ``edge.proxy`` owns those.
+"""
+
+from edge.h2.connection import H2Connection, H2Settings
+from edge.h2.errors import ErrorCode
+from edge.h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    Event,
+    RequestReceived,
+    StreamReset,
+    TrailersReceived,
+    WindowOpened,
+)
+
+__all__ = [
+    "ConnectionTerminated",
+    "DataReceived",
+    "ErrorCode",
+    "Event",
+    "H2Connection",
+    "H2Settings",
+    "RequestReceived",
+    "StreamReset",
+    "TrailersReceived",
+    "WindowOpened",
+]
