@@ -184,9 +184,13 @@ class H2Connection:
             if notify:
                 self._events.append(StreamReset(exc.stream_id, exc.code, False))
 
+    def _idle(self, sid: int) -> bool:
+        """Never opened: past the last client stream, or even (we never push, §5.1.1)."""
+        return sid > self.last_stream_id or sid % 2 == 0
+
     def _closed_stream(self, sid: int, what: str) -> None:
         """A frame for a stream that is not open: idle (§5.1: PROTOCOL_ERROR) or closed."""
-        if sid > self.last_stream_id:
+        if self._idle(sid):
             raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, f"{what} on an idle stream")
         if not self._closed.reset_by_us(sid):
             raise H2ConnectionError(ErrorCode.STREAM_CLOSED, f"{what} on a closed stream")
@@ -310,7 +314,7 @@ class H2Connection:
         code = frames.parse_rst_stream(sid, payload)
         stream = self.streams.pop(sid, None)
         if stream is None:
-            if sid > self.last_stream_id:
+            if self._idle(sid):
                 raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, "RST_STREAM on an idle stream")  # §6.4
             return  # closed: ignored (§5.1)
         if stream.local_open:
@@ -359,7 +363,7 @@ class H2Connection:
         self._events.append(ConnectionTerminated(code, last, True))
 
     def _on_window_update(self, flags: int, sid: int, payload: bytes) -> None:
-        if sid and sid not in self.streams and sid > self.last_stream_id:
+        if sid and sid not in self.streams and self._idle(sid):
             raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream")  # §5.1
         increment = frames.parse_window_update(sid, payload)
         if sid == 0:
