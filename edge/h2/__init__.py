@@ -5,7 +5,7 @@ Sans-I/O: ``H2Connection.receive_data`` takes bytes and returns events,
 asyncio here; the protocol adapter in ``edge.proxy`` owns those.
 """
 
-from edge.h2.connection import H2Connection, H2Settings
+from edge.h2.connection import H2Connection
 from edge.h2.errors import ErrorCode
 from edge.h2.events import (
     ConnectionTerminated,
@@ -16,6 +16,7 @@ from edge.h2.events import (
     TrailersReceived,
     WindowOpened,
 )
+from edge.h2.settings import H2Settings
 
 __all__ = [
     "ConnectionTerminated",

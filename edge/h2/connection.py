@@ -1,54 +1,28 @@
 """An HTTP/2 server connection (RFC 9113), sans I/O: bytes in, events out, bytes to send.
 
-Frames are cut from the input by slicing; each is checked (``frames``) and
-applied to the connection and stream state (``streams``). Header blocks are
-reassembled from CONTINUATION frames and decoded in arrival order
-(``headers``). A stream error resets the stream; a connection error sends
-GOAWAY and ends the connection (§5.4).
-
-Floods (the attacks HAProxy and nginx refuse): frames that make work without
-making progress (PING, SETTINGS, PRIORITY, empty DATA or CONTINUATION,
-streams the client resets before their answer: CVE-2023-44487) each cost a
-point; a finished answer earns one back; past ``glitch_budget`` the
-connection ends with ENHANCE_YOUR_CALM. A header block may not grow past
-``max_header_block`` octets however many CONTINUATION frames carry it
-(CVE-2024-27316).
+Frames are cut by slicing, checked (``frames``), applied to connection and
+stream state (``streams``); header blocks are decoded in arrival order
+(``headers``). A stream error resets its stream; a connection error sends GOAWAY (§5.4).
+Floods: frames that make work without progress (PING, SETTINGS, PRIORITY,
+empty DATA or CONTINUATION, streams reset before their answer: CVE-2023-44487)
+cost a point each, an answer earns one back; past ``glitch_budget`` the
+connection ends with ENHANCE_YOUR_CALM. Header blocks are bounded (CVE-2024-27316).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import Enum, auto
 
+from edge.h2 import events as ev
 from edge.h2 import frames
 from edge.h2.errors import ErrorCode, H2ConnectionError, H2StreamError
-from edge.h2.events import (
-    ConnectionTerminated,
-    DataReceived,
-    Event,
-    RequestReceived,
-    StreamReset,
-    TrailersReceived,
-    WindowOpened,
-)
 from edge.h2.frames import DEFAULT_WINDOW, MAX_WINDOW, FrameType, Setting
 from edge.h2.headers import HeaderDecoder, check_trailers
 from edge.h2.sender import Sender
+from edge.h2.settings import H2Settings
 from edge.h2.streams import ClosedStreams, Stream, StreamInput, StreamState
 
 _FT = FrameType
-
-
-@dataclass(frozen=True, slots=True)
-class H2Settings:
-    max_concurrent_streams: int = 100
-    initial_window_size: int = DEFAULT_WINDOW  # per stream, what a client may send ahead
-    connection_window: int = 1 << 20  # the whole connection (bounded anyway by streams x window)
-    max_frame_size: int = frames.MIN_MAX_FRAME_SIZE
-    max_header_list_size: int = 64 * 1024  # above it a request is answered 431
-    hard_header_list_size: int = 256 * 1024  # above it the connection ends (HPACK bomb)
-    max_header_block: int = 128 * 1024  # compressed, all CONTINUATION frames together
-    glitch_budget: int = 1000
 
 
 class ConnState(Enum):
@@ -73,19 +47,9 @@ class H2Connection:
         self._recv_window = s.connection_window
         self._recv_unacked = 0
         self._blocks = frames.BlockAssembler(s.max_header_block)
-        self._events: list[Event] = []
-        self._handlers = {
-            _FT.DATA: self._on_data,
-            _FT.HEADERS: self._on_headers,
-            _FT.PRIORITY: self._on_priority,
-            _FT.RST_STREAM: self._on_rst_stream,
-            _FT.SETTINGS: self._on_settings,
-            _FT.PUSH_PROMISE: self._on_push_promise,
-            _FT.PING: self._on_ping,
-            _FT.GOAWAY: self._on_goaway,
-            _FT.WINDOW_UPDATE: self._on_window_update,
-            _FT.CONTINUATION: self._on_continuation,
-        }
+        self._events: list[ev.Event] = []
+        # One handler per frame type of §6, named after it: _on_data, _on_headers...
+        self._handlers = {t.value: getattr(self, f"_on_{t.name.lower()}") for t in FrameType}
 
     # --- start and input -----------------------------------------------------------
     def initiate(self) -> None:
@@ -105,7 +69,7 @@ class H2Connection:
         if s.connection_window > DEFAULT_WINDOW:
             self._sender.out.append(frames.window_update(0, s.connection_window - DEFAULT_WINDOW))
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[ev.Event]:
         """Feed bytes read from the client; ``data`` is not kept past the call."""
         self._events = events = []
         if self.state is ConnState.CLOSED:
@@ -115,27 +79,27 @@ class H2Connection:
             buf += data
             data = buf
         try:
-            pos = self._read_preface(data) if not self._preface_seen else 0
-            pos = self._read_frames(data, pos)
+            pos = self._read_frames(data, self._read_preface(data) if not self._preface_seen else 0)
         except H2ConnectionError as exc:
             self._connection_error(exc)
             return events
-        rest = bytes(data[pos:])
-        self._buf = bytearray(rest)
+        if pos < len(data):
+            self._buf = bytearray(data[pos:])  # a partial frame: copied, ``data`` may be a shared buffer
+        elif buf:
+            self._buf = bytearray()
         return events
 
     def _read_preface(self, data: bytes | bytearray | memoryview) -> int:
+        """Where frames start, or len(data) while the preface (§3.4) is incomplete."""
         n = min(len(data), len(frames.PREFACE))
         if bytes(data[:n]) != frames.PREFACE[:n]:
             raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, "invalid connection preface")
-        if n < len(frames.PREFACE):
-            return len(data) + 1  # incomplete: keep nothing consumed (see _read_frames)
-        self._preface_seen = True
-        return n
+        self._preface_seen = n == len(frames.PREFACE)
+        return n if self._preface_seen else 0
 
     def _read_frames(self, data: bytes | bytearray | memoryview, pos: int) -> int:
-        if pos > len(data):
-            return 0  # partial preface: keep all
+        if not self._preface_seen:
+            return 0  # keep all until the preface is complete
         n = len(data)
         limit = self.settings.max_frame_size
         while n - pos >= frames.HEADER_LEN and self.state is not ConnState.CLOSED:
@@ -164,15 +128,15 @@ class H2Connection:
             self._stream_error(exc)
 
     # --- errors and floods ---------------------------------------------------------
-    def _glitch(self, cost: int = 1) -> None:
-        self.glitches += cost
+    def _glitch(self) -> None:
+        self.glitches += 1
         if self.glitches > self.settings.glitch_budget:
             raise H2ConnectionError(ErrorCode.ENHANCE_YOUR_CALM, "too many frames without progress")
 
     def _connection_error(self, exc: H2ConnectionError) -> None:
         self._sender.out.append(frames.goaway(self.last_stream_id, exc.code, exc.reason.encode()[:256]))
         self.state = ConnState.CLOSED
-        self._events.append(ConnectionTerminated(exc.code, self.last_stream_id, False, exc.reason))
+        self._events.append(ev.ConnectionTerminated(exc.code, self.last_stream_id, False, exc.reason))
 
     def _stream_error(self, exc: H2StreamError, notify: bool = True) -> None:
         self._sender.out.append(frames.rst_stream(exc.stream_id, exc.code))
@@ -180,9 +144,9 @@ class H2Connection:
         self._closed.add(exc.stream_id, True)
         if stream is not None:
             self._sender.discard(stream)
-            stream.state = StreamState.CLOSED
+            stream.advance(StreamInput.RESET)
             if notify:
-                self._events.append(StreamReset(exc.stream_id, exc.code, False))
+                self._events.append(ev.StreamReset(exc.stream_id, exc.code, False))
 
     def _idle(self, sid: int) -> bool:
         """Never opened: past the last client stream, or even (we never push, §5.1.1)."""
@@ -239,7 +203,7 @@ class H2Connection:
         trailers = check_trailers(sid, fields)
         if stream.content_length is not None and stream.received != stream.content_length:
             raise H2StreamError(sid, ErrorCode.PROTOCOL_ERROR, "body length differs from content-length")
-        self._events.append(TrailersReceived(sid, trailers))
+        self._events.append(ev.TrailersReceived(sid, trailers))
         self._end_remote(stream)
 
     def _new_stream(self, sid: int, flags: int, block: bytes) -> None:
@@ -265,7 +229,7 @@ class H2Connection:
         stream = Stream(sid, self._sender.initial_window, self.settings.initial_window_size)
         stream.content_length = request.content_length
         self.streams[sid] = stream
-        self._events.append(RequestReceived(sid, request, end))
+        self._events.append(ev.RequestReceived(sid, request, end))
         if end:
             stream.advance(StreamInput.RECV_END_STREAM)
 
@@ -295,7 +259,7 @@ class H2Connection:
         length = stream.content_length
         if length is not None and (stream.received > length or (end and stream.received != length)):
             raise H2StreamError(sid, ErrorCode.PROTOCOL_ERROR, "body length differs from content-length")
-        self._events.append(DataReceived(sid, body, end))
+        self._events.append(ev.DataReceived(sid, body, end))
         if end:
             self._end_remote(stream)
 
@@ -319,10 +283,10 @@ class H2Connection:
             return  # closed: ignored (§5.1)
         if stream.local_open:
             self._glitch()  # reset before its answer: the rapid-reset pattern (CVE-2023-44487)
-        stream.state = StreamState.CLOSED
+        stream.advance(StreamInput.RESET)
         self._sender.discard(stream)
         self._closed.add(sid, False)
-        self._events.append(StreamReset(sid, code, True))
+        self._events.append(ev.StreamReset(sid, code, True))
 
     def _on_settings(self, flags: int, sid: int, payload: bytes) -> None:
         pairs = frames.parse_settings(sid, flags, payload)
@@ -330,18 +294,8 @@ class H2Connection:
             return
         self._glitch()
         sender = self._sender
-        for ident, value in pairs:
-            if ident == Setting.HEADER_TABLE_SIZE:
-                sender.encoder.set_table_size(value)
-            elif ident == Setting.INITIAL_WINDOW_SIZE:  # §6.9.2: applies to every stream's window
-                delta = value - sender.initial_window
-                sender.initial_window = value
-                for stream in self.streams.values():
-                    stream.send_window += delta
-                    if stream.send_window > MAX_WINDOW:
-                        raise H2ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, "window over 2^31-1")
-            elif ident == Setting.MAX_FRAME_SIZE:
-                sender.max_frame = value
+        if not sender.apply_settings(pairs, self.streams.values()):
+            raise H2ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, "a stream window over 2^31-1")  # §6.9.2
         sender.out.append(frames.SETTINGS_ACK)
         if self.state is ConnState.PREFACE:
             self.state = ConnState.OPEN
@@ -360,7 +314,7 @@ class H2Connection:
         last, code, _debug = frames.parse_goaway(sid, payload)
         if self.state is not ConnState.CLOSED:
             self.state = ConnState.DRAINING
-        self._events.append(ConnectionTerminated(code, last, True))
+        self._events.append(ev.ConnectionTerminated(code, last, True))
 
     def _on_window_update(self, flags: int, sid: int, payload: bytes) -> None:
         if sid and sid not in self.streams and self._idle(sid):
@@ -385,7 +339,7 @@ class H2Connection:
         for stream in ended:
             self._end_local(stream)
         if moved:
-            self._events.append(WindowOpened(moved))
+            self._events.append(ev.WindowOpened(moved))
 
     # --- the application's side ------------------------------------------------------
     def data_to_send(self) -> bytes:

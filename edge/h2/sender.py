@@ -10,8 +10,10 @@ one frame per stream per turn.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from edge.h2 import frames
-from edge.h2.frames import DEFAULT_WINDOW, MAX_WINDOW, MIN_MAX_FRAME_SIZE
+from edge.h2.frames import DEFAULT_WINDOW, MAX_WINDOW, MIN_MAX_FRAME_SIZE, Setting
 from edge.h2.headers import HeaderEncoder
 from edge.h2.streams import Stream
 
@@ -109,6 +111,22 @@ class Sender:
         self.blocked.pop(stream.id, None)
         stream.outbound.clear()
         stream.outbound_len = 0
+
+    def apply_settings(self, pairs: list[tuple[int, int]], streams: Iterable[Stream]) -> bool:
+        """The peer's SETTINGS that govern sending (§6.5.2); False when a window overflows."""
+        for ident, value in pairs:
+            if ident == Setting.HEADER_TABLE_SIZE:
+                self.encoder.set_table_size(value)
+            elif ident == Setting.INITIAL_WINDOW_SIZE:  # §6.9.2: the change applies to every stream
+                delta = value - self.initial_window
+                self.initial_window = value
+                for stream in streams:
+                    stream.send_window += delta
+                    if stream.send_window > MAX_WINDOW:
+                        return False
+            elif ident == Setting.MAX_FRAME_SIZE:
+                self.max_frame = value
+        return True
 
     def grow_window(self, increment: int) -> bool:
         """WINDOW_UPDATE on the connection; False when it overflows (§6.9.1)."""
