@@ -96,6 +96,9 @@ class ProxyConfig:
     max_header_bytes: int = 64 * 1024
     max_uri_bytes: int = 8 * 1024
     pool_size: int = 64  # idle keep-alive connections kept per backend
+    # "always": any idle pooled connection serves any request; "safe" (HAProxy's
+    # http-reuse safe): a client connection's first request gets a new one.
+    http_reuse: str = "always"
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +106,7 @@ class LogConfig:
     level: str = "info"
     access_log: bool = False
     format: str = "text"  # "text" or "json" (one object per line)
+    access_format: str = "json"  # access lines: "json" or "combined" (Apache/nginx combined log format)
     file: Path | None = None  # None: standard error; SIGUSR1 reopens it (logrotate)
 
 
@@ -378,6 +382,9 @@ def parse(text: str, path: Path) -> Config:
         if value < 1:
             raise t.fail(key, "must be a positive number")
         values[key] = value
+    values["http_reuse"] = t.get("http_reuse", str, dx.http_reuse)
+    if values["http_reuse"] not in ("always", "safe"):
+        raise t.fail("http_reuse", f'expected "always" or "safe", got {values["http_reuse"]!r}')
     proxy = ProxyConfig(**values)
     t.done()
 
@@ -388,8 +395,11 @@ def parse(text: str, path: Path) -> Config:
     log_format = t.get("format", str, "text")
     if log_format not in ("text", "json"):
         raise t.fail("format", f'expected "text" or "json", got {log_format!r}')
+    access_format = t.get("access_format", str, "json")
+    if access_format not in ("json", "combined"):
+        raise t.fail("access_format", f'expected "json" or "combined", got {access_format!r}')
     log = LogConfig(level=level, access_log=t.get("access_log", bool, False), format=log_format,
-                    file=t.path("file", None, base))
+                    access_format=access_format, file=t.path("file", None, base))
     t.done()
 
     if server.admin and not server.admin.is_loopback and not server.admin_token:

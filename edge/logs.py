@@ -11,6 +11,14 @@ import time
 from pathlib import Path
 
 from edge.config import LogConfig
+from edge.proxy import exchange
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        if record.name == "edge.access":
+            return record.getMessage()  # a whole line already (JSON or combined), for log tools
+        return super().format(record)
 
 
 class JsonFormatter(logging.Formatter):
@@ -49,7 +57,8 @@ def setup(config: LogConfig) -> logging.Handler:
     if config.format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    exchange.ACCESS_FORMAT = config.access_format
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

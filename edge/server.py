@@ -44,6 +44,7 @@ from edge.store.open import open_store
 from edge.tls import contexts, devcert, names
 from edge.tls.acceptor import TlsAcceptor, TlsInfo
 from edge.tls.contexts import ContextBuildError, ContextCache
+from edge.tls.intake import PlainListener
 from edge.tls.selector import Selector
 
 if TYPE_CHECKING:
@@ -139,7 +140,7 @@ class Edge:
     acceptor: TlsAcceptor = field(init=False)
     acme: AcmeManager | None = None
     https_sockets: list[socket.socket] = field(default_factory=list)
-    http_servers: list[asyncio.AbstractServer] = field(default_factory=list)
+    http_servers: list[PlainListener] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _stopping: bool = False
@@ -193,11 +194,10 @@ class Edge:
         for address in cfg.server.http:
             sock = bind(address, self.reuse_port)
             listener = ListenerInfo(b"http", str(sock.getsockname()[1]).encode(), https_port)
-            server = await loop.create_server(
-                lambda listener=listener: HttpProxyProtocol(self.proxy, listener, None),
-                sock=sock,
+            # Not loop.create_server: see PlainListener (the descriptor limit).
+            self.http_servers.append(
+                PlainListener(sock, lambda listener=listener: HttpProxyProtocol(self.proxy, listener, None))
             )
-            self.http_servers.append(server)
         if cfg.acme.enabled and self.serve_admin:
             # One manager per node (the process serving the admin API); the
             # store's per-domain lock keeps the nodes of a fleet from ordering twice.

@@ -67,11 +67,13 @@ class Exchange:
     __slots__ = (
         "backend",
         "body",
+        "body_apart",
         "body_expected",
         "buffered",
         "chunked",
         "conn",
         "content_length",
+        "content_length_out",
         "framing",
         "has_connection",
         "head_bytes",
@@ -92,6 +94,7 @@ class Exchange:
         "t0",
         "target",
         "upgrade",
+        "upgrade_to",
         "version",
     )
 
@@ -103,8 +106,13 @@ class Exchange:
         self.keep_alive = True
         self.chunked = False
         self.content_length: int | None = None
+        self.content_length_out: int | None = None  # the response's, as sent to the client
         self.body_expected = False
+        # An Upgrade request: llhttp parses nothing after its head, so the
+        # connection ends with this exchange, whether or not it switches.
         self.upgrade = False
+        self.upgrade_to: bytes | None = None  # the Upgrade value forwarded; None: not an upgrade for edge
+        self.body_apart = False  # a refused upgrade whose body is read by a parser of its own
         # Body pieces read before a backend connection is ready; None once streaming.
         self.body: list[bytes] | None = []
         self.buffered = 0
@@ -128,8 +136,23 @@ class Exchange:
         self.host_headers = 0
 
 
+# "json" or "combined" ([log] access_format); set by edge.logs.setup.
+ACCESS_FORMAT = "json"
+
+
+def _request_header(exchange: Exchange, name: bytes) -> str:
+    for n, value in exchange.headers:
+        if n == name:
+            return value.decode("latin-1")
+    return ""
+
+
 def log_access(exchange: Exchange, client_ip: bytes, tls_version: str, cert_source: str) -> None:
-    """One JSON line per request (SPEC §5); never headers, bodies or keys."""
+    """One line per request (SPEC §5); never bodies or keys, and of the
+    headers only User-Agent and Referer (what log tools expect)."""
+    if ACCESS_FORMAT == "combined":
+        access_log.info(_combined(exchange, client_ip))
+        return
     access_log.info(
         json.dumps(
             {
@@ -138,6 +161,7 @@ def log_access(exchange: Exchange, client_ip: bytes, tls_version: str, cert_sour
                 "host": exchange.host,
                 "method": exchange.method.decode("latin-1"),
                 "path": exchange.target.decode("latin-1"),
+                "protocol": f"HTTP/{exchange.version}",
                 "status": exchange.status,
                 "bytes": exchange.response_bytes,
                 "duration_ms": round((time.monotonic() - exchange.t0) * 1000, 3),
@@ -145,7 +169,25 @@ def log_access(exchange: Exchange, client_ip: bytes, tls_version: str, cert_sour
                 "tls": tls_version,
                 "cert": cert_source,
                 "request_id": exchange.request_id.decode("latin-1"),
+                "user_agent": _request_header(exchange, b"user-agent"),
+                "referer": _request_header(exchange, b"referer"),
             },
             separators=(",", ":"),
         )
     )
+
+
+def _quoted(text: str) -> str:
+    # As nginx does: a quote, backslash or control byte inside a quoted field
+    # is written \xHH, so a client cannot forge the fields that follow.
+    return "".join(f"\\x{ord(c):02X}" if c in '"\\' or ord(c) < 0x20 or ord(c) == 0x7F else c for c in text)
+
+
+def _combined(exchange: Exchange, client_ip: bytes) -> str:
+    """The combined log format: %h %l %u %t "%r" %>s %b "%{Referer}i" "%{User-agent}i"."""
+    request = f"{exchange.method.decode('latin-1')} {exchange.target.decode('latin-1')} HTTP/{exchange.version}"
+    when = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime())
+    referer = _quoted(_request_header(exchange, b"referer")) or "-"
+    agent = _quoted(_request_header(exchange, b"user-agent")) or "-"
+    return (f'{client_ip.decode()} - - [{when}] "{_quoted(request)}" {exchange.status} {exchange.response_bytes} '
+            f'"{referer}" "{agent}"')

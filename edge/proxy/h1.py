@@ -24,12 +24,24 @@ HOP_BY_HOP = frozenset(
         b"trailer",
         b"transfer-encoding",
         b"upgrade",
+        # RFC 9113 §3.2.1 (RFC 7540 §3.2.1): connection-specific, only meaningful
+        # with an h2c upgrade, which edge never forwards.
+        b"http2-settings",
     }
 )
-_FORWARDED_BY_EDGE = frozenset({b"x-forwarded-proto", b"x-forwarded-port"})
-# Not copied to the backend: hop-by-hop fields, what edge sets itself, and the
-# framing it rewrites (RFC 9110 §7.6.1, RFC 9112 §6).
-_NOT_FORWARDED = HOP_BY_HOP | _FORWARDED_BY_EDGE | {b"content-length", b"x-forwarded-for"}
+# What edge writes itself on every forwarded request: Host (the one authority
+# it routed by, RFC 9112 §3.2.2), the request id, X-Forwarded-*, and the
+# framing it rewrites (RFC 9112 §6). The client's copies are never copied, so
+# a Connection field naming them (RFC 9110 §7.6.1) cannot remove edge's own.
+_SET_BY_EDGE = frozenset(
+    {b"host", b"x-request-id", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-port", b"content-length"}
+)
+_NOT_FORWARDED = HOP_BY_HOP | _SET_BY_EDGE
+# Upgrade protocols edge never switches to: another HTTP version on the same
+# connection (h2c, RFC 7540 §3.2; "HTTP/2.0", RFC 9110 §7.8) would let the
+# client talk to the backend past every rule of edge. "h2" is TLS-only (RFC
+# 9113 §3.2) and never valid in Upgrade.
+_UNSAFE_UPGRADES = frozenset({b"h2c", b"h2", b"http", b"https"})
 # Request fields the proxy itself reads; the others pass through untouched.
 FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 
@@ -40,6 +52,29 @@ def connection_tokens(headers: Headers) -> set[bytes]:
         if name == b"connection":
             tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
     return tokens
+
+
+def upgrade_protocols(headers: Headers) -> list[bytes]:
+    """The protocol names (without version) of every Upgrade field, lower case."""
+    names: list[bytes] = []
+    for name, value in headers:
+        if name == b"upgrade":
+            names.extend(t.strip().split(b"/", 1)[0].strip().lower() for t in value.split(b",") if t.strip())
+    return names
+
+
+def forwardable_upgrade(headers: Headers) -> bytes | None:
+    """The Upgrade value to forward, or None when edge refuses the upgrade.
+
+    Only protocols edge can pipe as opaque bytes (WebSocket, RFC 6455, and
+    other non-HTTP protocols) go through. A list naming any HTTP version is
+    refused whole: the request is then an ordinary one (RFC 9110 §7.8 lets a
+    server ignore Upgrade).
+    """
+    protocols = upgrade_protocols(headers)
+    if not protocols or any(p in _UNSAFE_UPGRADES for p in protocols):
+        return None
+    return b", ".join(v.strip() for n, v in headers if n == b"upgrade")
 
 
 def check_framing(headers: Headers) -> tuple[int | None, bool]:
@@ -79,11 +114,11 @@ def request_head(
     target: bytes,
     headers: Headers,
     *,
-    host: bytes | None,
+    host: bytes,
     client_ip: bytes,
     proto: bytes,
     port: bytes,
-    request_id: bytes | None,
+    request_id: bytes,
     content_length: int | None,
     chunked: bool,
     upgrade: bytes | None = None,
@@ -91,8 +126,8 @@ def request_head(
 ) -> bytes:
     """The request head sent to the backend (always HTTP/1.1 keep-alive).
 
-    ``host``: a Host field to add (None when the client sent one).
-    ``request_id``: an X-Request-ID to add (None when the client sent one).
+    ``host``: the authority edge routed by (RFC 9112 §3.2.2), always written.
+    ``request_id``: the X-Request-ID, the client's or a new one, always written.
     ``upgrade``: the protocol a client asked to switch to (RFC 9110 §7.8);
     Upgrade and Connection are then kept so the backend can answer 101.
     ``has_connection=False`` tells there is no Connection field to read.
@@ -106,8 +141,7 @@ def request_head(
                 forwarded_for = forwarded_for + b", " + value if forwarded_for else value
             continue
         out += (name, b": ", value, b"\r\n")
-    if host is not None:
-        out += (b"host: ", host, b"\r\n")
+    out += (b"host: ", host, b"\r\n")
     # Appended, as nginx's $proxy_add_x_forwarded_for does.
     out += (
         b"x-forwarded-for: ",
@@ -118,8 +152,7 @@ def request_head(
         port,
         b"\r\n",
     )
-    if request_id is not None:
-        out += (b"x-request-id: ", request_id, b"\r\n")
+    out += (b"x-request-id: ", request_id, b"\r\n")
     if upgrade is not None:
         out += (b"connection: upgrade\r\nupgrade: ", upgrade, b"\r\n")
     if chunked:
@@ -162,7 +195,11 @@ def response_head(
 
 
 def chunk(data: bytes) -> bytes:
-    """One chunk of a chunked body (RFC 9112 §7.1)."""
+    """One chunk of a chunked body (RFC 9112 §7.1). No data, no chunk: an
+    empty chunk is the last-chunk (RFC 9112 §7.1), which only the end of a
+    message may write; an empty read must never look like one."""
+    if not data:
+        return b""
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 

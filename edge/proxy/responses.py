@@ -6,10 +6,11 @@ file holds one direction of the exchange."""
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from edge.proxy import h1
-from edge.proxy.exchange import Exchange, log_access
+from edge.proxy.exchange import Exchange
 from edge.proxy.upstream import UpstreamError
 
 if TYPE_CHECKING:
@@ -21,6 +22,15 @@ log = logging.getLogger("edge.proxy.protocol")
 STATUS_FOR = {"refused": 502, "reset": 502, "protocol": 502, "closed": 502, "timeout": 504}
 
 
+def _solicited(exchange: Exchange, headers: list[tuple[bytes, bytes]]) -> bool:
+    """A 101 switching to a protocol the forwarded request asked for."""
+    if exchange.upgrade_to is None:
+        return False
+    offered = h1.upgrade_protocols([(b"upgrade", exchange.upgrade_to)])
+    chosen = h1.upgrade_protocols(headers)
+    return bool(chosen) and all(p in offered for p in chosen)
+
+
 class ResponseSide:
     # --- ResponseSink (called by the backend connection) ------------------------------------
     def response_head(self: HttpProxyProtocol, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
@@ -29,6 +39,9 @@ class ResponseSide:
         if self.transport is None:
             return
         if status == 101:
+            if not _solicited(exchange, headers):
+                self._unsolicited_101(exchange)
+                return
             self._open_tunnel(exchange, reason, headers)
             return
         if 100 <= status < 200:
@@ -50,6 +63,7 @@ class ResponseSide:
             # An HTTP/1.0 client cannot read chunked: the body ends with the connection.
             out_chunked, out_length, client_keep_alive = False, None, False
         exchange.keep_alive = client_keep_alive
+        exchange.content_length_out = out_length
         self._response_chunked = out_chunked
         self._write(
             h1.response_head(status, reason, headers, content_length=out_length,
@@ -57,8 +71,8 @@ class ResponseSide:
         )
 
     def response_body(self: HttpProxyProtocol, data: bytes) -> None:
-        if self.transport is None:
-            return
+        if self.transport is None or not data:
+            return  # nothing to send; an empty chunk would be the last-chunk (RFC 9112 §7.1)
         if self._tunnel is None and self.queue:
             self.queue[0].response_bytes += len(data)
             # Activity pushes the stall deadline back; the timer itself is not touched.
@@ -67,7 +81,11 @@ class ResponseSide:
 
     def response_complete(self: HttpProxyProtocol) -> None:
         exchange = self.queue[0]
-        exchange.conn = None
+        conn, exchange.conn = exchange.conn, None
+        if conn is not None and not exchange.request_done:
+            # Answered before the whole request body went out: the backend
+            # would read the rest of it as the next request. Never pooled.
+            conn.close()
         if self.transport is not None and self._response_chunked:
             self._write(h1.LAST_CHUNK)
         self._response_chunked = False
@@ -83,10 +101,7 @@ class ResponseSide:
             return
         exchange.conn = None
         if exchange.responded:
-            # Half a response went out: the only honest signal left is to close.
-            log.info("upstream %s mid-response: %s", error.kind, error)
-            self.ctx.stats.upstream_error(error.kind)
-            self._close()
+            self._abort_response(exchange, error)
             return
         if error.kind == "reset" and exchange.retry_head:
             # A reused keep-alive connection the backend had closed meanwhile.
@@ -99,6 +114,39 @@ class ResponseSide:
         log.info("upstream %s: %s", error.kind, error)
         self.ctx.stats.upstream_error(error.kind)
         self._answer_error(exchange, STATUS_FOR.get(error.kind, 502))
+
+    def _abort_response(self: HttpProxyProtocol, exchange: Exchange, error: UpstreamError) -> None:
+        """Half a response went out and the rest never will: the client must see
+        an incomplete message, never a complete one (no last-chunk, RFC 9112
+        §8). With Content-Length or chunked framing, closing after what was
+        sent tells it; a close-delimited body cannot tell, so the connection
+        is aborted (RST, and no TLS close_notify: RFC 8446 §6.1)."""
+        log.info("upstream %s mid-response: %s", error.kind, error)
+        self.ctx.stats.upstream_error(error.kind)
+        exchange.response_done = True
+        exchange.keep_alive = False
+        self.ctx.stats.request_done(exchange.status, time.monotonic() - exchange.t0)
+        self._log(exchange)
+        self.queue.clear()
+        if self._response_chunked or exchange.content_length_out is not None:
+            self._close()
+        else:
+            self._closing = True
+            self._cancel_timer()
+            self._batch = None
+            if self.transport is not None:
+                self.transport.abort()
+
+    def _unsolicited_101(self: HttpProxyProtocol, exchange: Exchange) -> None:
+        """A 101 edge did not ask for (no upgrade forwarded, or another protocol):
+        the backend would be talking a protocol edge never agreed to (RFC 9110
+        §15.2.2: a server switches only to a protocol the client listed)."""
+        conn, exchange.conn = exchange.conn, None
+        if conn is not None:
+            conn.close()
+        log.info("backend %s answered 101 to a request that asked for no such upgrade", exchange.backend)
+        self.ctx.stats.upstream_error("protocol")
+        self._answer_error(exchange, 502)
 
     def upstream_pause(self: HttpProxyProtocol) -> None:
         self._pause("upstream")
@@ -117,8 +165,7 @@ class ResponseSide:
         conn = exchange.conn
         self._write(h1.response_head(101, reason, headers, content_length=None, chunked=False,
                                               keep_alive=True))
-        if self.ctx.access_log:
-            log_access(exchange, self.client_ip, self.tls_version, self.tls.source.value if self.tls else "")
+        self._log(exchange)
         self.queue.clear()
         self._tunnel = conn
         pending, self._tunnel_pending = self._tunnel_pending or b"", None

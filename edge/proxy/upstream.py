@@ -45,7 +45,17 @@ class ResponseSink(Protocol):
     def upstream_resume(self) -> None: ...
 
 
-class BackendConnection(asyncio.Protocol):
+# What one read from a backend may bring: reads go into this buffer, shared
+# by every backend connection of the process, and are copied out at their
+# size. A plain Protocol would read up to 256 KiB per call (uvloop), and a
+# stalled client would then hold a whole such read on top of its transport's
+# buffers: 100 stalled readers cost +128 MiB of RSS before this bound.
+READ_SIZE = 64 * 1024
+WRITE_HIGH_WATER = 64 * 1024  # request bytes held for a slow backend before the client is paused
+_READ_BUFFER = memoryview(bytearray(READ_SIZE))
+
+
+class BackendConnection(asyncio.BufferedProtocol):
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.transport: asyncio.Transport | None = None
@@ -57,7 +67,10 @@ class BackendConnection(asyncio.Protocol):
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._got_response = False
+        self._close_delimited = False  # the body ends with the connection (RFC 9112 §6.3 item 8)
         self._done = False
+        self._release = False  # the response ended with keep-alive: pool it once the read is over
+        self._excess = False  # bytes came past the end of the response
         self._tunnel = False  # after a 101: bytes flow both ways unparsed
 
     # --- owner's side -----------------------------------------------------------
@@ -72,6 +85,7 @@ class BackendConnection(asyncio.Protocol):
         self._headers = []
         self._reason = b""
         self._got_response = False
+        self._close_delimited = False
         self._done = False
 
     def write(self, data: bytes) -> None:
@@ -100,6 +114,14 @@ class BackendConnection(asyncio.Protocol):
     # --- asyncio.Protocol -----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _READ_BUFFER
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # A copy: body pieces are kept in the client's write buffers.
+        self.data_received(bytes(_READ_BUFFER[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         if self._tunnel:
@@ -120,10 +142,27 @@ class BackendConnection(asyncio.Protocol):
             if rest and self.sink is not None:
                 self.sink.response_body(rest)
         except httptools.HttpParserError as exc:
-            if not self._done:
+            if self._done:
+                self._excess = True  # garbage after the end of the response
+            else:
                 self._fail(UpstreamError("protocol", f"bad response from {self.backend}: {exc}"))
         finally:
             sink.batch_end()
+            if self._release:
+                self._settle()
+
+    def _settle(self) -> None:
+        """The response ended with keep-alive and this read is over: pool the
+        connection only if nothing came past the end of the message. Extra
+        bytes (past a Content-Length, after a 204/304 or a HEAD answer) mean
+        the backend and edge disagree on framing: the next request on it would
+        read them as its response (RFC 9112 §9.3, response splitting)."""
+        self._release = False
+        if self._excess:
+            log.info("backend %s sent bytes past the end of a response; connection discarded", self.backend)
+            self.close()
+        elif self.transport is not None and not self.transport.is_closing():
+            self.backend.release(self)
 
     def eof_received(self) -> bool | None:
         return False
@@ -135,13 +174,15 @@ class BackendConnection(asyncio.Protocol):
             self._fail(UpstreamError("closed", f"{self.backend} closed the upgraded connection"))
             return
         if self.sink is not None and not self._done:
-            if self._parser is not None and self._got_response:
-                # A close-delimited body ends with the connection (RFC 9112 §6.3 item 8).
-                try:
-                    self._parser.feed_data(b"")
-                except httptools.HttpParserError:
-                    pass
-            if not self._done:
+            if self._close_delimited and exc is None:
+                # A close-delimited body ends with the connection (RFC 9112 §6.3
+                # item 8): a clean close, not a reset (an error is a cut body).
+                self._finish(False)
+            elif self._got_response:
+                # Content-Length or chunked, cut short: the message is incomplete
+                # (RFC 9112 §8); it must reach the client as an abort.
+                self._fail(UpstreamError("closed", f"{self.backend} closed the connection mid-response"))
+            else:
                 self._fail(UpstreamError("reset", f"{self.backend} closed the connection"))
 
     def pause_writing(self) -> None:
@@ -161,6 +202,10 @@ class BackendConnection(asyncio.Protocol):
             sink.upstream_failed(error)
 
     # --- httptools callbacks -----------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self._done:
+            self._excess = True  # a second response to one request
+
     def on_status(self, status: bytes) -> None:
         self._reason += status
 
@@ -173,6 +218,8 @@ class BackendConnection(asyncio.Protocol):
         status = parser.get_status_code()
         headers, self._headers = self._headers, []
         reason, self._reason = self._reason, b""
+        if self._done or self.sink is None:
+            return  # past the end of the response: noted as excess already
         if status == 101:
             self._got_response = True
             self._tunnel = True
@@ -191,6 +238,8 @@ class BackendConnection(asyncio.Protocol):
                 chunked = chunked or b"chunked" in value.lower()
             elif name == b"content-length" and value.strip().isdigit():
                 length = int(value)
+        no_body = self._head_only or status in (204, 304)
+        self._close_delimited = not (chunked or no_body) and length is None
         self.sink.response_head(status, reason, headers, parser.should_keep_alive(), chunked, length)
         if self._head_only or status in (204, 304):
             # No body follows a HEAD, 204 or 304 response (RFC 9110 §6.4.1),
@@ -198,7 +247,9 @@ class BackendConnection(asyncio.Protocol):
             self._finish(parser.should_keep_alive())
 
     def on_body(self, body: bytes) -> None:
-        if self.sink is not None and not self._done:
+        if self._done:
+            self._excess = True  # a body after a HEAD/204/304 answer
+        elif self.sink is not None:
             self.sink.response_body(body)
 
     def on_message_complete(self) -> None:
@@ -214,7 +265,7 @@ class BackendConnection(asyncio.Protocol):
             self._parser = None
         self.reused = True
         if keep_alive and self.transport is not None and not self.transport.is_closing():
-            self.backend.release(self)
+            self._release = True  # pooled by _settle, once the rest of this read is seen
         elif self.transport is not None:
             self.transport.close()
         if sink is not None:
@@ -288,17 +339,22 @@ class Pool:
         self._next = 0
 
     def pick(self) -> Backend:
-        """The next backend round-robin, skipping those marked down while any is up."""
+        """The next healthy backend round-robin; the next one at all when none is.
+
+        The cursor moves past the backend picked, not just one step: stepping
+        one and handing a down backend's turn to its neighbour gave that
+        neighbour two turns in three ([a, down, b]: b, b, a, ...)."""
         backends = self.backends
         n = len(backends)
         start = self._next
+        now = time.monotonic()
+        for i in range(n):
+            backend = backends[(start + i) % n]
+            if backend.down_until <= now:
+                self._next = (start + i + 1) % n
+                return backend
         self._next = (start + 1) % n
-        backend = backends[start % n]
-        if backend.down_until and backend.down_until > time.monotonic():
-            for candidate in self.candidates(first=backend):
-                if candidate.down_until <= time.monotonic():
-                    return candidate
-        return backend
+        return backends[start % n]
 
     def candidates(self, first: Backend | None = None) -> list[Backend]:
         """Every backend to try in turn: ``first``, then the others round-robin,

@@ -1,69 +1,55 @@
-"""The TLS listener: accept, peek the ClientHello, get the context, hand over.
+"""The TLS listener: accept, read the ClientHello, get the context, hand over.
 
 Why not a plain ``create_server(ssl=...)`` with an ``sni_callback``: the
 callback runs inside ``do_handshake`` on the event-loop thread and cannot
 await, so a cold name would build its context (~1 ms of OpenSSL work, plus a
 store read) while every other connection waits. Instead:
 
-1. accept the raw socket;
-2. read the ClientHello with ``MSG_PEEK`` (the bytes stay in the kernel for
-   the TLS stack) and parse SNI and ALPN (``clienthello.parse``);
+1. accept the raw socket (``intake.AcceptLoop``: pauses when out of fds);
+2. wait for the whole ClientHello, reading it with ``MSG_PEEK`` so the bytes
+   stay in the kernel for the TLS stack (``intake.HelloReader``), and parse
+   SNI and ALPN (``clienthello.parse``);
 3. select the certificate (``Selector``) and fetch its context from the
    cache, building it in a thread pool on a miss;
-4. pin it under the name, and start TLS with the *listener* context, whose
-   ``sni_callback`` swaps in the pinned context (one dict lookup).
+4. start TLS with the *listener* context, the chosen one set on the
+   connection before the handshake (``handover.start_tls``).
 
 Handshakes run with the listener context so its session-ticket keys, made
 once before workers fork, are shared: resumption works across workers.
-TLS versions and options come from the listener; certificate, ALPN and TLS
-1.2 ciphers from the swapped-in context.
+TLS versions, options and groups come from the listener; certificate and
+ALPN from the chosen context. Every connection has one time budget, the
+handshake timeout, from accept to the end of its handshake.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import logging
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 from edge.store.base import StoreError
-from edge.tls import clienthello, contexts, names
+from edge.tls import clienthello, contexts, handover, names
 from edge.tls.contexts import ContextBuildError, ContextCache
+from edge.tls.handover import alert
+from edge.tls.intake import AcceptLoop, HelloReader, close_gently
 from edge.tls.selector import Choice, Selector, Source
+from edge.tls.stats import HANDSHAKE_BUCKETS, HandshakeStats, TlsInfo
+
+__all__ = ["HANDSHAKE_BUCKETS", "HandshakeStats", "ProtocolFactory", "TlsAcceptor", "TlsInfo"]
 
 log = logging.getLogger(__name__)
 
-# RFC 8446 §6: a fatal unrecognized_name(112) alert in a TLS 1.0-compatible
-# record, sent raw before closing when strict SNI refuses a name.
-_ALERT_UNRECOGNIZED_NAME = b"\x15\x03\x01\x00\x02\x02\x70"
 _PLAIN_HTTP_ANSWER = (
     b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/html\r\nConnection: close\r\n"
     b"Content-Length: 77\r\n\r\n"
     b"<html><body><h1>400 Plain HTTP request sent to HTTPS port</h1></body></html>\n"
 )
-_PEEK_SIZE = clienthello.MAX_CLIENT_HELLO + 5 * 4
 _ACME_TLS = b"acme-tls/1"  # RFC 8737 §6.2: the ALPN protocol of TLS-ALPN-01 validation
-# A ClientHello split over several TCP segments: poll again after these delays
-# (level-triggered readiness would otherwise spin while the bytes sit unread).
-_PEEK_BACKOFF = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
-
-
-@dataclass(frozen=True, slots=True)
-class TlsInfo:
-    """What the data path learns of the handshake."""
-
-    server_name: str | None  # canonical SNI name, None when absent or invalid
-    source: Source
-    alpn: tuple[bytes, ...]
-
+_MAX_HOST_NAME = 255  # RFC 6066 §3 / RFC 1035 §2.3.4; OpenSSL refuses longer ones itself
 
 ProtocolFactory = Callable[[TlsInfo], asyncio.BaseProtocol]
-
-
-HANDSHAKE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class _ClosingProtocol(asyncio.Protocol):
@@ -73,27 +59,23 @@ class _ClosingProtocol(asyncio.Protocol):
         transport.close()
 
 
-class HandshakeStats:
-    """Counters for the metrics module to read at scrape time; no label whose
-    values grow with the number of names."""
+def server_name(raw: bytes | None) -> str | None:
+    """The canonical SNI name, or None when absent or no valid host name (SPEC §2).
 
-    def __init__(self) -> None:
-        self.completed: dict[tuple[str, str], int] = {}  # (TLS version, certificate source) -> count
-        self.failed: dict[str, int] = {}
-        self.refused_sni = 0
-        self.unknown_sni = 0  # a name was sent that no certificate covers: served the default
-        self.not_tls = 0
-        self.duration_buckets = [0] * (len(HANDSHAKE_BUCKETS) + 1)
-        self.duration_sum = 0.0
+    RFC 6066 §3: HostName is ASCII (A-labels); bytes that are not (UTF-8,
+    Latin-1, NUL, over 255 bytes) are no host name, whatever a client meant."""
+    if raw is None:
+        return None
+    if len(raw) > _MAX_HOST_NAME or not raw.isascii() or b"\0" in raw:
+        log.debug("SNI of %d bytes is no ASCII host name: treated as absent", len(raw))
+        return None
+    return names.normalize(raw)
 
-    def done(self, version: str, source: Source, seconds: float) -> None:
-        key = (version, source.value)
-        self.completed[key] = self.completed.get(key, 0) + 1
-        self.duration_buckets[bisect.bisect_left(HANDSHAKE_BUCKETS, seconds)] += 1
-        self.duration_sum += seconds
 
-    def fail(self, reason: str) -> None:
-        self.failed[reason] = self.failed.get(reason, 0) + 1
+def is_acme_validation(hello: clienthello.ClientHello) -> bool:
+    """RFC 8737 §3: the validation server offers ``acme-tls/1`` and nothing
+    else. A browser listing it among others gets a normal handshake."""
+    return hello.alpn == (_ACME_TLS,)
 
 
 class TlsAcceptor:
@@ -120,12 +102,11 @@ class TlsAcceptor:
         self.fetch_name = fetch_name
         self._index = selector.index
         self.stats = HandshakeStats()
-        # name -> [context, number of handshakes in flight using it]
-        self._pins: dict[str, list] = {}
-        self._listeners: list[socket.socket] = []
+        self._listeners: list[AcceptLoop] = []
+        self._readers: list[HelloReader] = []
         self._tasks: set[asyncio.Task] = set()
-        self._peeking: set[socket.socket] = set()
-        listener_context.sni_callback = self._sni_callback
+        handover.install(listener_context)
+        handover.quiet_writes_after_close()
 
     # --- listening -----------------------------------------------------------
     def listen(self, sock: socket.socket, protocol_factory: ProtocolFactory) -> None:
@@ -135,126 +116,69 @@ class TlsAcceptor:
         # nginx's "deferred" does: the peek then succeeds at once, without an
         # extra epoll registration and wake-up per connection.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, max(1, int(self.handshake_timeout)))
-        self._listeners.append(sock)
-        asyncio.get_running_loop().add_reader(sock.fileno(), self._accept_ready, sock, protocol_factory)
+        reader = HelloReader(
+            self.handshake_timeout,
+            lambda conn, hello, deadline: self._start(conn, protocol_factory, hello, deadline),
+            self._refused,
+        )
+        self._readers.append(reader)
+        self._listeners.append(AcceptLoop(sock, lambda conn: self._accepted(conn, reader)))
+
+    @property
+    def accept_pauses(self) -> int:
+        """Times accepting stopped for lack of file descriptors or memory."""
+        return sum(listener.paused_count for listener in self._listeners)
 
     def stop_listening(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sock in self._listeners:
-            loop.remove_reader(sock.fileno())
-            sock.close()
+        for listener in self._listeners:
+            listener.close()
         self._listeners.clear()
 
     def close_pending(self) -> None:
         """Drop connections still before or inside their handshake (shutdown)."""
-        loop = asyncio.get_running_loop()
-        for sock in list(self._peeking):
-            loop.remove_reader(sock.fileno())
-            sock.close()
-        self._peeking.clear()
+        for reader in self._readers:
+            reader.close_all()
         for task in list(self._tasks):
             task.cancel()
 
-    def _accept_ready(self, listener: socket.socket, factory: ProtocolFactory) -> None:
-        # Accept a bounded batch per wake-up so one busy listener cannot starve the loop.
-        for _ in range(64):
-            try:
-                sock, _addr = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # EMFILE and friends: log, retry on the next wake-up
-                log.warning("accept failed: %s", exc)
-                return
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._peek(sock, factory, 0, asyncio.get_running_loop().time() + self.handshake_timeout)
+    @staticmethod
+    def _accepted(sock: socket.socket, reader: HelloReader) -> None:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reader.add(sock)
 
-    # --- ClientHello -----------------------------------------------------------
-    def _peek(self, sock: socket.socket, factory: ProtocolFactory, attempt: int, deadline: float) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            data = sock.recv(_PEEK_SIZE, socket.MSG_PEEK)
-        except (BlockingIOError, InterruptedError):
-            self._wait_readable(sock, factory, attempt, deadline)
-            return
-        except OSError:
-            self._drop(sock)
-            return
-        if not data:
-            self._drop(sock)  # closed before saying anything
-            return
-        try:
-            hello = clienthello.parse(data)
-        except clienthello.NeedMore:
-            if loop.time() >= deadline:
-                self.stats.fail("timeout")
-                self._drop(sock)
-                return
-            self._peeking.add(sock)
-            delay = _PEEK_BACKOFF[min(attempt, len(_PEEK_BACKOFF) - 1)]
-            loop.call_later(delay, self._peek_again, sock, factory, attempt + 1, deadline)
-            return
-        except clienthello.NotClientHello:
-            self.stats.not_tls += 1
-            if data[:1].isalpha():
-                # Plain HTTP on the TLS port: say so, as nginx does (its 497).
-                try:
-                    sock.send(_PLAIN_HTTP_ANSWER)
-                except OSError:
-                    pass
-            self._drop(sock)
-            return
-        self._peeking.discard(sock)
-        self._start(sock, factory, hello)
-
-    def _peek_again(self, sock: socket.socket, factory: ProtocolFactory, attempt: int, deadline: float) -> None:
-        if sock in self._peeking:
-            self._peek(sock, factory, attempt, deadline)
-
-    def _wait_readable(self, sock: socket.socket, factory: ProtocolFactory, attempt: int, deadline: float) -> None:
-        loop = asyncio.get_running_loop()
-        self._peeking.add(sock)
-        fd = sock.fileno()
-
-        def ready() -> None:
-            loop.remove_reader(fd)
-            timer.cancel()
-            if sock in self._peeking:
-                self._peek(sock, factory, attempt, deadline)
-
-        def expired() -> None:
-            loop.remove_reader(fd)
+    def _refused(self, sock: socket.socket, data: bytes, why: str | clienthello.NotClientHello) -> None:
+        if why == "timeout":
             self.stats.fail("timeout")
-            self._drop(sock)
+            close_gently(sock)
+        elif isinstance(why, clienthello.TooLarge):
+            log.debug("ClientHello refused: %s", why)
+            self.stats.fail("too_large")
+            close_gently(sock, alert(handover.ILLEGAL_PARAMETER))  # as OpenSSL does for an oversized message
+        elif isinstance(why, clienthello.NotClientHello):
+            self.stats.not_tls += 1
+            # Plain HTTP on the TLS port: say so, as nginx does (its 497).
+            close_gently(sock, _PLAIN_HTTP_ANSWER if data[:1].isalpha() else b"")
+        else:
+            close_gently(sock)  # closed before its ClientHello was whole: FIN back, not a reset
 
-        loop.add_reader(fd, ready)
-        timer = loop.call_at(deadline, expired)
-
-    def _drop(self, sock: socket.socket) -> None:
-        self._peeking.discard(sock)
-        sock.close()
-
-    # --- handshake -----------------------------------------------------------------
+    # --- selection -----------------------------------------------------------------
     def _start(self, sock: socket.socket, factory: ProtocolFactory, hello: clienthello.ClientHello,
-               fetched: bool = False) -> None:
-        name = names.normalize(hello.server_name)
-        if _ACME_TLS in hello.alpn:
-            self._spawn(self._acme_tls(sock, name))
+               deadline: float, fetched: bool = False) -> None:
+        name = server_name(hello.server_name)
+        if is_acme_validation(hello):
+            self._spawn(self._acme_tls(sock, name, deadline))
             return
         if (self._index.loading and not fetched and name is not None and self.fetch_name is not None
                 and name not in self._index.fetched):
-            self._spawn(self._fetch_then_start(sock, factory, hello, name))
+            self._spawn(self._fetch_then_start(sock, factory, hello, name, deadline))
             return
         choice = self.selector.select(name)
         if choice is not None and name is not None and choice.source is Source.DEFAULT:
             self.stats.unknown_sni += 1
         if choice is None:
             self.stats.refused_sni += 1
-            try:
-                sock.send(_ALERT_UNRECOGNIZED_NAME)
-            except OSError:
-                pass
-            sock.close()
+            close_gently(sock, alert(handover.UNRECOGNIZED_NAME))  # RFC 6066 §3: strict SNI
             return
         if choice.source is Source.DEFAULT:
             ctx: ssl.SSLContext | None = self.listener_context
@@ -264,25 +188,28 @@ class TlsAcceptor:
             ctx = self.cache.get_nowait(choice.cache_key)
         if ctx is None:
             # A cold name: build its context off the loop, then hand over.
-            self._spawn(self._cold(sock, factory, name, hello, choice))
+            self._spawn(self._cold(sock, factory, name, hello, choice, deadline))
             return
-        self._handover(sock, factory, name, hello, choice, ctx)
+        self._handover(sock, factory, name, hello, choice, ctx, deadline)
+
+    def _left(self, deadline: float) -> float:
+        return deadline - asyncio.get_running_loop().time()
 
     async def _fetch_then_start(self, sock: socket.socket, factory: ProtocolFactory,
-                                hello: clienthello.ClientHello, name: str) -> None:
+                                hello: clienthello.ClientHello, name: str, deadline: float) -> None:
         assert self.fetch_name is not None
         try:
-            await asyncio.wait_for(self.fetch_name(name), self.handshake_timeout)
+            await asyncio.wait_for(self.fetch_name(name), max(0.0, self._left(deadline)))
         except (StoreError, OSError, TimeoutError) as exc:
             log.error("reading %s from the store failed: %s; selecting from what is loaded", name, exc)
-        self._start(sock, factory, hello, fetched=True)
+        self._start(sock, factory, hello, deadline, fetched=True)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _acme_tls(self, sock: socket.socket, name: str | None) -> None:
+    async def _acme_tls(self, sock: socket.socket, name: str | None, deadline: float) -> None:
         """Answer a TLS-ALPN-01 validation (RFC 8737 §3): the handshake is the answer.
 
         The ACME server offers only ``acme-tls/1`` and expects the validation
@@ -295,38 +222,32 @@ class TlsAcceptor:
             except (StoreError, OSError) as exc:
                 log.error("TLS-ALPN-01 answer for %s unavailable: %s", name, exc)
         if pem is None:
-            # No challenge of ours: refuse, as the protocol is not one we serve (RFC 7301 §3.2).
-            log.info("TLS-ALPN-01 validation for %s, but no challenge is pending", name)
+            # No challenge of ours: the only protocol offered is not one we serve (RFC 7301 §3.2).
+            # Any client can ask this: debug, so it cannot flood the log.
+            log.debug("TLS-ALPN-01 validation for %s, but no challenge is pending", name)
             self.stats.fail("acme_tls")
-            sock.close()
+            close_gently(sock, alert(handover.NO_APPLICATION_PROTOCOL))
             return
         try:
             ctx = await asyncio.get_running_loop().run_in_executor(None, contexts.build_context, [pem])
-        except ContextBuildError as exc:
+        except (ContextBuildError, OSError) as exc:  # OSError: no descriptor left for the memfd
             log.error("TLS-ALPN-01 answer for %s is unusable: %s", name, exc)
-            sock.close()
+            close_gently(sock, alert(handover.INTERNAL_ERROR))
             return
         ctx.set_alpn_protocols([_ACME_TLS.decode()])
+        handover.install(ctx)
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(
-                _ClosingProtocol, sock, ssl=ctx, ssl_handshake_timeout=self.handshake_timeout
-            )
+            await handover.start_tls(sock, _ClosingProtocol, ctx, None, max(0.001, self._left(deadline)))
         except (OSError, ssl.SSLError, TimeoutError) as exc:
-            log.info("TLS-ALPN-01 handshake for %s failed: %s", name, exc)
+            log.debug("TLS-ALPN-01 handshake for %s failed: %s", name, exc)
             sock.close()
             return
         log.info("TLS-ALPN-01 validation certificate served for %s", name)
 
-    async def _cold(
-        self,
-        sock: socket.socket,
-        factory: ProtocolFactory,
-        name: str | None,
-        hello: clienthello.ClientHello,
-        choice: Choice,
-    ) -> None:
+    async def _cold(self, sock: socket.socket, factory: ProtocolFactory, name: str | None,
+                    hello: clienthello.ClientHello, choice: Choice, deadline: float) -> None:
         try:
-            ctx = await asyncio.wait_for(self.cache.get(choice.cache_key), self.handshake_timeout)
+            ctx = await asyncio.wait_for(self.cache.get(choice.cache_key), max(0.0, self._left(deadline)))
         except (ContextBuildError, StoreError, OSError, TimeoutError, ValueError) as exc:
             # A stored bundle OpenSSL refuses (edited by hand) or a store that
             # went away: fall through to the default certificate, as for an
@@ -335,58 +256,33 @@ class TlsAcceptor:
                       name, choice.source.value, exc)
             self.stats.fail("context")
             if self.selector.strict_sni:
-                sock.close()
+                close_gently(sock, alert(handover.INTERNAL_ERROR))
                 return
             ctx = self.listener_context
-        self._handover(sock, factory, name, hello, choice, ctx)
+        self._handover(sock, factory, name, hello, choice, ctx, deadline)
 
-    def _handover(
-        self,
-        sock: socket.socket,
-        factory: ProtocolFactory,
-        name: str | None,
-        hello: clienthello.ClientHello,
-        choice: Choice,
-        ctx: ssl.SSLContext,
-    ) -> None:
-        """Pin ``ctx`` for the SNI callback and start the TLS handshake.
+    # --- handshake -----------------------------------------------------------------
+    def _handover(self, sock: socket.socket, factory: ProtocolFactory, name: str | None,
+                  hello: clienthello.ClientHello, choice: Choice, ctx: ssl.SSLContext, deadline: float) -> None:
+        """Start the TLS handshake with ``ctx``'s certificate, in what is left of the budget.
 
         No coroutine of ours wraps it: the hot path is one task (uvloop's
         ``connect_accepted_socket``) and a done callback.
         """
+        left = self._left(deadline)
+        if left <= 0:
+            self.stats.fail("timeout")
+            close_gently(sock)
+            return
         info = TlsInfo(name, choice.source, hello.alpn)
-        # The listener context needs no swap: nothing to pin.
-        pinned = name if name is not None and ctx is not self.listener_context else None
-        if pinned is not None:
-            pin = self._pins.get(pinned)
-            if pin is None or pin[0] is not ctx:
-                # A newer context replaces an older pin: handshakes already
-                # past their callback keep the one they got.
-                self._pins[pinned] = pin = [ctx, 0]
-            pin[1] += 1
-        task = asyncio.get_running_loop().create_task(
-            asyncio.get_running_loop().connect_accepted_socket(
-                lambda: factory(info),
-                sock,
-                ssl=self.listener_context,
-                ssl_handshake_timeout=self.handshake_timeout,
-            )
-        )
+        task = handover.start_tls(sock, lambda: factory(info), self.listener_context, ctx, left)
         self._tasks.add(task)
         started = asyncio.get_running_loop().time()
-        task.add_done_callback(lambda done: self._handshake_done(done, sock, pinned, ctx, choice.source, started))
+        task.add_done_callback(lambda done: self._handshake_done(done, sock, name, choice.source, started))
 
-    def _handshake_done(
-        self, task: asyncio.Task, sock: socket.socket, pinned: str | None, ctx: ssl.SSLContext, source: Source,
-        started: float,
-    ) -> None:
+    def _handshake_done(self, task: asyncio.Task, sock: socket.socket, name: str | None, source: Source,
+                        started: float) -> None:
         self._tasks.discard(task)
-        if pinned is not None:
-            pin = self._pins.get(pinned)
-            if pin is not None and pin[0] is ctx:
-                pin[1] -= 1
-                if pin[1] == 0:
-                    del self._pins[pinned]
         if task.cancelled():
             sock.close()
             return
@@ -397,15 +293,6 @@ class TlsAcceptor:
             version = (sslobj.version() if sslobj is not None else None) or "unknown"
             self.stats.done(version, source, asyncio.get_running_loop().time() - started)
         else:
-            log.debug("handshake for %s failed: %s", pinned, exc)
+            log.debug("handshake for %s failed: %s", name, exc)
             self.stats.fail("handshake")
             sock.close()
-
-    def _sni_callback(self, sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
-        """Runs inside do_handshake: no I/O, one dict lookup (DESIGN.md)."""
-        if server_name is None:
-            return None
-        pin = self._pins.get(names.normalize(server_name))  # type: ignore[arg-type]
-        if pin is not None:
-            sslobj.context = pin[0]
-        return None

@@ -17,18 +17,40 @@ _CLIENT_HELLO = 1  # HandshakeType.client_hello, RFC 8446 §4
 _EXT_SERVER_NAME = 0
 _EXT_ALPN = 16
 _HOST_NAME = 0  # NameType.host_name, RFC 6066 §3
-# A ClientHello is at most 2^24 bytes by the format, but real ones are a few KiB
-# (post-quantum key shares make them ~2 KiB). Past this we stop waiting for
-# more and let the TLS stack judge the connection.
-MAX_CLIENT_HELLO = 16 * 1024
+# A ClientHello is at most 2^24 bytes by the format; real ones are a few KiB,
+# but post-quantum key shares (ML-KEM-768 + X25519 is ~1.2 KiB per share, and
+# clients may send several) and many extensions push them past one 16 KiB
+# record: RFC 8446 §5.1 lets a handshake message span records. We wait for up
+# to 64 KiB (OpenSSL itself accepts 128 KiB); past it the client is refused
+# with an alert (TooLarge) rather than buffered.
+MAX_CLIENT_HELLO = 64 * 1024
+# Records a ClientHello may be cut into. Browsers use one (or 2-4 for a large
+# hello, anti-censorship tools a few more); thousands of 1-byte records would
+# make each re-parse of the peeked bytes cost milliseconds.
+MAX_RECORDS = 64
+_MAX_RECORD = 16384  # RFC 8446 §5.1: TLSPlaintext.length MUST NOT exceed 2^14
+# The most bytes a ClientHello within both bounds can take on the wire.
+MAX_WIRE_SIZE = MAX_CLIENT_HELLO + 5 * MAX_RECORDS
 
 
 class NeedMore(Exception):
-    """Not enough bytes yet to hold the whole ClientHello."""
+    """Not enough bytes yet to hold the whole ClientHello.
+
+    ``need`` is a lower bound of the total bytes the message takes, so the
+    caller can sleep until that many have arrived (SO_RCVLOWAT) rather than
+    wake for every segment."""
+
+    def __init__(self, need: int) -> None:
+        super().__init__(need)
+        self.need = need
 
 
 class NotClientHello(Exception):
     """The bytes are not a TLS ClientHello (plain HTTP on the TLS port, garbage)."""
+
+
+class TooLarge(NotClientHello):
+    """A ClientHello past MAX_CLIENT_HELLO or MAX_RECORDS: refuse it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,38 +59,44 @@ class ClientHello:
     alpn: tuple[bytes, ...]
 
 
+def _message_length(body: bytearray) -> int | None:
+    """The ClientHello's total length (header included), once its header is in."""
+    if len(body) < 4:
+        return None
+    if body[0] != _CLIENT_HELLO:
+        raise NotClientHello("first handshake message is not a ClientHello")
+    need = 4 + int.from_bytes(body[1:4], "big")
+    if need > MAX_CLIENT_HELLO:
+        raise TooLarge(f"ClientHello of {need} bytes")
+    return need
+
+
 def _handshake_bytes(data: bytes) -> bytes:
     """Join the payloads of the leading handshake records (a ClientHello may
     span several records, RFC 8446 §5.1) until the message is complete."""
     body = bytearray()
     pos = 0
-    need = None
-    while True:
+    for _ in range(MAX_RECORDS):
         if len(data) < pos + 5:
-            raise NeedMore
+            raise NeedMore(pos + 5)
         if data[pos] != _HANDSHAKE or data[pos + 1] != 3:
             raise NotClientHello("not a TLS handshake record")
         length = int.from_bytes(data[pos + 3 : pos + 5], "big")
-        if length == 0 or length > 16384 + 256:
+        if length == 0 or length > _MAX_RECORD:
             raise NotClientHello("bad TLS record length")
-        if len(data) < pos + 5 + length:
-            # Take what arrived of a partial record only to learn the length.
-            body += data[pos + 5 :]
-            if need is None and len(body) >= 4:
-                need = 4 + int.from_bytes(body[1:4], "big")
-            if need is not None and need > MAX_CLIENT_HELLO:
-                raise NotClientHello("ClientHello too large")
-            raise NeedMore
-        body += data[pos + 5 : pos + 5 + length]
-        pos += 5 + length
-        if len(body) >= 4:
-            if body[0] != _CLIENT_HELLO:
-                raise NotClientHello("first handshake message is not a ClientHello")
-            need = 4 + int.from_bytes(body[1:4], "big")
-            if need > MAX_CLIENT_HELLO:
-                raise NotClientHello("ClientHello too large")
-            if len(body) >= need:
-                return bytes(body[4:need])
+        end = pos + 5 + length
+        # Take what arrived of a partial record only to learn the message length.
+        body += data[pos + 5 : end]
+        need = _message_length(body)
+        if len(data) < end:
+            # At least this record's end, and the rest of the message after it
+            # (in one more record at best).
+            missing = 0 if need is None else max(0, need - len(body) - (end - len(data)))
+            raise NeedMore(end + (5 + missing if missing else 0))
+        pos = end
+        if need is not None and len(body) >= need:
+            return bytes(body[4:need])
+    raise TooLarge(f"ClientHello cut into more than {MAX_RECORDS} records")
 
 
 def parse(data: bytes) -> ClientHello:

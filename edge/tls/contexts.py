@@ -16,9 +16,12 @@ import ssl
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 
+from edge.tls.groups import restrict_groups
+
 log = logging.getLogger(__name__)
 
-# Mozilla "intermediate" TLS 1.2 suites (forward secret AEAD only); TLS 1.3
+# Mozilla "intermediate" TLS 1.2 suites (forward secret AEAD only, ECDHE: no
+# finite-field DHE, whose cost a client could choose, see groups.py); TLS 1.3
 # suites are all modern and left at OpenSSL's defaults.
 TLS12_CIPHERS = ":".join(
     [
@@ -44,6 +47,7 @@ def base_context(min_version: str = "TLSv1.2") -> ssl.SSLContext:
         ssl.TLSVersion.TLSv1_3 if min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
     )
     ctx.set_ciphers(TLS12_CIPHERS)
+    restrict_groups(ctx)  # X25519, P-256, P-384: no client-chosen ffdhe8192 (groups.py)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     # Clients pick among our suites (all strong): they know whether they have AES hardware.
     ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE

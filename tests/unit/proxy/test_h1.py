@@ -42,7 +42,7 @@ def test_request_head_rewrites_forwarding_headers():
         [(b"host", b"www.example.com"), (b"connection", b"keep-alive, x-private"), (b"x-private", b"1"),
          (b"keep-alive", b"timeout=5"), (b"x-forwarded-for", b"10.0.0.1"), (b"x-forwarded-proto", b"spoof"),
          (b"content-length", b"3"), (b"accept", b"*/*")],
-        host=None, client_ip=b"127.0.0.9", proto=b"https", port=b"443",
+        host=b"www.example.com", client_ip=b"127.0.0.9", proto=b"https", port=b"443",
         request_id=b"rid", content_length=3, chunked=False,
     )
     text = head.decode()
@@ -56,13 +56,47 @@ def test_request_head_rewrites_forwarding_headers():
     assert text.endswith("\r\n\r\n")
 
 
-def test_request_id_kept_when_sent():
+def test_request_id_and_host_written_once_by_edge():
     head = h1.request_head(
         b"GET", b"/", [(b"host", b"h.test"), (b"x-request-id", b"abc")],
-        host=None, client_ip=b"1.1.1.1", proto=b"https", port=b"443", request_id=None,
+        host=b"h.test", client_ip=b"1.1.1.1", proto=b"https", port=b"443", request_id=b"abc",
         content_length=None, chunked=False,
     )
     assert head.count(b"x-request-id") == 1 and b"x-request-id: abc" in head
+    assert head.count(b"host:") == 1
+
+
+@pytest.mark.parametrize("named", [b"host", b"x-request-id", b"x-forwarded-for", b"x-forwarded-proto",
+                                   b"x-forwarded-port", b"content-length"])
+def test_connection_cannot_remove_what_edge_sets(named):
+    """RFC 9110 §7.6.1 removes what Connection names, but never edge's own fields."""
+    head = h1.request_head(
+        b"POST", b"/", [(b"host", b"h.test"), (b"connection", b"close, " + named + b", x-drop"), (b"x-drop", b"1")],
+        host=b"h.test", client_ip=b"1.1.1.1", proto=b"https", port=b"443", request_id=b"rid",
+        content_length=3, chunked=False,
+    ).lower()
+    for field in (b"host: h.test", b"x-request-id: rid", b"x-forwarded-for: 1.1.1.1", b"x-forwarded-proto: https",
+                  b"x-forwarded-port: 443", b"content-length: 3"):
+        assert head.count(field) == 1, field
+    assert b"x-drop" not in head
+
+
+@pytest.mark.parametrize(
+    ("values", "forwarded"),
+    [
+        ([b"websocket"], b"websocket"),
+        ([b"WebSocket"], b"WebSocket"),
+        ([b"h2c"], None),
+        ([b"websocket, h2c"], None),
+        ([b"websocket", b"H2C"], None),
+        ([b"HTTP/2.0"], None),
+        ([b"h2"], None),
+        ([b"http/1.1, websocket"], None),
+        ([b" , "], None),
+    ],
+)
+def test_forwardable_upgrade(values, forwarded):
+    assert h1.forwardable_upgrade([(b"upgrade", v) for v in values]) == forwarded
 
 
 def test_host_added_when_absent():
@@ -83,4 +117,5 @@ def test_response_head_strips_hop_by_hop():
 
 def test_chunk():
     assert h1.chunk(b"hello") == b"5\r\nhello\r\n"
+    assert h1.chunk(b"") == b""  # never a last-chunk by accident
     assert h1.LAST_CHUNK == b"0\r\n\r\n"

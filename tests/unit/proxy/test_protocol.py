@@ -42,6 +42,9 @@ class FakeTransport(asyncio.Transport):
     def resume_reading(self):
         self.paused = False
 
+    def set_write_buffer_limits(self, high=None, low=None):
+        self.high_water = high
+
 
 def make_protocol(tls_name="demo.apps.test", https=True, force_https=True, **limits):
     index = Index()

@@ -115,3 +115,48 @@ def test_single_byte_corruption_never_crashes(position, value):
         clienthello.parse(bytes(data))
     except (clienthello.NeedMore, clienthello.NotClientHello):
         pass
+
+
+def _records(message: bytes, size: int) -> bytes:
+    return b"".join(b"\x16\x03\x01" + len(message[i:i + size]).to_bytes(2, "big") + message[i:i + size]
+                    for i in range(0, len(message), size))
+
+
+def _big_hello(extra: int) -> bytes:
+    """The openssl capture as one handshake message with ``extra`` bytes of an unknown extension."""
+    body = bytearray(openssl_hello()[9:])
+    pos = 34
+    pos += 1 + body[pos]
+    pos += 2 + int.from_bytes(body[pos:pos + 2], "big")
+    pos += 1 + body[pos]
+    extensions = bytes(body[pos + 2:]) + b"\xff\xaa" + extra.to_bytes(2, "big") + b"\0" * extra
+    message = bytes(body[:pos]) + len(extensions).to_bytes(2, "big") + extensions
+    return b"\x01" + len(message).to_bytes(3, "big") + message
+
+
+@pytest.mark.parametrize(("extra", "size"), [(20_000, 16384), (60_000, 16384), (5000, 1000)])
+def test_hello_over_many_records_up_to_64k(extra, size):
+    data = _records(_big_hello(extra), size)
+    assert clienthello.parse(data).server_name == b"WWW.Example.COM."
+
+
+def test_need_more_says_how_many_bytes_at_least():
+    data = _records(_big_hello(40_000), 16384)
+    cut = 1
+    while cut < len(data):
+        with pytest.raises(clienthello.NeedMore) as more:
+            clienthello.parse(data[:cut])
+        assert cut < more.value.need <= len(data)
+        cut = more.value.need
+    assert clienthello.parse(data[:cut]).server_name == b"WWW.Example.COM."
+
+
+def test_too_many_records_refused():
+    with pytest.raises(clienthello.TooLarge):
+        clienthello.parse(_records(_big_hello(2000), 20))
+
+
+def test_over_64k_refused_as_too_large():
+    header = b"\x16\x03\x01\x00\x10\x01" + (65 * 1024).to_bytes(3, "big") + b"\x03\x03" + b"\0" * 10
+    with pytest.raises(clienthello.TooLarge):
+        clienthello.parse(header)

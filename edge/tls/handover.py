@@ -1,0 +1,138 @@
+"""Handing an accepted socket to the TLS stack (uvloop's SSL transport).
+
+The listener context does every handshake, so its session-ticket keys, made
+once before workers fork, are shared and resumption works across workers.
+Two things are added to the ``SSLObject`` that uvloop makes with
+``listener.wrap_bio`` (``SSLContext.sslobject_class``), per connection,
+through a context variable set on the handshake task:
+
+* **The certificate context is set before the handshake starts**
+  (``SSLObject.context``, i.e. ``SSL_set_SSL_CTX``), where an
+  ``sni_callback`` used to swap it in: the acceptor already chose it from
+  the peeked ClientHello. With no SNI callback, CPython never decodes the
+  client's SNI bytes, so a non-ASCII name can no longer fail the handshake
+  with a traceback on stderr (CPython decodes it as strict ASCII and reports
+  the error with ``PyErr_WriteUnraisable``). Certificate and ALPN come from
+  the set context; versions, options, groups and ticket keys stay the
+  listener's (OpenSSL reads them from the SSL object and its session_ctx).
+* **A fatal alert OpenSSL wrote is sent.** uvloop (like asyncio, CPython
+  issue 98078) closes the transport on a handshake error without flushing
+  the outgoing BIO, so clients saw "unexpected eof" instead of
+  protocol_version or handshake_failure (RFC 8446 §6.2). The bytes are
+  written to the socket before uvloop closes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import ssl
+from collections.abc import Callable
+from socket import socket
+from typing import Any
+
+# RFC 8446 §6: AlertDescription values edge sends itself.
+HANDSHAKE_FAILURE = 40
+ILLEGAL_PARAMETER = 47
+INTERNAL_ERROR = 80
+UNRECOGNIZED_NAME = 112
+NO_APPLICATION_PROTOCOL = 120
+
+
+def alert(description: int) -> bytes:
+    """A fatal alert record (RFC 8446 §5.1, §6): plaintext, as before any key
+    exchange; legacy_record_version 0x0303, level fatal(2)."""
+    return bytes((0x15, 0x03, 0x03, 0x00, 0x02, 0x02, description))
+
+
+class _Handover:
+    __slots__ = ("context", "sock")
+
+    def __init__(self, sock: socket, context: ssl.SSLContext | None) -> None:
+        self.sock = sock
+        self.context = context
+
+
+_handover: contextvars.ContextVar[_Handover | None] = contextvars.ContextVar("edge_tls_handover", default=None)
+
+
+class EdgeSSLObject(ssl.SSLObject):
+    """See the module docstring. Installed on the contexts edge hands sockets over with."""
+
+    _edge_sock: socket | None
+    _edge_outgoing: ssl.MemoryBIO
+
+    @classmethod
+    def _create(cls, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, server_side: bool = False,
+                server_hostname: Any = None, session: Any = None, context: Any = None) -> EdgeSSLObject:
+        obj: EdgeSSLObject = super()._create(  # type: ignore[misc]
+            incoming, outgoing, server_side=server_side, server_hostname=server_hostname,
+            session=session, context=context,
+        )
+        handover = _handover.get()
+        obj._edge_outgoing = outgoing
+        obj._edge_sock = handover.sock if handover is not None else None
+        if handover is not None and handover.context is not None and handover.context is not context:
+            obj.context = handover.context
+        return obj
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLError:
+            self._send_alert()
+            raise
+
+    def _send_alert(self) -> None:
+        data = self._edge_outgoing.read()
+        if data and self._edge_sock is not None:
+            try:
+                # A few bytes into an idle socket's send buffer: never blocks.
+                self._edge_sock.send(data)
+            except OSError:
+                pass
+
+
+def install(ctx: ssl.SSLContext) -> None:
+    """Make ``ctx`` (a context sockets are handed over with) use EdgeSSLObject."""
+    ctx.sslobject_class = EdgeSSLObject  # type: ignore[assignment]
+
+
+def start_tls(
+    sock: socket,
+    protocol_factory: Callable[[], asyncio.BaseProtocol],
+    listener: ssl.SSLContext,
+    context: ssl.SSLContext | None,
+    timeout: float,
+) -> asyncio.Task:
+    """Start the handshake of ``sock`` with ``listener``, serving ``context``'s
+    certificate (None: the listener's own). The task gives (transport, protocol)."""
+    loop = asyncio.get_running_loop()
+    run_in = contextvars.copy_context()
+    run_in.run(_handover.set, _Handover(sock, None if context is listener else context))
+    return loop.create_task(
+        loop.connect_accepted_socket(protocol_factory, sock, ssl=listener, ssl_handshake_timeout=timeout),
+        context=run_in,
+    )
+
+
+# What uvloop (like asyncio) logs at WARNING, without saying which connection,
+# when a protocol writes to a transport whose client has gone (from the 5th
+# such write on): a client closing mid-response is normal traffic, and a line
+# naming no client or host helps nobody, at any level. Dropped.
+_AFTER_CLOSE = frozenset({"SSL connection is closed", "socket.send() raised exception."})
+
+
+class _WritesAfterClose(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg not in _AFTER_CLOSE
+
+
+def quiet_writes_after_close() -> None:
+    """Drop uvloop's writes-after-close warnings (idempotent)."""
+    logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _WritesAfterClose) for f in logger.filters):
+        logger.addFilter(_WritesAfterClose())

@@ -1,0 +1,266 @@
+"""Before the TLS stack: accepting sockets and waiting for their ClientHello.
+
+Two things one client (or a flood) must not turn into a busy event loop:
+
+* ``accept`` failing for lack of a resource (EMFILE, ENFILE, ENOBUFS, ENOMEM)
+  leaves the pending connection in the backlog, so the listener stays
+  readable and a level-triggered reader fires again at once: a spin at 100%
+  CPU that starves every connection and the admin API. ``AcceptLoop`` stops
+  watching the listener for a while instead (as nginx's
+  ``accept_mutex_delay``/``ngx_disable_accept_events`` does) and logs once per
+  period.
+* A ClientHello arriving in pieces: peeking (MSG_PEEK) leaves the bytes in
+  the kernel, so the socket stays readable too. ``HelloReader`` sets
+  SO_RCVLOWAT (socket(7)) to the number of bytes the message still needs,
+  so epoll wakes us only when they are there: no polling timers, and a
+  trickling client costs one wake-up per record at most, within the
+  handshake timeout and ``clienthello.MAX_WIRE_SIZE`` bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections.abc import Callable
+
+from edge.tls import clienthello
+
+log = logging.getLogger(__name__)
+
+# accept(2) errors that mean "no resource now", not "this connection is bad".
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# accept(2) "Error handling": Linux passes a pending network error of the new
+# connection to accept(); that connection is gone, the next one may be fine.
+CONNECTION_ERRNOS = frozenset({
+    errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.ENOPROTOOPT, errno.EHOSTDOWN,
+    errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH,
+})
+PAUSE_FIRST = 0.1  # seconds without accepting after a resource error...
+PAUSE_MAX = 1.0  # ...doubling while it lasts, up to this
+LOG_EVERY = 10.0  # at most one warning per this many seconds while it lasts
+_BATCH = 64  # accepts per wake-up, so one busy listener cannot starve the loop
+
+
+class AcceptLoop:
+    """Accept connections on one listening socket and pass each on."""
+
+    def __init__(self, sock: socket.socket, on_socket: Callable[[socket.socket], None]) -> None:
+        self.sock = sock
+        self.on_socket = on_socket
+        self.paused_count = 0  # resource errors (pauses) since start, for tests and metrics
+        self._loop = asyncio.get_running_loop()
+        self._pause = PAUSE_FIRST
+        self._resume: asyncio.TimerHandle | None = None
+        self._unlogged = 0
+        self._logged_at = -LOG_EVERY
+        self._loop.add_reader(sock.fileno(), self._ready)
+
+    def close(self) -> None:
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
+        else:
+            self._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+    def _ready(self) -> None:
+        for _ in range(_BATCH):
+            try:
+                conn, _addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                self._pause = PAUSE_FIRST
+                return
+            except OSError as exc:
+                if exc.errno in CONNECTION_ERRNOS:
+                    log.debug("accept: %s", exc)
+                    continue
+                # Out of descriptors or memory, or anything unforeseen: a
+                # readable listener we cannot accept from must not be retried
+                # at once, or the loop spins.
+                self._stop_for_a_while(exc)
+                return
+            self.on_socket(conn)
+
+    def _stop_for_a_while(self, exc: OSError) -> None:
+        self._loop.remove_reader(self.sock.fileno())
+        self.paused_count += 1
+        self._unlogged += 1
+        now = self._loop.time()
+        if now - self._logged_at >= LOG_EVERY:
+            log.warning("accept on %s failed %d time(s) (%s): not accepting for %.1f s at a time until it passes",
+                        _name(self.sock), self._unlogged, errno.errorcode.get(exc.errno or 0, exc), self._pause)
+            self._logged_at = now
+            self._unlogged = 0
+        self._resume = self._loop.call_later(self._pause, self._start_again)
+        self._pause = min(self._pause * 2, PAUSE_MAX)
+
+    def _start_again(self) -> None:
+        self._resume = None
+        self._loop.add_reader(self.sock.fileno(), self._ready)
+
+
+class PlainListener:
+    """A listener whose connections go to ``protocol_factory`` without TLS.
+
+    What ``loop.create_server(sock=...)`` does, with ``AcceptLoop``'s
+    behaviour at the descriptor limit: under uvloop, libuv answers EMFILE by
+    accepting and closing the waiting connections with a spare descriptor
+    (their clients see a reset), and when that fails, or on ENOBUFS/ENOMEM,
+    uvloop closes the listening server for good. Here they wait in the
+    backlog until descriptors free up. Knows nothing of HTTP."""
+
+    def __init__(self, sock: socket.socket, protocol_factory: Callable[[], asyncio.BaseProtocol]) -> None:
+        self.sockets = [sock]
+        self._factory = protocol_factory
+        self._loop = asyncio.get_running_loop()
+        self._tasks: set[asyncio.Task] = set()
+        sock.setblocking(False)
+        self._accept = AcceptLoop(sock, self._accepted)
+
+    def _accepted(self, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        task = self._loop.create_task(self._loop.connect_accepted_socket(self._factory, conn))
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("plain connection failed at once: %s", task.exception())
+
+    @property
+    def accept_pauses(self) -> int:
+        return self._accept.paused_count
+
+    def close(self) -> None:
+        self._accept.close()
+
+
+def _name(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getsockname()[:2]
+    except OSError:
+        return "?"
+    return f"{host}:{port}"
+
+
+def close_gently(sock: socket.socket, last_words: bytes = b"") -> None:
+    """Send ``last_words`` (a TLS alert, an HTTP answer) and close without a reset.
+
+    Closing a socket with unread bytes in its receive queue sends a TCP RST
+    (RFC 2525 §2.17), and a client that receives the RST first discards what
+    we sent before it: it sees "connection reset" instead of our alert. So the
+    peeked bytes are read and dropped first, and the write side shut down
+    (FIN) after the message."""
+    try:
+        while sock.recv(65536):
+            pass
+    except OSError:
+        pass  # BlockingIOError: nothing more queued
+    try:
+        if last_words:
+            sock.send(last_words)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    sock.close()
+
+
+class _Pending:
+    __slots__ = ("deadline", "lowat", "reading", "sock", "timer")
+
+    def __init__(self, sock: socket.socket, deadline: float, timer: asyncio.TimerHandle) -> None:
+        self.sock = sock
+        self.deadline = deadline
+        self.timer = timer
+        self.lowat = 1
+        self.reading = False
+
+
+class HelloReader:
+    """Wait, without polling, until each socket's whole ClientHello has arrived."""
+
+    def __init__(
+        self,
+        timeout: float,
+        on_hello: Callable[[socket.socket, clienthello.ClientHello, float], None],
+        on_refused: Callable[[socket.socket, bytes, str | clienthello.NotClientHello], None],
+    ) -> None:
+        self.timeout = timeout
+        # on_hello(sock, hello, deadline); on_refused(sock, peeked bytes, why):
+        # why is "timeout", "closed" or what the parser found wrong.
+        self.on_hello = on_hello
+        self.on_refused = on_refused
+        self._pending: dict[int, _Pending] = {}
+        self._loop = asyncio.get_running_loop()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def add(self, sock: socket.socket) -> None:
+        deadline = self._loop.time() + self.timeout
+        fd = sock.fileno()
+        pending = _Pending(sock, deadline, self._loop.call_at(deadline, self._expired, fd))
+        self._pending[fd] = pending
+        self._try(fd)
+
+    def close_all(self) -> None:
+        for fd in list(self._pending):
+            self._forget(fd).sock.close()
+
+    def _forget(self, fd: int) -> _Pending:
+        pending = self._pending.pop(fd)
+        pending.timer.cancel()
+        if pending.reading:
+            self._loop.remove_reader(fd)
+        return pending
+
+    def _expired(self, fd: int) -> None:
+        if fd in self._pending:
+            self.on_refused(self._forget(fd).sock, b"", "timeout")
+
+    def _try(self, fd: int) -> None:
+        pending = self._pending.get(fd)
+        if pending is None:
+            return
+        sock = pending.sock
+        try:
+            data = sock.recv(clienthello.MAX_WIRE_SIZE, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            self._wait(fd, pending, pending.lowat)
+            return
+        except OSError:
+            self.on_refused(self._forget(fd).sock, b"", "closed")
+            return
+        if not data or (pending.reading and len(data) < pending.lowat):
+            # Woken below the low-water mark: end of stream, an error, or the
+            # socket's receive memory under pressure (tcp_epollin_ready: only
+            # a client sending tiny segments gets there; a 40 KiB ClientHello
+            # in 20-byte segments does not). Waiting on would spin: let go.
+            self.on_refused(self._forget(fd).sock, b"", "closed")
+            return
+        try:
+            hello = clienthello.parse(data)
+        except clienthello.NeedMore as more:
+            self._wait(fd, pending, more.need)
+            return
+        except clienthello.NotClientHello as exc:
+            self.on_refused(self._forget(fd).sock, data, exc)
+            return
+        self._forget(fd)
+        if pending.lowat != 1:
+            # Back to the default before the TLS stack reads: a low-water mark
+            # would delay its wake-ups too.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        self.on_hello(sock, hello, pending.deadline)
+
+    def _wait(self, fd: int, pending: _Pending, need: int) -> None:
+        if need != pending.lowat:
+            pending.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, need)
+            pending.lowat = need
+        if not pending.reading:
+            self._loop.add_reader(fd, self._try, fd)
+            pending.reading = True

@@ -1,0 +1,42 @@
+"""What the TLS accept path tells the data path and the metrics module."""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+from edge.tls.selector import Source
+
+HANDSHAKE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+@dataclass(frozen=True, slots=True)
+class TlsInfo:
+    """What the data path learns of the handshake."""
+
+    server_name: str | None  # canonical SNI name, None when absent or invalid
+    source: Source
+    alpn: tuple[bytes, ...]
+
+
+class HandshakeStats:
+    """Counters for the metrics module to read at scrape time; no label whose
+    values grow with the number of names."""
+
+    def __init__(self) -> None:
+        self.completed: dict[tuple[str, str], int] = {}  # (TLS version, certificate source) -> count
+        self.failed: dict[str, int] = {}
+        self.refused_sni = 0
+        self.unknown_sni = 0  # a name was sent that no certificate covers: served the default
+        self.not_tls = 0
+        self.duration_buckets = [0] * (len(HANDSHAKE_BUCKETS) + 1)
+        self.duration_sum = 0.0
+
+    def done(self, version: str, source: Source, seconds: float) -> None:
+        key = (version, source.value)
+        self.completed[key] = self.completed.get(key, 0) + 1
+        self.duration_buckets[bisect.bisect_left(HANDSHAKE_BUCKETS, seconds)] += 1
+        self.duration_sum += seconds
+
+    def fail(self, reason: str) -> None:
+        self.failed[reason] = self.failed.get(reason, 0) + 1
