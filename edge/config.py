@@ -99,6 +99,10 @@ class ProxyConfig:
     # "always": any idle pooled connection serves any request; "safe" (HAProxy's
     # http-reuse safe): a client connection's first request gets a new one.
     http_reuse: str = "always"
+    # HTTP/2 to clients (RFC 9113), offered by ALPN on the TLS listeners before
+    # http/1.1; never h2c on the plain port. Backends stay HTTP/1.1.
+    http2: bool = True
+    max_concurrent_streams: int = 100  # per HTTP/2 connection (SETTINGS_MAX_CONCURRENT_STREAMS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,7 +381,7 @@ def parse(text: str, path: Path) -> Config:
         if value <= 0:
             raise t.fail(key, "must be a positive number of seconds")
         values[key] = value
-    for key in ("max_header_bytes", "max_uri_bytes", "pool_size"):
+    for key in ("max_header_bytes", "max_uri_bytes", "pool_size", "max_concurrent_streams"):
         value = t.get(key, int, getattr(dx, key))
         if value < 1:
             raise t.fail(key, "must be a positive number")
@@ -385,6 +389,7 @@ def parse(text: str, path: Path) -> Config:
     values["http_reuse"] = t.get("http_reuse", str, dx.http_reuse)
     if values["http_reuse"] not in ("always", "safe"):
         raise t.fail("http_reuse", f'expected "always" or "safe", got {values["http_reuse"]!r}')
+    values["http2"] = t.get("http2", bool, dx.http2)
     proxy = ProxyConfig(**values)
     t.done()
 

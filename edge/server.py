@@ -27,6 +27,7 @@ from edge import config as config_mod
 from edge import logs
 from edge.config import Address, Config
 from edge.proxy.exchange import ListenerInfo, ProxyContext
+from edge.proxy.h2proto import AlpnSwitch
 from edge.proxy.protocol import HttpProxyProtocol
 from edge.proxy.routing import Router
 from edge.store.base import (
@@ -109,6 +110,7 @@ def _reload_certificates(cfg: Config, fixed: FixedContexts) -> None:
 
 
 def load_fixed_contexts(cfg: Config) -> FixedContexts:
+    contexts.offer_http2(cfg.proxy.http2)  # before any context is built (workers inherit it)
     platform = cfg.platform
     if platform.dev_certificates:
         message = devcert.ensure_dev_certificates(platform.domain, platform.cert, platform.key)
@@ -229,7 +231,7 @@ class Edge:
         proxy = self.proxy
 
         def factory(info: TlsInfo) -> asyncio.Protocol:
-            return HttpProxyProtocol(proxy, listener, info)
+            return AlpnSwitch(proxy, listener, info)  # HTTP/2 or HTTP/1.1, as ALPN chose
 
         return factory
 
@@ -392,6 +394,7 @@ class Edge:
             ("[store]", old.store, new.store),
             ("[platform] domain", old.platform.domain, new.platform.domain),
             ("[acme] enabled", old.acme.enabled, new.acme.enabled),
+            ("[proxy] http2", old.proxy.http2, new.proxy.http2),
         ):
             if before != after:
                 log.warning("%s changed: it takes effect at the next restart", what)

@@ -5,6 +5,8 @@ Sans-I/O: ``H2Connection.receive_data`` takes bytes and returns events,
 asyncio here; the protocol adapter in ``edge.proxy`` owns those.
 """
 
+import logging
+
 from edge.h2.connection import H2Connection
 from edge.h2.errors import ErrorCode
 from edge.h2.events import (
@@ -30,3 +32,7 @@ __all__ = [
     "TrailersReceived",
     "WindowOpened",
 ]
+
+# hpack logs every field it decodes at DEBUG: header values (cookies, tokens)
+# must not reach edge's logs, and a debug log would drown in them.
+logging.getLogger("hpack").setLevel(logging.WARNING)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from edge.proxy.decide import CHALLENGE_PREFIX
 from edge.proxy.errors import error_response
 from edge.proxy.exchange import Exchange, log_access
 
@@ -15,7 +16,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edge.proxy.protocol")
 
-CHALLENGE_PREFIX = b"/.well-known/acme-challenge/"
 
 
 class LocalAnswers:
