@@ -318,11 +318,13 @@ class H2Exchange:
         self.finish(ended=False)
 
     def finish(self, ended: bool) -> None:
+        """The answer is complete (``ended``) or the stream reset. A request body
+        still coming is read and dropped (its window given back): the stream stays
+        half-closed until the client ends it, so its frames are still checked.
+        (RFC 9113 §8.1 allows RST_STREAM NO_ERROR instead; clients would then see
+        the frames they had in flight ignored, which h2spec counts as a failure.)"""
         if ended:
             self.phase = Phase.DONE
-            if not self.request_done and self.sid in self.proto.h2.streams:
-                # Answered before the whole body came: tell the client to stop (RFC 9113 §8.1).
-                self.proto.h2.reset_stream(self.sid, ErrorCode.NO_ERROR)
         proto = self.proto
         proto.ctx.stats.request_done(self.status or 499, time.monotonic() - self.t0)
         if proto.ctx.access_log:
