@@ -57,6 +57,7 @@ class H2ProxyProtocol(asyncio.BufferedProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._idle_since = 0.0
         self._served = 0
+        self.write_paused = False
 
     # --- asyncio.Protocol ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -105,13 +106,19 @@ class H2ProxyProtocol(asyncio.BufferedProtocol):
         return False
 
     def pause_writing(self) -> None:
-        # The client's socket is full although DATA respects its windows: it
-        # is not reading at all. Stop reading it too (no more PING answers
-        # piling up); streams' backends pause on their own queues.
+        # The client's socket is full: every stream's backend waits (large
+        # windows do not let the transport buffer grow), and the client is
+        # not read either (no more PING answers piling up).
+        self.write_paused = True
+        for exchange in self.exchanges.values():
+            exchange.hold()
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.write_paused = False
+        for exchange in list(self.exchanges.values()):
+            exchange.window_opened()
         if self.transport is not None and not self._closing:
             self.transport.resume_reading()
 

@@ -12,17 +12,21 @@ import shutil
 import socket
 import ssl
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.settings
 import pytest
 import trustme
 
-from tests.integration.conftest import EdgeProcess, wait_for
+from tests.integration.conftest import EchoHandler, EdgeProcess, wait_for
 
 HOST = "demo.edge.test"
 ROOT = Path(__file__).resolve().parents[2]
@@ -286,3 +290,73 @@ def test_h2spec_conformance(edge: EdgeProcess) -> None:
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr
     failed = [line for line in result.stdout.splitlines() if "\u00d7" in line]  # h2spec's failure mark
     assert summary == "146 tests, 146 passed, 0 skipped, 0 failed", "\n".join(failed) or result.stdout[-3000:]
+
+
+# --- attacks and memory, end to end ---------------------------------------------------------
+
+
+def _rss(edge: EdgeProcess) -> int:
+    assert edge.proc is not None
+    for line in Path(f"/proc/{edge.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_rapid_reset_ends_the_connection_and_edge_serves_on(edge: EdgeProcess) -> None:
+    """CVE-2023-44487: HEADERS then RST_STREAM, thousands of times: GOAWAY
+    ENHANCE_YOUR_CALM, as HAProxy and nginx answer; other connections are served."""
+    client = H2Client(edge, HOST)
+    try:
+        for sid in range(1, 4001, 2):
+            client.conn.send_headers(sid, [(":method", "GET"), (":scheme", "https"), (":authority", HOST),
+                                           (":path", "/")], end_stream=True)
+            client.conn.reset_stream(sid)
+            if sid % 101 == 0:
+                client.sock.sendall(client.conn.data_to_send())
+        client.sock.sendall(client.conn.data_to_send())
+    except (ConnectionError, OSError):
+        pass  # edge closed it while we were still sending
+    try:
+        client.pump(lambda evs: any(isinstance(e, h2.events.ConnectionTerminated) for e in evs))
+    except (ConnectionError, OSError):
+        pass
+    terminated = [e for e in client.events if isinstance(e, h2.events.ConnectionTerminated)]
+    client.close()
+    assert terminated and terminated[0].error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    other = H2Client(edge, HOST)
+    try:
+        other.request(1, HOST)
+        assert other.response(1)[0] == 200
+    finally:
+        other.close()
+
+
+class _WideBackend(ThreadingHTTPServer):
+    request_queue_size = 512  # 100 connections at once: no SYN retried for a second
+    daemon_threads = True
+
+
+def test_max_streams_read_by_nobody_hold_bounded_memory(edge: EdgeProcess) -> None:
+    """100 streams of 1 MiB to a client that reads nothing: each stream's backend
+    is paused once a little is queued; edge's RSS grows by less than 16 MiB."""
+    server = _WideBackend(("127.0.0.1", 0), EchoHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    edge.cli("apps-add", "bulk", "--backend", f"127.0.0.1:{server.server_address[1]}")
+    edge.wait_routed("bulk.edge.test")
+    client = H2Client(edge, HOST)
+    warm = H2Client(edge, HOST)  # the code paths and buffers exist before the baseline
+    try:
+        warm.request(1, "bulk.edge.test", "/bytes/1048576")
+        warm.response(1)
+        before = _rss(edge)
+        for n in range(100):
+            client.request(2 * n + 1, "bulk.edge.test", "/bytes/1048576")
+        client.pump(lambda evs: sum(isinstance(e, h2.events.ResponseReceived) for e in evs) >= 100, ack=frozenset())
+        time.sleep(1.0)  # let every backend fill what edge lets it
+        growth = _rss(edge) - before
+        assert growth <= 16 * 1024 * 1024, f"RSS grew by {growth / 1048576:.1f} MiB"
+    finally:
+        client.close()
+        warm.close()
+        server.shutdown()
