@@ -89,6 +89,31 @@ class Run:
 
         return self.each_system(f"keep-alive {path}", run_one)
 
+    def h2_small(self) -> dict[str, dict[str, float]]:
+        """HTTP/2: 32 connections x 10 concurrent streams, small answers."""
+
+        def run_one(system: System) -> dict[str, float]:
+            load.h2load(system.port, "/small", 32, 10, 1.0)  # warm-up
+            return self.measure(system, lambda: load.h2load(system.port, "/small", 32, 10, self.duration))
+
+        return self.each_system("h2 small (32x10)", run_one)
+
+    def page_load(self) -> dict[str, dict[str, float]]:
+        """A page: a new connection and 40 small resources, over h2 and over 6 HTTP/1.1 connections."""
+        pages = 5 if self.tiny else 40 if self.quick else 150
+
+        def run_one(system: System) -> dict[str, float]:
+            load.page_loads(system.port, 3, 40, h1=False)  # warm-up
+            h2 = self.measure(system, lambda: load.page_loads(system.port, pages, 40, h1=False))
+            h1 = self.measure(system, lambda: load.page_loads(system.port, pages, 40, h1=True))
+            return {"pages": pages, "errors": h2["errors"] + h1["errors"], "requests": h2["requests"],
+                    "proxy_cpu_s": h2["proxy_cpu_s"], "h1_proxy_cpu_s": h1["proxy_cpu_s"],
+                    "per_cpu_s": pages / h2["proxy_cpu_s"] if h2["proxy_cpu_s"] else 0.0,
+                    "h1_pages_per_cpu_s": pages / h1["proxy_cpu_s"] if h1["proxy_cpu_s"] else 0.0,
+                    "h2_cpu_over_h1": h2["proxy_cpu_s"] / h1["proxy_cpu_s"] if h1["proxy_cpu_s"] else 0.0}
+
+        return self.each_system("page load (40 resources)", run_one)
+
     def handshakes(self, key_type: str) -> dict[str, dict[str, float]]:
         def run_one(system: System) -> dict[str, float]:
             load.handshakes(system.port, self.names_file, 1.0, 8)
@@ -189,8 +214,8 @@ def _short(result: dict[str, float]) -> str:
     return " ".join(f"{k}={result[k]:.1f}" for k in keys if k in result)
 
 
-SCENARIOS = ["handshakes-ecdsa", "handshakes-rsa", "resumed", "keepalive-small", "keepalive-64k", "many-names",
-             "update-latency", "idle-memory"]
+SCENARIOS = ["handshakes-ecdsa", "handshakes-rsa", "resumed", "keepalive-small", "keepalive-64k", "h2-small",
+             "page-load", "many-names", "update-latency", "idle-memory"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                 "handshakes-rsa": lambda: run.handshakes("rsa"),
                 "keepalive-small": lambda: run.keepalive("/small"),
                 "keepalive-64k": lambda: run.keepalive("/64k"),
+                "h2-small": run.h2_small,
+                "page-load": run.page_load,
                 "resumed": run.resumed,
                 "many-names": run.many_names,
                 "update-latency": run.update_latency,

@@ -8,9 +8,10 @@ after which the connection is closed (the table may be half-updated). Between
 ``limit`` and ``hard_limit`` the request is decoded and flagged too large, so
 it can be answered 431 on its stream while the table stays in step.
 
-A block made only of indexed fields changes no table state (RFC 7541 §6.1),
-so it decodes to the same request as long as no other block changed the
-table since: such blocks are cached (h2load and browsers repeat them).
+A block made only of indexed fields and literals that are not indexed changes
+no table state (RFC 7541 §6.1, §6.2.2, §6.2.3), so it decodes to the same
+request as long as no other block changed the table since: such blocks are
+cached (clients repeat them; nghttp2 never indexes :path, for one).
 """
 
 from __future__ import annotations
@@ -53,20 +54,54 @@ def _malformed(stream_id: int, reason: str) -> H2StreamError:
     return H2StreamError(stream_id, ErrorCode.PROTOCOL_ERROR, reason)  # §8.1.1
 
 
-def _indexed_only(block: bytes) -> bool:
-    """Every representation in the block is an indexed field (RFC 7541 §6.1)."""
+def _integer(block: bytes, i: int, mask: int) -> tuple[int, int]:
+    """(value, index past it) of the integer at ``i`` with a prefix of ``mask`` (RFC 7541 §5.1)."""
+    value = block[i] & mask
+    i += 1
+    if value < mask:
+        return value, i
+    shift = 0
+    while i < len(block):
+        octet = block[i]
+        i += 1
+        value += (octet & 0x7F) << shift
+        shift += 7
+        if not octet & 0x80:
+            break
+    return value, i
+
+
+def _skip_string(block: bytes, i: int) -> int:
+    """Past a string literal (RFC 7541 §5.2); -1 when it runs off the block."""
+    if i >= len(block):
+        return -1
+    length, i = _integer(block, i, 0x7F)
+    return i + length if i + length <= len(block) else -1
+
+
+def _leaves_table_alone(block: bytes) -> bool:
+    """The block changes no decoder state: only indexed fields (RFC 7541 §6.1) and
+    literals without indexing or never indexed (§6.2.2, §6.2.3); no literal with
+    incremental indexing (§6.2.1), no table size update (§6.3)."""
     if min(block, default=0) >= 0x80 and 0xFF not in block:
-        return True  # one octet per field: the common case
+        return True  # one octet per indexed field: the common case
     i, n = 0, len(block)
     while i < n:
         octet = block[i]
-        if not octet & 0x80:
+        if octet & 0x80:
+            i = _integer(block, i, 0x7F)[1]
+            continue
+        if octet & 0xE0:  # 01xxxxxx or 001xxxxx: the table changes
             return False
-        i += 1
-        if octet & 0x7F == 0x7F:  # a multi-octet integer (RFC 7541 §5.1)
-            while i < n and block[i] & 0x80:
-                i += 1
-            i += 1
+        literal_name = octet & 0x0F == 0
+        i = _integer(block, i, 0x0F)[1]
+        if literal_name:
+            i = _skip_string(block, i)
+            if i < 0:
+                return False
+        i = _skip_string(block, i)
+        if i < 0:
+            return False
     return True
 
 
@@ -163,7 +198,7 @@ class HeaderDecoder:
         cached = self._cache.get(block)
         if cached is not None:
             return cached
-        indexed = _indexed_only(block)
+        indexed = _leaves_table_alone(block)
         if not indexed:
             self._cache.clear()  # the table may change: cached blocks may decode differently
         # Decode before checking: the table must stay in step even if the request is malformed.
@@ -171,16 +206,3 @@ class HeaderDecoder:
         if indexed and len(self._cache) < _CACHE_SIZE:
             self._cache[block] = request
         return request
-
-
-class HeaderEncoder:
-    """HPACK encoding; our table never grows past 4096 octets whatever the peer allows."""
-
-    def __init__(self) -> None:
-        self._encoder = hpack.Encoder()
-
-    def set_table_size(self, size: int) -> None:
-        self._encoder.header_table_size = min(size, TABLE_SIZE)
-
-    def encode(self, fields: list[tuple[bytes, bytes]]) -> bytes:
-        return self._encoder.encode(fields)

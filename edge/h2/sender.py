@@ -13,15 +13,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from edge.h2 import frames
+from edge.h2.encoder import StatelessEncoder
 from edge.h2.frames import DEFAULT_WINDOW, MAX_WINDOW, MIN_MAX_FRAME_SIZE, Setting
-from edge.h2.headers import HeaderEncoder
 from edge.h2.streams import Stream
 
 
 class Sender:
     def __init__(self) -> None:
         self.out: list[bytes] = []
-        self.encoder = HeaderEncoder()
+        self.encoder = StatelessEncoder()
         self.window = DEFAULT_WINDOW  # connection send window (§6.9.1)
         self.initial_window = DEFAULT_WINDOW  # the peer's SETTINGS_INITIAL_WINDOW_SIZE
         self.max_frame = MIN_MAX_FRAME_SIZE  # the peer's SETTINGS_MAX_FRAME_SIZE

@@ -36,9 +36,11 @@ class ProxyStats:
         self.duration_buckets = [0] * (len(DURATION_BUCKETS) + 1)  # the last one is +Inf
         self.duration_sum = 0.0
         self.upstream_errors: dict[str, int] = {}
+        self.protocols: dict[str, int] = {}  # requests by HTTP version: "1.0", "1.1", "2"
 
-    def request_done(self, status: int, seconds: float) -> None:
+    def request_done(self, status: int, seconds: float, version: str = "1.1") -> None:
         self.status_classes[status // 100 if 0 < status < 600 else 0] += 1
+        self.protocols[version] = self.protocols.get(version, 0) + 1
         self.duration_buckets[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
         self.duration_sum += seconds
 

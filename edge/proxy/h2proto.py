@@ -58,6 +58,7 @@ class H2ProxyProtocol(asyncio.BufferedProtocol):
         self._idle_since = 0.0
         self._served = 0
         self.write_paused = False
+        self._flush_soon = False
 
     # --- asyncio.Protocol ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -72,7 +73,7 @@ class H2ProxyProtocol(asyncio.BufferedProtocol):
         self.h2.initiate()
         if self.ctx.draining:
             self.h2.close()
-        self.flush()
+        self.flush_now()
         self._idle_since = self._loop.time()
         self._timer = self._loop.call_later(_TICK, self._tick)
 
@@ -172,8 +173,16 @@ class H2ProxyProtocol(asyncio.BufferedProtocol):
         self.flush()
 
     def flush(self) -> None:
-        if self._batch:
+        """Write what the connection has to send, once per turn of the loop: the
+        answers of several streams (each from its own backend read) go out as
+        one write, one TLS record."""
+        if self._batch or self._flush_soon:
             return
+        self._flush_soon = True
+        self._loop.call_soon(self.flush_now)
+
+    def flush_now(self) -> None:
+        self._flush_soon = False
         out = self.h2.data_to_send()
         if out and self.transport is not None:
             self.transport.write(out)
@@ -183,7 +192,6 @@ class H2ProxyProtocol(asyncio.BufferedProtocol):
         if self.exchanges.pop(exchange.sid, None) is not None and not self.exchanges:
             self._idle_since = self._loop.time()
             if self.ctx.draining or self.h2.state.name in ("DRAINING", "CLOSED"):
-                self.flush()
                 self._close()
         self.flush()
 
@@ -207,14 +215,14 @@ class H2ProxyProtocol(asyncio.BufferedProtocol):
     def drain(self) -> None:
         """Shutdown: GOAWAY now; close once the streams in flight are done."""
         self.h2.close()
-        self.flush()
+        self.flush_now()
         if not self.exchanges:
             self._close()
 
     def _close(self) -> None:
         self._closing = True
         self._batch = 0
-        self.flush()
+        self.flush_now()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 

@@ -334,7 +334,7 @@ class H2Exchange:
         if ended:
             self.phase = Phase.DONE
         proto = self.proto
-        proto.ctx.stats.request_done(self.status or 499, time.monotonic() - self.t0)
+        proto.ctx.stats.request_done(self.status or 499, time.monotonic() - self.t0, "2")
         if proto.ctx.access_log:
             source = proto.tls.source.value if proto.tls else ""
             log_access(self, proto.client_ip, proto.tls_version, source)  # type: ignore[arg-type]

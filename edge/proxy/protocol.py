@@ -336,7 +336,7 @@ class HttpProxyProtocol(ResponseSide, RequestSide, LocalAnswers, asyncio.Buffere
     def _finish(self, exchange: Exchange) -> None:
         exchange.response_done = True
         self._served += 1
-        self.ctx.stats.request_done(exchange.status, time.monotonic() - exchange.t0)
+        self.ctx.stats.request_done(exchange.status, time.monotonic() - exchange.t0, exchange.version)
         self._log(exchange)
         if self.queue and self.queue[0] is exchange:
             self.queue.popleft()

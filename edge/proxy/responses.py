@@ -125,7 +125,7 @@ class ResponseSide:
         self.ctx.stats.upstream_error(error.kind)
         exchange.response_done = True
         exchange.keep_alive = False
-        self.ctx.stats.request_done(exchange.status, time.monotonic() - exchange.t0)
+        self.ctx.stats.request_done(exchange.status, time.monotonic() - exchange.t0, exchange.version)
         self._log(exchange)
         self.queue.clear()
         if self._response_chunked or exchange.content_length_out is not None:

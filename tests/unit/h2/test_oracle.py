@@ -136,3 +136,20 @@ def test_graceful_goaway_names_the_last_stream(pair: Pair) -> None:
     assert not pair.server.idle
     pair.server.send_headers(1, [(b":status", b"204")], end_stream=True)
     assert pair.server.idle
+
+
+def test_responses_decode_after_the_client_shrinks_its_table() -> None:
+    """Our encoder uses no dynamic table; a smaller SETTINGS_HEADER_TABLE_SIZE is
+    acknowledged with a size update at the start of the next block (RFC 7541 §4.2)."""
+    import h2.settings
+
+    pair = Pair()
+    pair.client.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 0})
+    pair.pump()
+    for sid in (1, 3):
+        pair.request(sid)
+        fields = [(b":status", b"404"), (b"server", b"edge"), (b"x-long-name-not-in-static", b"value")]
+        pair.server.send_headers(sid, fields, end_stream=True)
+        pair.pump()
+    responses = pair.client_of(h2.events.ResponseReceived)
+    assert [r.headers for r in responses] == [fields, fields]
