@@ -22,6 +22,7 @@ HEADLINE = {
     "h2-small": ("per_cpu_s", "HTTP/2 small responses (32 conns x 10 streams), req per CPU-second", True),
     "page-load": ("per_cpu_s", "page loads over h2 (new connection, 40 resources), per CPU-second", True),
     "idle-memory": ("kib_per_connection", "memory per idle TLS connection, KiB", False),
+    "idle-memory-h2": ("kib_per_connection", "memory per idle HTTP/2 connection, KiB", False),
 }
 
 

@@ -168,7 +168,7 @@ class Run:
 
         return run_many_names(self)
 
-    def idle_memory(self) -> dict[str, dict[str, float]]:
+    def idle_memory(self, h2: bool = False) -> dict[str, dict[str, float]]:
         count = 50 if self.tiny else 1000 if self.quick else 10000
 
         def run_one(system: System) -> dict[str, float]:
@@ -177,7 +177,7 @@ class Run:
             before = rss_kib(pids)
             holder = subprocess.Popen(
                 ["taskset", "-c", LOAD_CORE, sys.executable, "-m", "benchmarks.idle_clients", "--port",
-                 str(system.port), "--count", str(count)],
+                 str(system.port), "--count", str(count), *(["--h2"] if h2 else [])],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent,
             )
             assert holder.stdout is not None and holder.stdin is not None
@@ -191,7 +191,7 @@ class Run:
                     "rss_before_kib": before, "rss_after_kib": after,
                     "kib_per_connection": (after - before) / held if held else float("nan")}
 
-        return self.each_system("idle TLS connections", run_one)
+        return self.each_system("idle h2 connections" if h2 else "idle TLS connections", run_one)
 
     def close(self) -> None:
         self.backend.stop()
@@ -215,7 +215,7 @@ def _short(result: dict[str, float]) -> str:
 
 
 SCENARIOS = ["handshakes-ecdsa", "handshakes-rsa", "resumed", "keepalive-small", "keepalive-64k", "h2-small",
-             "page-load", "many-names", "update-latency", "idle-memory"]
+             "page-load", "many-names", "update-latency", "idle-memory", "idle-memory-h2"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                 "many-names": run.many_names,
                 "update-latency": run.update_latency,
                 "idle-memory": run.idle_memory,
+                "idle-memory-h2": lambda: run.idle_memory(h2=True),
             }
             for scenario in wanted:
                 print(f"{scenario}", flush=True)

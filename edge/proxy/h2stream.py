@@ -196,7 +196,7 @@ class H2Exchange:
         if self.phase is not Phase.SENT:
             return
         if status < 200:
-            if status == 103:  # early hints go through; 100 and 101 mean nothing on a stream
+            if status != 101:  # 100 Continue, 103 Early Hints: interim HEADERS (RFC 9113 §8.1); 101 has no meaning
                 self.proto.h2.send_headers(self.sid, _response_fields(status, headers, None))
             return
         self.phase = Phase.RESPONDING
