@@ -27,6 +27,7 @@ TABLE_SIZE = 4096  # §6.5.2 default SETTINGS_HEADER_TABLE_SIZE; what we adverti
 _CACHE_SIZE = 64
 # §8.2.2: fields that make no sense in HTTP/2; a request carrying one is malformed.
 CONNECTION_SPECIFIC = frozenset({b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding", b"upgrade"})
+_NOTED = frozenset({b"host", b"x-request-id", b"cookie"})
 _REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
 # §8.2.1: names are lower-case tokens (RFC 9110 §5.1); values hold no NUL, CR or LF
 # and neither start nor end with whitespace.
@@ -48,6 +49,9 @@ class Request:
     content_length: int | None
     size: int  # as §6.5.2 counts it
     too_large: bool
+    host: bytes | None = None  # a Host field, when the client sent one beside or instead of :authority
+    request_id: bytes = b""  # an X-Request-ID field, when sent
+    h1_fields: Fields = ()  # ``fields`` for an HTTP/1.1 hop: cookies joined again (§8.2.3)
 
 
 def _malformed(stream_id: int, reason: str) -> H2StreamError:
@@ -154,6 +158,11 @@ def check_request(stream_id: int, decoded: list[tuple[bytes, bytes]], limit: int
     elif not method or not pseudo.get(b":scheme") or not pseudo.get(b":path"):
         raise _malformed(stream_id, "missing or empty :method, :scheme or :path")
     authority = pseudo.get(b":authority", b"")
+    noted = {name: value for name, value in fields if name in _NOTED}
+    h1_fields = tuple(fields)
+    cookies = [v for n, v in fields if n == b"cookie"] if b"cookie" in noted else []
+    if len(cookies) > 1:  # §8.2.3: one field again for HTTP/1.1
+        h1_fields = (*((n, v) for n, v in fields if n != b"cookie"), (b"cookie", b"; ".join(cookies)))
     return Request(
         method,
         pseudo.get(b":scheme", b""),
@@ -163,6 +172,9 @@ def check_request(stream_id: int, decoded: list[tuple[bytes, bytes]], limit: int
         _content_length(stream_id, lengths),
         size,
         size > limit,
+        noted.get(b"host"),
+        noted.get(b"x-request-id", b""),
+        h1_fields,
     )
 
 

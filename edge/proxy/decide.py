@@ -9,8 +9,8 @@ same way, so SPEC §5's routing rules hold for both by construction.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import Enum, auto
+from typing import NamedTuple
 
 from edge.proxy.authority import Authority, request_authority
 from edge.proxy.errors import HttpError
@@ -27,8 +27,7 @@ class Action(Enum):
     CHALLENGE = auto()  # an ACME HTTP-01 token (port 80)
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     action: Action
     status: int = 0
     authority: Authority | None = None

@@ -56,6 +56,11 @@ class Phase(Enum):
 class H2Exchange:
     """A stream's request and response; what ``log_access`` reads too."""
 
+    __slots__ = (
+        "backend", "backend_full", "body", "buffered", "chunked", "conn", "deadline", "headers", "host", "method",
+        "paused", "phase", "proto", "request", "request_done", "request_id", "response_bytes", "retry_head", "sid",
+        "status", "t0", "target", "unacked",
+    )
     version = "2"
 
     def __init__(self, proto: H2ProxyProtocol, sid: int, request: Request, end_stream: bool) -> None:
@@ -64,7 +69,7 @@ class H2Exchange:
         self.phase = Phase.ROUTING
         self.method = request.method
         self.target = request.path
-        self.headers = _backend_fields(request)
+        self.headers = request.h1_fields
         self.request = request
         self.request_done = end_stream
         self.host = ""
@@ -96,7 +101,7 @@ class H2Exchange:
         if request.path[:1] != b"/" and not (request.path == b"*" and self.method == b"OPTIONS"):
             self.answer(400)  # RFC 9113 §8.3.1: origin-form, or * for OPTIONS
             return
-        authority = request.authority or next((v for n, v in request.fields if n == b"host"), None)
+        authority = request.authority or request.host
         sni = proto.tls.server_name if proto.tls is not None else None
         hosts = 1 if authority is not None else 0
         decision = decide(proto.ctx.router, self.method, request.path, authority, hosts, "1.1", sni, plain=False)
@@ -106,7 +111,7 @@ class H2Exchange:
             self.answer(decision.status or 404)
             return
         assert decision.authority is not None and decision.pool is not None
-        self.request_id = next((v for n, v in request.fields if n == b"x-request-id"), b"") or next_request_id()
+        self.request_id = request.request_id or next_request_id()
         length = request.content_length
         self.chunked = length is None and not self.request_done
         head = h1.request_head(
@@ -339,15 +344,6 @@ class H2Exchange:
             source = proto.tls.source.value if proto.tls else ""
             log_access(self, proto.client_ip, proto.tls_version, source)  # type: ignore[arg-type]
         proto.exchange_done(self)
-
-
-def _backend_fields(request: Request) -> list[tuple[bytes, bytes]]:
-    """The request's fields for HTTP/1.1: cookies joined again (RFC 9113 §8.2.3)."""
-    fields = list(request.fields)
-    cookies = [v for n, v in fields if n == b"cookie"]
-    if len(cookies) > 1:
-        fields = [(n, v) for n, v in fields if n != b"cookie"] + [(b"cookie", b"; ".join(cookies))]
-    return fields
 
 
 def _response_fields(status: int, headers: h1.Headers, length: int | None) -> list[tuple[bytes, bytes]]:
