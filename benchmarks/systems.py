@@ -229,7 +229,7 @@ class Nginx(System):
         cert, key = self.certs.pair(self.key_type)
         conf = nginx_conf(root, workers=self.workers, http_body=textwrap.dedent(f"""
               keepalive_requests 10000000;
-              upstream app {{ server 127.0.0.1:{self.backend_port}; keepalive 64; }}
+              upstream app {{ server 127.0.0.1:{self.backend_port}; keepalive 256; }}  # edge's pool_size
               ssl_protocols TLSv1.2 TLSv1.3;
               ssl_session_cache shared:SSL:10m;
               server {{
