@@ -18,8 +18,10 @@ from typing import Any
 
 from edge import config as config_mod
 from edge.operations import OperationError, Operations, Result, Upload, acme_summary
-from edge.store.base import StoreError
+from edge.store.base import CERTS, Store, StoreError
+from edge.store.index import Index, split_bundle
 from edge.store.open import open_store
+from edge.tls import bundle as bundles
 from edge.tls import names
 
 EXIT_ERROR = 1
@@ -124,18 +126,28 @@ async def _check(cfg: config_mod.Config) -> int:
         if not path.exists() and not platform.dev_certificates:
             problems.append(f"{path}: no such file ([platform] cert/key)")
     store = open_store(cfg)
-    store_problems = await store.check()
-    if store_problems:
-        for problem in problems + store_problems:
-            print(f"edge: error: {problem}", file=sys.stderr)
-        return EXIT_ERROR
-    ops = Operations(cfg, store)
-    index = await ops.load_index()
-    for key, error in sorted(index.errors.items()):
+    try:
+        store_problems = await store.check()
+        if store_problems:
+            for problem in problems + store_problems:
+                print(f"edge: error: {problem}", file=sys.stderr)
+            return EXIT_ERROR
+        index, damaged = await _load_checked(store)
+        problems += await store.leftovers()
+    finally:
+        await store.close()
+    for key, error in sorted({**index.errors, **damaged}.items()):
         problems.append(f"store entry {key}: {error}")
     for domain, app in sorted(index.domains.items()):
         if app not in index.apps:
             problems.append(f"domain {domain} points to missing app {app}")
+    problems += _name_problems(cfg, index)
+    for domain in sorted(d for d in index.certs if d not in index.domains):
+        problems.append(
+            f"certificates of {domain} belong to no domain (a command killed midway, or a hand edit): they "
+            f"are not served; attach it with `edge domains-add {domain} --app APP`, or attach and remove it "
+            "(`edge domains-remove`) to drop them"
+        )
     for problem in problems:
         print(f"edge: error: {problem}", file=sys.stderr)
     if problems:
@@ -143,6 +155,37 @@ async def _check(cfg: config_mod.Config) -> int:
     print(f"{cfg.path}: ok ({len(index.apps)} apps, {len(index.domains)} domains, "
           f"{sum(len(c) for c in index.certs.values())} certificates)")
     return 0
+
+
+def _name_problems(cfg: config_mod.Config, index: Index) -> list[str]:
+    """Stored domains that `domains-add` would refuse (written by hand or by an
+    older edge): a public suffix, a name under the platform domain, a name not
+    in canonical form (never matched: SNI and Host are canonicalised)."""
+    ops = Operations(cfg, None)  # type: ignore[arg-type] - only the name rules, no store
+    out = []
+    for domain in sorted(index.domains.keys() | index.certs.keys()):
+        try:
+            canonical = ops.domain_name(domain)
+        except OperationError as exc:
+            out.append(f"stored domain {domain}: {exc}")
+            continue
+        if canonical != domain:
+            out.append(f"stored domain {domain} is not in canonical form ({canonical}); it never matches")
+    return out
+
+
+async def _load_checked(store: Store) -> tuple[Index, dict[str, str]]:
+    """The index, and the certificate entries whose PEM cannot be served (the
+    index reads only their headers: a bundle damaged inside is found here)."""
+    index = Index()
+    damaged: dict[str, str] = {}
+    async for key, value in store.snapshot():
+        index.apply_put(key, value)
+        if key.startswith(CERTS) and key not in index.errors:
+            problem = bundles.stored_problem(split_bundle(value)[1])
+            if problem is not None:
+                damaged[key] = problem
+    return index, damaged
 
 
 async def _run(args: argparse.Namespace, cfg: config_mod.Config) -> int:

@@ -7,6 +7,7 @@ Unknown keys are errors: a typo must not silently fall back to a default.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -14,6 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge.acme.settings import AcmeConfig as AcmeConfig  # [acme] lives with the ACME code
+from edge.acme.settings import CaEndpoint as CaEndpoint
+from edge.acme.settings import parse_acme
 from edge.tls import names
 
 DEFAULT_CONFIG = Path("config/edge.toml")
@@ -33,7 +37,15 @@ class Address:
 
     @property
     def is_loopback(self) -> bool:
-        return self.host in ("localhost", "::1") or self.host.startswith("127.")
+        # Only what cannot leave the machine without asking DNS: an IP literal
+        # in 127.0.0.0/8 or ::1, or the name localhost (RFC 6761 §6.3). A name
+        # such as "127.evil.example" resolves wherever its owner wants.
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,19 +75,6 @@ class StoreConfig:
     path: Path = Path("var/store")
     etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
     etcd_prefix: str = "/edge/"
-
-
-@dataclass(frozen=True, slots=True)
-class AcmeConfig:
-    enabled: bool = False
-    directory: str = "https://acme-v02.api.letsencrypt.org/directory"
-    email: str = ""
-    ca_bundle: Path | None = None
-    key_types: tuple[str, ...] = ("ecdsa",)  # "ecdsa" (P-256) and/or "rsa" (2048)
-    challenges: tuple[str, ...] = ("http-01", "tls-alpn-01")  # in order of preference
-    backoff_min: float = 60.0  # seconds after a first failure; doubles with each failure
-    backoff_max: float = 86400.0
-    orders_per_hour: int = 100  # per node; Let's Encrypt allows 300 new orders per 3 hours
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,13 +243,6 @@ def _host_names(table: _Table, key: str) -> tuple[str, ...]:
     return result  # type: ignore[return-value]
 
 
-def _choices(t: _Table, key: str, allowed: tuple[str, ...], default: tuple[str, ...]) -> tuple[str, ...]:
-    values = t.get(key, list, list(default))
-    if not values or any(v not in allowed for v in values) or len(set(values)) != len(values):
-        raise t.fail(key, f"expected a list of distinct values among {', '.join(map(repr, allowed))}, got {values!r}")
-    return tuple(values)
-
-
 def load(path: Path) -> Config:
     """Read and validate ``path``. Raises ConfigError naming the file and line."""
     try:
@@ -334,31 +326,7 @@ def parse(text: str, path: Path) -> Config:
     t.done()
 
     t = table("acme")
-    da = AcmeConfig()
-    acme = AcmeConfig(
-        enabled=t.get("enabled", bool, da.enabled),
-        directory=t.get("directory", str, da.directory),
-        email=t.get("email", str, da.email),
-        ca_bundle=t.path("ca_bundle", None, base),
-        key_types=_choices(t, "key_types", ("ecdsa", "rsa"), da.key_types),
-        challenges=_choices(t, "challenges", ("http-01", "tls-alpn-01"), da.challenges),
-        backoff_min=t.get("backoff_min", float, da.backoff_min),
-        backoff_max=t.get("backoff_max", float, da.backoff_max),
-        orders_per_hour=t.get("orders_per_hour", int, da.orders_per_hour),
-    )
-    if acme.enabled and not acme.directory.startswith("https://"):
-        raise t.fail("directory", f"expected the https:// URL of an ACME directory, got {acme.directory!r}")
-    if not 0 < acme.backoff_min <= acme.backoff_max:
-        raise t.fail("backoff_min", "expected 0 < backoff_min <= backoff_max (seconds)")
-    if acme.orders_per_hour < 1:
-        raise t.fail("orders_per_hour", f"expected a positive number, got {acme.orders_per_hour}")
-    if acme.enabled and acme.ca_bundle is not None and not acme.ca_bundle.is_file():
-        raise t.fail("ca_bundle", f"{acme.ca_bundle} is not a file (a PEM CA certificate for the ACME server)")
-    if acme.enabled and "http-01" in acme.challenges and not server.http:
-        raise t.fail("challenges", "http-01 is answered on the [server] http listeners, and there are none: "
-                     'add one (port 80 in production) or set challenges = ["tls-alpn-01"]')
-    if acme.enabled and "tls-alpn-01" in acme.challenges and not server.https:
-        raise t.fail("challenges", "tls-alpn-01 is answered on the [server] https listeners, and there are none")
+    acme = parse_acme(t, base, server.http, server.https)
     t.done()
 
     t = table("tls")

@@ -148,8 +148,29 @@ class EdgeCollector(Collector):
             for result, count in sorted(edge.acme.stats.orders.items()):
                 orders.add_metric([result], count)
         yield orders
+        if edge.acme is not None:
+            yield from _acme_renewals(edge.acme.renewal_gauges())
         yield GaugeMetricFamily("edge_workers_reporting", "Processes whose counters are summed here",
                                 value=c["processes"])
+
+
+def _acme_renewals(gauges: dict[str, float]) -> Iterator[GaugeMetricFamily]:
+    """Planned ACME renewals as aggregates (SPEC §8: no label per domain)."""
+    if "next" in gauges:
+        yield GaugeMetricFamily("edge_acme_next_renewal_seconds",
+                                "Seconds until the soonest planned ACME renewal or retry (negative: late)",
+                                value=gauges["next"])
+    yield GaugeMetricFamily("edge_acme_renewals_overdue",
+                            "ACME certificates whose planned renewal passed over an hour ago, not renewed",
+                            value=gauges["overdue"])
+    planned = GaugeMetricFamily("edge_acme_planned_renewals",
+                                "Domains by the reason of their next planned ACME renewal "
+                                "(ari: the CA's window, RFC 9773; lifetime: 2/3 of it; retry: after a failure)",
+                                labels=["reason"])
+    for key, value in sorted(gauges.items()):
+        if key.startswith("reason_"):
+            planned.add_metric([key[len("reason_"):]], value)
+    yield planned
 
 
 # --- counters across workers -----------------------------------------------------------

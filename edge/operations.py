@@ -19,6 +19,7 @@ from edge.store.index import (
     KEY_TYPES,
     SOURCES,
     CertMeta,
+    EntryError,
     Index,
     bundle_header,
     parse_app,
@@ -43,7 +44,7 @@ def acme_summary(state: dict | None) -> str | None:
         return None
     kind = state.get("state", "?")
     if kind == "valid":
-        return f"valid until {state.get('valid_until', '?')}"
+        return f"valid until {state.get('valid_until', '?')}{_acme_plan(state)}"
     if kind == "failed":
         return (f"failed x{state.get('failures', 1)}: {state.get('last_error', '?')}; "
                 f"next attempt {state.get('next_attempt', '?')}")
@@ -52,8 +53,39 @@ def acme_summary(state: dict | None) -> str | None:
     return str(kind) if kind != "wildcard" else "no ACME for wildcards: upload a certificate"
 
 
+_REASONS = {"ari": "the CA's ARI window", "lifetime": "2/3 of its lifetime", "retry": "retry"}
+
+
+def _acme_plan(state: dict) -> str:
+    """"; renewal <when> (<why>); from <CA directory>" for an ACME state (RFC 9773)."""
+    out = ""
+    if state.get("next_renewal"):
+        why = _REASONS.get(str(state.get("renewal_reason")), str(state.get("renewal_reason")))
+        out += f"; renewal {state['next_renewal']} ({why})"
+    plans = state.get("plans") if isinstance(state.get("plans"), dict) else {}
+    issuers = sorted({str(p.get("issuer")) for p in plans.values() if isinstance(p, dict) and p.get("issuer")})
+    return out + (f"; from {', '.join(issuers)}" if issuers else "")
+
+
+def _soon(chosen: tuple, serving: str) -> float:
+    """"expiring" within: 14 days (SPEC §2), or for acme a sixth of the lifetime when
+    shorter: a 6-day certificate (RFC 9773 renewal at about day 3) is expiring in its
+    last day, when its renewal is late, not all its life."""
+    if serving != "acme":
+        return EXPIRY_SOON
+    return min([EXPIRY_SOON, *((b.not_after - b.not_before) / 6 for b in chosen)])
+
+
 def _day(timestamp: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(timestamp))
+
+
+def _owner(value: bytes) -> str:
+    """The app a stored domain entry names; a damaged entry names none a command could match."""
+    try:
+        return parse_domain(value)
+    except EntryError as exc:
+        raise OperationError(f"a stored domain entry is damaged ({exc}); `edge check` lists it") from None
 
 
 class OperationError(ValueError):
@@ -129,25 +161,27 @@ class Operations:
             if address.port == 0:
                 raise OperationError(f"backend {raw!r} has port 0; give the port the app listens on")
             clean.append(str(address))
-        existed = await self.store.get(base.app_key(name)) is not None
         record = {"backends": clean, "force_https": force_https}
-        await self.store.put(base.app_key(name), json.dumps(record, indent=1).encode() + b"\n")
+        async with self.store.write_lock():
+            existed = await self.store.get(base.app_key(name)) is not None
+            await self.store.put(base.app_key(name), json.dumps(record, indent=1).encode() + b"\n")
         verb = "updated" if existed else "added"
         return Result(f"app {name} {verb}: https://{name}.{self.platform_domain} -> {', '.join(clean)}")
 
     async def apps_remove(self, name: str) -> Result:
-        if await self.store.get(base.app_key(name)) is None:
-            raise NotFoundError(f"no app named {name!r}; `edge apps` lists them")
-        attached = sorted(
-            domain for key, value in (await self.store.items(base.DOMAINS)).items()
-            if parse_domain(value) == name and (domain := key[len(base.DOMAINS):])
-        )
-        if attached:
-            raise OperationError(
-                f"app {name} still has domains ({', '.join(attached)}); "
-                "remove them first with `edge domains-remove DOMAIN`"
+        async with self.store.write_lock():
+            if await self.store.get(base.app_key(name)) is None:
+                raise NotFoundError(f"no app named {name!r}; `edge apps` lists them")
+            attached = sorted(
+                domain for key, value in (await self.store.items(base.DOMAINS)).items()
+                if _owner(value) == name and (domain := key[len(base.DOMAINS):])
             )
-        await self.store.delete(base.app_key(name))
+            if attached:
+                raise OperationError(
+                    f"app {name} still has domains ({', '.join(attached)}); "
+                    "remove them first with `edge domains-remove DOMAIN`"
+                )
+            await self.store.delete(base.app_key(name))
         return Result(f"app {name} removed")
 
     async def apps(self) -> list[dict]:
@@ -168,6 +202,9 @@ class Operations:
         domain = names.normalize_pattern(raw)
         if domain is None:
             raise OperationError(f"{raw!r} is not a valid domain name (e.g. www.example.com or *.example.com)")
+        problem = names.public_suffix_problem(domain)
+        if problem is not None:
+            raise OperationError(problem)
         bare = domain[2:] if names.is_wildcard(domain) else domain
         if names.is_under(bare, self.platform_domain):
             raise OperationError(
@@ -197,17 +234,6 @@ class Operations:
 
     async def domains_add(self, raw: str, app: str, upload: Upload | None = None) -> Result:
         domain = self.domain_name(raw)
-        if await self.store.get(base.app_key(app)) is None:
-            raise NotFoundError(f"no app named {app!r}; add it first with `edge apps-add {app} --backend HOST:PORT`")
-        current = await self.store.get(base.domain_key(domain))
-        if current is not None:
-            owner = parse_domain(current)
-            if owner != app:
-                raise OperationError(f"{domain} is already attached to app {owner}; a domain serves one app")
-            if upload is None:
-                raise OperationError(
-                    f"{domain} is already attached to {app}; use `edge domains-ssl` to set its certificate"
-                )
         if upload is None and self.config.acme.enabled and names.is_wildcard(domain):
             raise OperationError(
                 f"{domain} is a wildcard domain: Let's Encrypt issues wildcard certificates only through "
@@ -217,40 +243,64 @@ class Operations:
             )
         validated = self._validated_bundle(domain, upload) if upload is not None else None
         warnings: list[str] = list(validated.warnings) if validated else []
-        if validated is not None:
-            await self._write_bundle(domain, "custom", validated)
-        elif not self.config.acme.enabled:
+        async with self.store.write_lock():
+            if await self.store.get(base.app_key(app)) is None:
+                raise NotFoundError(
+                    f"no app named {app!r}; add it first with `edge apps-add {app} --backend HOST:PORT`"
+                )
+            current = await self.store.get(base.domain_key(domain))
+            if current is not None:
+                owner = _owner(current)
+                if owner != app:
+                    raise OperationError(f"{domain} is already attached to app {owner}; a domain serves one app")
+                if validated is None:
+                    raise OperationError(
+                        f"{domain} is already attached to {app}; use `edge domains-ssl` to set its certificate"
+                    )
+            # The certificate first, then the domain: the ACME manager must never
+            # see the domain without it (it would order one). A command killed in
+            # between leaves a certificate of no domain: never served (the
+            # selector serves attached domains only), named by `edge check`.
+            if validated is not None:
+                await self._write_bundle(domain, "custom", validated)
+            if current is None:
+                await self.store.put(base.domain_key(domain), json.dumps({"app": app}).encode() + b"\n")
+        if validated is None and not self.config.acme.enabled:
             warnings.append(
                 f"{domain} has no certificate: handshakes for it get the default certificate until you "
                 f"upload one with `edge domains-ssl {domain} --cert FILE --key FILE`"
             )
-        await self.store.put(base.domain_key(domain), json.dumps({"app": app}).encode() + b"\n")
         what = f" with a custom {validated.key_type.upper()} certificate" if validated else ""
         return Result(f"domain {domain} added to app {app}{what}", tuple(warnings))
 
     async def domains_ssl(self, raw: str, upload: Upload | None, disable: bool = False) -> Result:
         domain = self.domain_name(raw)
-        if await self.store.get(base.domain_key(domain)) is None:
-            raise NotFoundError(f"no domain {domain}; add it with `edge domains-add {domain} --app APP`")
-        if disable:
-            await self._drop_custom(domain)
-            return Result(f"custom certificate of {domain} removed; an acme certificate takes over where one is held")
-        if upload is None:
+        if upload is None and not disable:
             raise OperationError("give --cert FILE and --key FILE, or --disable")
-        validated = self._validated_bundle(domain, upload)
-        # An upload replaces the bundle of its key type and keeps the other, as
-        # nginx serves one ssl_certificate per key type: RSA + ECDSA side by side.
-        await self._write_bundle(domain, "custom", validated)
+        validated = self._validated_bundle(domain, upload) if upload is not None and not disable else None
+        async with self.store.write_lock():
+            if await self.store.get(base.domain_key(domain)) is None:
+                raise NotFoundError(f"no domain {domain}; add it with `edge domains-add {domain} --app APP`")
+            if validated is None:
+                await self._drop_custom(domain)
+                return Result(
+                    f"custom certificate of {domain} removed; an acme certificate takes over where one is held"
+                )
+            # An upload replaces the bundle of its key type and keeps the other, as
+            # nginx serves one ssl_certificate per key type: RSA + ECDSA side by side.
+            await self._write_bundle(domain, "custom", validated)
+            others = {key_type: await self.store.get(base.cert_key(domain, "custom", key_type))
+                      for key_type in KEY_TYPES if key_type != validated.key_type}
         message = (
             f"custom {validated.key_type.upper()} certificate of {domain} in service "
             f"(expires {_day(validated.not_after)})"
         )
-        for key_type in KEY_TYPES:
-            if key_type == validated.key_type:
-                continue
-            other = await self.store.get(base.cert_key(domain, "custom", key_type))
+        for key_type, other in others.items():
             if other is not None:
-                meta = parse_cert(base.cert_key(domain, "custom", key_type), other)
+                try:
+                    meta = parse_cert(base.cert_key(domain, "custom", key_type), other)
+                except EntryError:
+                    continue  # a damaged entry: `edge check` names it
                 message += (
                     f"; also serving the {key_type.upper()} certificate (expires {_day(meta.not_after)}) "
                     f"to clients that prefer it; `edge domains-ssl {domain} --disable` drops both"
@@ -259,13 +309,18 @@ class Operations:
 
     async def domains_remove(self, raw: str) -> Result:
         domain = self.domain_name(raw)
-        if await self.store.get(base.domain_key(domain)) is None:
-            raise NotFoundError(f"no domain {domain}; `edge domains` lists them")
-        await self.store.delete(base.domain_key(domain))
-        for source in SOURCES:
-            for key_type in KEY_TYPES:
-                await self.store.delete(base.cert_key(domain, source, key_type))
-        await self.store.delete(base.ACME_STATUS + domain)
+        async with self.store.write_lock():
+            if await self.store.get(base.domain_key(domain)) is None:
+                raise NotFoundError(f"no domain {domain}; `edge domains` lists them")
+            # The domain first: from then on nothing serves or renews its
+            # certificates (the ACME manager would order a replacement for a
+            # deleted one of a live domain). A command killed before the
+            # certificates are gone leaves them unserved; `edge check` names them.
+            await self.store.delete(base.domain_key(domain))
+            for source in SOURCES:
+                for key_type in KEY_TYPES:
+                    await self.store.delete(base.cert_key(domain, source, key_type))
+            await self.store.delete(base.ACME_STATUS + domain)
         return Result(f"domain {domain} removed")
 
     def _acme_state(self, domain: str, stored: bytes | None) -> dict | None:
@@ -278,7 +333,7 @@ class Operations:
             state = json.loads(stored)
         except ValueError:
             return {"state": "unreadable"}
-        for stamp in ("next_attempt", "valid_until", "updated"):
+        for stamp in ("next_attempt", "valid_until", "updated", "next_renewal"):
             if isinstance(state.get(stamp), (int, float)):
                 state[stamp] = _stamp(state[stamp])
         return state
@@ -300,7 +355,7 @@ class Operations:
             chosen = choice.bundles if choice is not None else ()
             expiry = min((b.not_after for b in chosen), default=None)
             if chosen:
-                status = "expiring" if expiry is not None and expiry - when < EXPIRY_SOON else "ok"
+                status = "expiring" if expiry is not None and expiry - when < _soon(chosen, serving) else "ok"
             elif held is not None:
                 status = "expired"
             else:

@@ -1,4 +1,4 @@
-"""Listeners, the store follower, signals and shutdown: one edge process.
+"""Listeners, signals and shutdown: one edge process (the store follower is edge.store.follower).
 
 Start-up order matters for correctness:
 1. the platform and default certificates load (a broken one stops start-up
@@ -16,8 +16,6 @@ import dataclasses
 import logging
 import signal
 import socket
-import ssl
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,36 +24,26 @@ from typing import TYPE_CHECKING
 from edge import config as config_mod
 from edge import logs
 from edge.config import Address, Config
+from edge.errors import StartupError
 from edge.proxy.exchange import ListenerInfo, ProxyContext
 from edge.proxy.h2proto import AlpnSwitch
 from edge.proxy.protocol import HttpProxyProtocol
 from edge.proxy.routing import Router
-from edge.store.base import (
-    APPS,
-    ResyncNeeded,
-    Store,
-    StoreError,
-    cert_key,
-    challenge_key,
-    domain_key,
-    tls_alpn_key,
-)
-from edge.store.index import KEY_TYPES, SOURCES, Index, split_bundle
+from edge.store.base import Store, StoreError, challenge_key, parse_cert_key, tls_alpn_key
+from edge.store.follower import FollowError, StoreFollower
+from edge.store.index import Index
 from edge.store.open import open_store
-from edge.tls import contexts, devcert, names
 from edge.tls.acceptor import TlsAcceptor, TlsInfo
-from edge.tls.contexts import ContextBuildError, ContextCache
+from edge.tls.contexts import ContextCache
+from edge.tls.fixed import FixedContexts, load_fixed_contexts, reload_certificates
 from edge.tls.intake import PlainListener
+from edge.tls.loader import ContextLoader
 from edge.tls.selector import Selector
 
 if TYPE_CHECKING:
     from edge.acme.manager import AcmeManager
 
 log = logging.getLogger(__name__)
-
-
-class StartupError(RuntimeError):
-    """edge cannot start; the message says why and what to do."""
 
 
 def bind(address: Address, reuse_port: bool = False) -> socket.socket:
@@ -73,57 +61,6 @@ def bind(address: Address, reuse_port: bool = False) -> socket.socket:
     sock.listen(4096)
     sock.setblocking(False)
     return sock
-
-
-def load_fixed_context(cert: str, key: str, min_version: str) -> ssl.SSLContext:
-    ctx = contexts.base_context(min_version)
-    try:
-        ctx.load_cert_chain(cert, key)
-    except FileNotFoundError as exc:
-        raise StartupError(f"{exc.filename}: no such file; check [platform] cert/key in the config") from None
-    except ssl.SSLError as exc:
-        raise StartupError(f"{cert}: OpenSSL refused the certificate or key: {exc.reason or exc}") from None
-    return ctx
-
-
-@dataclass(frozen=True)
-class FixedContexts:
-    """The always-loaded contexts. Built before workers fork, so every worker's
-    listener context shares one set of TLS session-ticket keys."""
-
-    platform: ssl.SSLContext
-    default: ssl.SSLContext
-
-
-def _reload_certificates(cfg: Config, fixed: FixedContexts) -> None:
-    """Load the configured platform/default certificates into the live contexts.
-
-    Checked on a scratch context first: a broken file changes nothing.
-    """
-    pairs = [(fixed.platform, cfg.platform.cert, cfg.platform.key)]
-    if cfg.tls.default_cert and cfg.tls.default_key and fixed.default is not fixed.platform:
-        pairs.append((fixed.default, cfg.tls.default_cert, cfg.tls.default_key))
-    for _ctx, cert, key in pairs:
-        load_fixed_context(str(cert), str(key), cfg.tls.min_version)  # raises StartupError when broken
-    for ctx, cert, key in pairs:
-        ctx.load_cert_chain(str(cert), str(key))
-
-
-def load_fixed_contexts(cfg: Config) -> FixedContexts:
-    contexts.offer_http2(cfg.proxy.http2)  # before any context is built (workers inherit it)
-    platform = cfg.platform
-    if platform.dev_certificates:
-        message = devcert.ensure_dev_certificates(platform.domain, platform.cert, platform.key)
-        if message:
-            log.warning("%s", message)
-    min_version = cfg.tls.min_version
-    platform_ctx = load_fixed_context(str(platform.cert), str(platform.key), min_version)
-    if cfg.tls.default_cert and cfg.tls.default_key:
-        default_ctx = load_fixed_context(str(cfg.tls.default_cert), str(cfg.tls.default_key), min_version)
-    else:
-        # The platform certificate is the default: one context serves both.
-        default_ctx = platform_ctx
-    return FixedContexts(platform_ctx, default_ctx)
 
 
 @dataclass
@@ -146,11 +83,7 @@ class Edge:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _stopping: bool = False
-    reloads: int = 0
-    _watch_task: asyncio.Task[None] | None = None
-    _reload_events: list | None = None  # changes seen while a full reload runs
-    _reload_after_load: bool = False
-    sync_lag: float = 0.0  # seconds from the last store change to it being applied here
+    follower: StoreFollower = field(init=False)
 
     def __post_init__(self) -> None:
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="edge-tls")
@@ -167,7 +100,9 @@ class Edge:
         self.selector = Selector(
             self.index, platform.domain, platform.strict_sni, default_is_platform=default_ctx is platform_ctx
         )
-        self.cache = ContextCache(cfg.tls.context_cache_size, self._build_context)
+        self.loader = ContextLoader(self.store, self.executor, lambda: self.config.tls.min_version,
+                                    keep=min(cfg.tls.context_cache_size, 4096))
+        self.cache = ContextCache(cfg.tls.context_cache_size, self.loader.load)
         self.router = Router(self.index, self.selector, platform.domain, cfg.proxy.pool_size)
         self.proxy = ProxyContext(
             router=self.router,
@@ -175,7 +110,11 @@ class Edge:
             access_log=cfg.log.access_log,
             challenge=lambda token: self.store.get(challenge_key(token)),
         )
-        await self._follow_store()
+        self.follower = StoreFollower(self.store, self.index, on_cert=self.loader.remember)
+        try:
+            await self.follower.start()
+        except FollowError as exc:
+            raise StartupError(str(exc)) from None
 
         self.acceptor = TlsAcceptor(
             listener_context=default_ctx,
@@ -200,12 +139,15 @@ class Edge:
             self.http_servers.append(
                 PlainListener(sock, lambda listener=listener: HttpProxyProtocol(self.proxy, listener, None))
             )
+        if self.serve_admin:  # one process per node cleans up
+            self._tasks.append(loop.create_task(self._recover_store()))
         if cfg.acme.enabled and self.serve_admin:
             # One manager per node (the process serving the admin API); the
             # store's per-domain lock keeps the nodes of a fleet from ordering twice.
             from edge.acme.manager import AcmeManager  # the ACME client stack loads only when used
 
             self.acme = AcmeManager(cfg.acme, self.store, self.index)
+            self.follower.acme = self.acme
             self._tasks.append(loop.create_task(self.acme.run()))
         if cfg.server.admin is not None and self.serve_admin:
             await self._start_admin()
@@ -259,7 +201,7 @@ class Edge:
             problems.append("shutting down")
         if not self.https_sockets or any(s.fileno() < 0 for s in self.https_sockets):
             problems.append("TLS listeners closed")
-        if self._watch_task is not None and self._watch_task.done():
+        if self.follower.stopped():
             problems.append("the store follower stopped")
         try:
             problems += await self.store.check()
@@ -277,95 +219,41 @@ class Edge:
                 out.append(f"{s.getsockname()[0]}:{s.getsockname()[1]}")
         return out
 
-    async def _build_context(self, key: tuple[str, ...]) -> ssl.SSLContext:
-        pems = []
-        for part in key:
-            store_key = part.partition("#")[0]
-            value = await self.store.get(store_key)
-            if value is None:
-                raise ContextBuildError(f"{store_key} vanished from the store")
-            pems.append(split_bundle(value)[1])
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, contexts.build_context, pems, self.config.tls.min_version)
+    def corrupted_entries(self, limit: int = 100) -> dict[str, str]:
+        """Damaged store entries (key -> why) this process knows of, for /healthz:
+        those the index could not parse (their last good version, if this
+        process saw one, stays served) and those OpenSSL refused at a handshake."""
+        held = {m.store_key for key in self.loader.damaged if (parts := parse_cert_key(key))
+                for m in self.index.certs.get(parts[0], ())}
+        # A damaged version since replaced or deleted is no longer a problem.
+        found = {**self.index.corrupted(limit), **{k: v for k, v in self.loader.damaged.items() if k in held}}
+        return dict(sorted(found.items())[:limit])
 
-    # --- store following ------------------------------------------------------------------
-    async def _follow_store(self) -> None:
-        """Follow the store, missing nothing, and serve while it loads.
-
-        Apps (few) are read before anything is served. The rest loads in the
-        background (``_initial_load``): at a million names that takes a while,
-        and meanwhile a handshake for a name not loaded yet fetches that
-        name's entries itself (``fetch_name``), so every name is answered
-        correctly from the first second.
-
-        etcd: snapshot at revision R, then watch from R+1. inotify cannot
-        replay the past: arm the watch first, then load (a change in between
-        is seen twice, harmlessly)."""
-        self.index.start_loading()
+    async def _recover_store(self) -> None:
+        """Remove what writes killed midway left (temporary files); in the
+        background: it walks the whole store, and serving does not need it."""
         try:
-            for key, value in (await self.store.items(APPS)).items():
-                self.index.apply_loaded(key, value)
+            removed = await self.store.recover()
         except StoreError as exc:
-            raise StartupError(f"cannot load the store: {exc}") from None
-        armed = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        if not self.store.resumable:
-            self._start_watch(armed)
-            await armed.wait()
-        self._tasks.append(loop.create_task(self._initial_load(armed)))
-
-    def _start_watch(self, armed: asyncio.Event) -> None:
-        self._watch_task = asyncio.get_running_loop().create_task(self._watch(armed))
-        self._tasks.append(self._watch_task)
-
-    async def _initial_load(self, armed: asyncio.Event) -> None:
-        """The whole store into the live index, in the background (see _follow_store)."""
-        started = time.monotonic()
-        backoff = 0.5
-        while True:
-            count = 0
-            try:
-                async for key, value in self.store.snapshot():
-                    if self.store.resumable and self._watch_task is None:
-                        # The snapshot's revision is known from its first page on.
-                        self.index.revision = self.store.revision
-                        self._start_watch(armed)
-                    self.index.apply_loaded(key, value)
-                    count += 1
-                    if count % 2000 == 0:
-                        await asyncio.sleep(0)  # handshakes go on while loading
-                break
-            except StoreError as exc:
-                log.error("loading the store failed (%s); serving what is loaded, retrying in %.1f s", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
-        if self._watch_task is None:  # an empty etcd prefix
-            self.index.revision = self.store.revision
-            self._start_watch(armed)
-        self.index.finish_loading()
-        self.reloads += 1
-        log.info("store loaded: %d apps, %d domains, %d names with certificates in %.1f s",
-                 len(self.index.apps), len(self.index.domains), len(self.index.certs), time.monotonic() - started)
-        if self._reload_after_load:
-            self._reload_after_load = False
-            await self.reload_store()
-        elif self.acme is not None:
-            self.acme.rescan()
-
-    async def fetch_name(self, name: str) -> None:
-        """While the store loads: read the entries that decide ``name`` (its
-        domain, its certificates, its wildcard's) straight from the store."""
-        index = self.index
-        if not index.loading or name in index.fetched:
+            log.error("store: cannot remove the debris of interrupted writes: %s", exc)
             return
-        wanted = [domain_key(name)] + [cert_key(name, s, k) for s in SOURCES for k in KEY_TYPES]
-        parent = names.wildcard_parent(name)
-        if parent is not None:
-            wanted += [domain_key(parent)] + [cert_key(parent, "custom", k) for k in KEY_TYPES]
-        found = await self.store.get_many(wanted)
-        for key, value in found.items():
-            index.apply_loaded(key, value)
-        index.fetched.add(name)
+        for path in removed:
+            log.warning("store: removed %s, left by an interrupted write", path)
+
+    # --- store following (edge.store.follower) ----------------------------------------------
+    async def fetch_name(self, name: str) -> None:
+        await self.follower.fetch_name(name)
+
+    async def reload_store(self) -> None:
+        await self.follower.reload()
+
+    @property
+    def reloads(self) -> int:
+        return self.follower.reloads
+
+    @property
+    def sync_lag(self) -> float:
+        return self.follower.sync_lag
 
     async def reload_config(self) -> bool:
         """SIGHUP: read the configuration again and apply what can change live.
@@ -379,7 +267,7 @@ class Edge:
         try:
             new = config_mod.load(self.config.path)
             fixed = self.fixed or FixedContexts(self.acceptor.platform_context, self.acceptor.listener_context)
-            await asyncio.get_running_loop().run_in_executor(None, _reload_certificates, new, fixed)
+            await asyncio.get_running_loop().run_in_executor(None, reload_certificates, new, fixed)
         except (config_mod.ConfigError, StartupError) as exc:
             log.error("configuration refused, the running one is kept: %s", exc)
             return False
@@ -400,6 +288,10 @@ class Edge:
                 log.warning("%s changed: it takes effect at the next restart", what)
         self.selector.strict_sni = new.platform.strict_sni
         self.cache.size = new.tls.context_cache_size
+        if new.tls.min_version != old.tls.min_version:
+            # Built contexts carry the version they were built with and their
+            # cache key does not name it: drop them, the next handshakes rebuild.
+            self.cache.clear()
         self.proxy.config = new.proxy  # new connections take the new timeouts and limits
         self.proxy.access_log = new.log.access_log
         if self.acme is not None and new.acme.enabled:
@@ -410,70 +302,6 @@ class Edge:
         self.config = dataclasses.replace(new, server=old.server, store=old.store, platform=platform)
         log.info("configuration reloaded from %s", new.path)
         return True
-
-    async def reload_store(self) -> None:
-        """Load the whole store again (SIGHUP, /v1/reload, a watch that lost track).
-
-        A store that cannot be read keeps the current index in service."""
-        if self.index.loading:
-            self._reload_after_load = True  # the initial load may have read some keys too early
-            return
-        fresh = Index()
-        # Changes the watch applies meanwhile may be newer than what the
-        # snapshot read: they are applied again on top of it.
-        self._reload_events = []
-        try:
-            async for key, value in self.store.snapshot():
-                fresh.apply_put(key, value)
-        except StoreError as exc:
-            self._reload_events = None
-            log.error("store reload failed, keeping the current index: %s", exc)
-            return
-        for event in self._reload_events:
-            fresh.apply(event)
-        self._reload_events = None
-        fresh.revision = max(self.store.revision, fresh.revision)
-        self.index.replace_with(fresh)
-        self.reloads += 1
-        if self.acme is not None:
-            self.acme.rescan()
-
-    async def _watch(self, armed: asyncio.Event) -> None:
-        backoff = 0.1
-        while True:
-            try:
-                stream = self.store.watch(self.index.revision + 1)
-                # The generator's first step arms the watch (inotify) before it
-                # first awaits; a short sleep lets that step run.
-                first = asyncio.ensure_future(stream.__anext__())
-                await asyncio.sleep(0.01)
-                armed.set()
-                batch = await first
-                while True:
-                    backoff = 0.1
-                    for event in batch:
-                        self.index.apply_watched(event)
-                    if self._reload_events is not None:
-                        self._reload_events.extend(batch)
-                    if self.acme is not None:
-                        for event in batch:
-                            self.acme.notice(event.key)
-                    if batch and batch[-1].changed_at:
-                        self.sync_lag = max(0.0, time.time() - batch[-1].changed_at)
-                    batch = await stream.__anext__()
-            except asyncio.CancelledError:
-                raise
-            except ResyncNeeded as exc:
-                armed.set()
-                log.warning("store: %s", exc)
-                await self.reload_store()
-            except Exception as exc:  # the follower must survive anything
-                armed.set()
-                log.error("store watch failed (%s); retrying in %.1fs", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                if not self.store.resumable:
-                    await self.reload_store()  # inotify may have missed changes meanwhile
 
     # --- stop ---------------------------------------------------------------------------
     @property
@@ -500,9 +328,10 @@ class Edge:
             for connection in list(self.proxy.connections):
                 if connection.transport is not None:
                     connection.transport.abort()
-        for task in self._tasks:
+        tasks = [*self._tasks, *self.follower.tasks]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self.router.close()
@@ -516,6 +345,12 @@ class Edge:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    """A signal's work that failed says why (a task's exception is otherwise lost)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s failed", task.get_coro().__qualname__, exc_info=task.exception())
 
 
 async def serve(
@@ -533,6 +368,7 @@ async def serve(
         task = loop.create_task(coro)
         background.add(task)
         task.add_done_callback(background.discard)
+        task.add_done_callback(_log_failure)
 
     def on_term() -> None:
         if not edge.stopping:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import email.utils
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from edge.acme import renewal
 from edge.tls import csr
 
 log = logging.getLogger(__name__)
@@ -65,13 +67,37 @@ class AcmeError(Exception):
     """An order that did not give a certificate.
 
     ``kind`` is the metric label (``failed``, ``rate_limited``, ``unreachable``);
-    ``retry_after`` (seconds) is the server's word on when to try again.
+    ``retry_after`` (seconds) is the server's word on when to try again;
+    ``validation`` says the CA reached the domain and its challenge failed;
+    ``config`` that edge's settings do not fit the CA.
     """
 
-    def __init__(self, message: str, kind: str = "failed", retry_after: float | None = None) -> None:
+    def __init__(self, message: str, kind: str = "failed", retry_after: float | None = None,
+                 validation: bool = False, config: bool = False) -> None:
         super().__init__(message)
         self.kind = kind
         self.retry_after = retry_after
+        self.validation = validation
+        self.config = config  # edge's configuration does not fit this CA (an unknown profile)
+
+
+class _NewOrder(messages.NewOrder):
+    """RFC 8555 §7.4 newOrder with ``profile`` (draft-aaron-acme-profiles) and
+    ``replaces`` (RFC 9773 §5: the ARI identifier of the certificate it replaces)."""
+
+    profile: str | None = jose.field("profile", omitempty=True)
+    replaces: str | None = jose.field("replaces", omitempty=True)
+
+
+def cert_id(cert_pem: bytes) -> str:
+    """RFC 9773 §4.1: base64url(authorityKeyIdentifier) "." base64url(DER serial number)."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
+    if aki is None:
+        raise ValueError("the certificate has no authority key identifier")
+    serial = cert.serial_number
+    der = serial.to_bytes((serial.bit_length() + 8) // 8, "big", signed=True)  # DER INTEGER: room for the sign
+    return f"{jose.b64.b64encode(aki).decode()}.{jose.b64.b64encode(der).decode()}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +198,7 @@ class AcmeClient:
         if ca_bundle is not None:
             self.net.verify_ssl = str(ca_bundle)  # type: ignore[assignment]  # requests takes a path
         self._acme: client.ClientV2 | None = None
+        self._directory_json: dict[str, Any] | None = None
 
     # --- errors, in one place -------------------------------------------------------------
     def _call(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -193,17 +220,43 @@ class AcmeClient:
                 for chall in authzr.body.challenges:
                     if chall.error is not None:
                         details.append(f"{chall.chall.typ}: {chall.error.detail or chall.error.code}")
-            raise AcmeError(f"{what}: validation failed ({'; '.join(details) or 'no detail given'})") from None
+            raise AcmeError(f"{what}: validation failed ({'; '.join(details) or 'no detail given'})",
+                            validation=True) from None
         except errors.TimeoutError:
             raise AcmeError(f"{what}: the ACME server did not finish within {ORDER_DEADLINE:.0f} s") from None
         except errors.Error as exc:
             raise AcmeError(f"{what}: {exc}") from None
 
+    def _directory(self) -> messages.Directory:
+        """RFC 8555 §7.1.1; the raw JSON is kept for ``meta.profiles`` and ``renewalInfo``."""
+        if self._directory_json is None:
+            response = self._call("reading the ACME directory", self.net.get, self.directory_url)
+            try:
+                self._directory_json = dict(response.json())
+            except (ValueError, TypeError):
+                raise AcmeError(f"{self.directory_url} is not an ACME directory (no JSON object)") from None
+        return messages.Directory.from_json(json.loads(json.dumps(self._directory_json)))  # it pops "meta"
+
+    def profiles(self) -> dict[str, str]:
+        """The directory's ``meta.profiles``: name -> description (empty: the CA has none)."""
+        self._directory()
+        meta = (self._directory_json or {}).get("meta") or {}
+        profiles = meta.get("profiles") if isinstance(meta, dict) else None
+        return {str(k): str(v) for k, v in profiles.items()} if isinstance(profiles, dict) else {}
+
+    def check_profile(self, profile: str) -> None:
+        """An unknown profile is refused before any order, naming what the CA offers."""
+        if not profile:
+            return
+        offered = self.profiles()
+        if profile not in offered:
+            names = ", ".join(sorted(offered)) or "none (it has no meta.profiles)"
+            raise AcmeError(f"[acme] profile {profile!r} is not offered by {self.directory_url}; "
+                            f"it offers: {names}", "failed", config=True)
+
     def _client(self) -> client.ClientV2:
         if self._acme is None:
-            directory = self._call("reading the ACME directory", client.ClientV2.get_directory,
-                                   self.directory_url, self.net)
-            acme = client.ClientV2(directory, self.net)
+            acme = client.ClientV2(self._directory(), self.net)
             registration = messages.NewRegistration.from_data(
                 email=self.email or None, terms_of_service_agreed=True
             )
@@ -218,12 +271,43 @@ class AcmeClient:
         """Create the account (or find it again: newAccount is idempotent per key)."""
         self._client()
 
+    def renewal_info(self, cert_pem: bytes) -> tuple[tuple[float, float] | None, float | None]:
+        """RFC 9773 §4.1: (suggested window or None, Retry-After seconds) for a certificate.
+
+        None when the directory has no ``renewalInfo``; ValueError when the answer is
+        malformed (§4.2); AcmeError when the CA cannot be reached or refuses."""
+        self._directory()
+        base_url = (self._directory_json or {}).get("renewalInfo")
+        if not isinstance(base_url, str) or not base_url:
+            return None, None
+        url = f"{base_url.rstrip('/')}/{cert_id(cert_pem)}"
+        # An unauthenticated GET (§4.1), not POST-as-GET.
+        response = self._call("asking for renewal information", self.net.get, url, "application/json")
+        retry = _retry_after_seconds(response.headers.get("Retry-After"))
+        return renewal.parse_window(response.content), retry
+
     def order(self, domain: str, key_type: str, challenge_types: tuple[str, ...],
-              publish: Publish, withdraw: Withdraw) -> Issued:
-        """Order a certificate for ``domain``: new key, CSR, challenges, finalize."""
+              publish: Publish, withdraw: Withdraw, profile: str = "", replaces: str = "") -> Issued:
+        """Order a certificate for ``domain``: new key, CSR, challenges, finalize.
+
+        ``profile`` names one of the directory's ``meta.profiles`` ("": the CA's default);
+        ``replaces`` is the ARI identifier of the certificate this one renews (RFC 9773 §5)."""
+        self.check_profile(profile)
         acme = self._client()
         key_pem, csr_pem = csr.make_csr(domain, KEY_TYPES[key_type])
-        order = self._call(f"ordering a certificate for {domain}", acme.new_order, csr_pem)
+        what = f"ordering a certificate for {domain}"
+        try:
+            order = self._call(what, self._new_order, acme, csr_pem, profile, replaces)
+        except (AcmeError, errors.ConflictError) as exc:
+            if not replaces or (isinstance(exc, AcmeError) and exc.kind != "failed"):
+                if isinstance(exc, errors.ConflictError):
+                    raise AcmeError(f"{what}: the ACME server answered 409 Conflict") from None
+                raise
+            # RFC 9773 §5: alreadyReplaced (409), or a certificate the CA does not know
+            # (restarted, or another of its accounts): "replaces" is only a hint, order without it.
+            log.warning("ACME: the order for %s replacing %s was refused (%s); ordering without replaces",
+                        domain, replaces, exc if isinstance(exc, AcmeError) else "409 Conflict")
+            order = self._call(what, self._new_order, acme, csr_pem, profile, "")
         published: list[tuple[str, str]] = []
         try:
             for authzr in order.authorizations:
@@ -249,6 +333,21 @@ class AcmeClient:
                 except Exception as exc:  # a leftover answer expires or does no harm
                     log.warning("could not remove the %s answer for %s: %s", kind, domain, exc)
         return Issued(key_pem, done.fullchain_pem.encode())
+
+    @staticmethod
+    def _new_order(acme: client.ClientV2, csr_pem: bytes, profile: str, replaces: str) -> messages.OrderResource:
+        """``ClientV2.new_order`` with ``replaces`` (RFC 9773 §5), which it does not send."""
+        request = x509.load_pem_x509_csr(csr_pem)
+        names = request.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        identifiers = [messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=name)
+                       for name in names.get_values_for_type(x509.DNSName)]
+        body = _NewOrder(identifiers=identifiers, profile=profile or None, replaces=replaces or None)
+        response = acme._post(acme.directory["newOrder"], body)
+        order = messages.Order.from_json(response.json())
+        authorizations = [acme._authzr_from_response(acme._post_as_get(url), uri=url)
+                          for url in order.authorizations]
+        return messages.OrderResource(body=order, uri=response.headers.get("Location"),
+                                      authorizations=authorizations, csr_pem=csr_pem)
 
     @staticmethod
     def _pick(authzr: messages.AuthorizationResource, challenge_types: tuple[str, ...],

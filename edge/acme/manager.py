@@ -1,20 +1,13 @@
-"""What to order from the ACME server, and when (SPEC §2, §7).
+"""What to look at, and when: the ACME manager's schedule (SPEC §2, §7).
 
-Every custom domain (not a wildcard) gets an acme certificate of each
-configured key type when it has no custom certificate that stays valid for
-more than ``STANDBY_BEFORE``: no custom certificate at all, a deleted one, an
-expired one, or one close to its end (the *standby*, so that a lapse or a
-deletion falls through to acme at once, SPEC §2 rule 2). An acme certificate
-is renewed once two thirds of its lifetime have passed.
-
-Orders run in a thread (``edge.acme.client`` blocks); their results go into
-the store, so every process and node serves them. A per-domain lock in the
-store lets one node of a fleet order a given certificate; the certificate is
-written only while that lock is still held. After a failure a domain waits
-``backoff_min * 2**(failures-1)`` seconds (capped at ``backoff_max``, and at
-least what the server's Retry-After says) before the next attempt. Each
-domain's state is kept in the store (``acme/status/<domain>``) for
-``edge domains`` and for the other nodes.
+The policy (what a domain needs, when a certificate is renewed: RFC 9773
+renewal information or two thirds of its lifetime) is ``edge.acme.renewal``;
+what happens under a domain's lock (renewal information, orders, the CA to
+order from) is ``edge.acme.orders``. This module keeps the schedule: every
+domain is examined once per ``RESCAN``, and what falls due before the next
+one (an order, a renewal, a renewal-information check, the end of a back-off)
+is kept in a heap. Each domain's state is kept in the store
+(``acme/status/<domain>``) for ``edge domains`` and for the other nodes.
 """
 
 from __future__ import annotations
@@ -22,124 +15,65 @@ from __future__ import annotations
 import asyncio
 import collections
 import heapq
-import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from typing import Any
 
-from edge.acme.client import AcmeClient, AcmeError, Issued, new_account_key
+from edge.acme import renewal
+from edge.acme.client import AcmeClient, AcmeError, new_account_key
+from edge.acme.orders import AcmeStats, Orders, status_key
+from edge.acme.renewal import DomainStatus
 from edge.config import AcmeConfig
 from edge.store import base
-from edge.store.index import KEY_TYPES, SOURCES, CertMeta, DomainCerts, EntryError, Index, bundle_header, parse_cert
-from edge.tls import bundle as bundles
+from edge.store.index import DomainCerts, Index
 from edge.tls import names
 
 log = logging.getLogger(__name__)
 
-STANDBY_BEFORE = 14 * 86400  # SPEC §2: a custom certificate this close to expiry gets an acme standby
-RENEW_AFTER = 2 / 3  # SPEC §7: renew at two thirds of the lifetime
-LOCK_TTL = 60  # seconds; refreshed every LOCK_TTL / 3 while an order runs
-CHALLENGE_TTL = 600  # seconds a published challenge answer lives in the store
 CONCURRENT_ORDERS = 2
-BUSY_RETRY = 30.0  # another node holds the domain's lock: look again after this
-SCAN_CHUNK = 2000  # domains examined between two yields to the event loop
+MAX_TURNS = 200  # domains with a turn started (waiting for one of CONCURRENT_ORDERS slots, or in one)
+SCAN_CHUNK = 500  # domains examined between two yields to the event loop (~6 ms with ARI plans)
 # Every domain is examined once per RESCAN; only what falls due before the
 # next one is kept in the schedule, so a million quiet domains cost no memory.
 RESCAN = 3600.0
-
-
-@dataclass
-class DomainStatus:
-    """``acme/status/<domain>``: what the manager last did for a domain."""
-
-    state: str  # "pending" (an order runs), "valid", "failed"
-    failures: int = 0  # consecutive failures
-    last_error: str | None = None
-    next_attempt: float | None = None  # not before (back-off), POSIX seconds
-    valid_until: float | None = None
-    updated: float = 0.0
-
-    def to_bytes(self) -> bytes:
-        return json.dumps({k: v for k, v in asdict(self).items() if v is not None}, sort_keys=True).encode() + b"\n"
-
-    @classmethod
-    def from_bytes(cls, value: bytes) -> DomainStatus | None:
-        try:
-            data = json.loads(value)
-            return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
-        except (ValueError, TypeError, KeyError):
-            return None
-
-
-def renew_at(meta: CertMeta) -> float:
-    return meta.not_before + RENEW_AFTER * (meta.not_after - meta.not_before)
-
-
-def needs(held: DomainCerts | None, key_types: tuple[str, ...], now: float) -> tuple[list[str], float | None]:
-    """(key types to order now, when to look again otherwise) for one domain.
-
-    Pure: the whole policy of SPEC §2/§7 in one place, unit-tested as such."""
-    custom = held.valid("custom", now) if held else ()
-    custom_end = max((m.not_after for m in custom), default=None)
-    if custom_end is not None and custom_end - now > STANDBY_BEFORE:
-        return [], custom_end - STANDBY_BEFORE  # served by its custom certificate; standby later
-    due: list[str] = []
-    later: list[float] = []
-    acme = held.of("acme") if held else ()
-    for key_type in key_types:
-        mine = [m for m in acme if m.key_type == key_type and m.not_after > now]
-        if not mine:
-            due.append(key_type)
-            continue
-        when = renew_at(max(mine, key=lambda m: m.not_after))
-        if when <= now:
-            due.append(key_type)
-        else:
-            later.append(when)
-    return due, min(later, default=None)
-
-
-def backoff(failures: int, minimum: float, maximum: float, retry_after: float | None = None) -> float:
-    delay = min(maximum, minimum * 2 ** max(0, failures - 1))
-    if retry_after is not None:
-        delay = max(delay, retry_after)
-    return delay
-
-
-def status_key(domain: str) -> str:
-    return base.ACME_STATUS + domain
-
-
-@dataclass
-class AcmeStats:
-    """Orders by result, for ``edge_acme_orders_total`` (SPEC §8)."""
-
-    orders: dict[str, int] = field(default_factory=lambda: {"valid": 0, "failed": 0, "rate_limited": 0,
-                                                             "unreachable": 0})
-
-    def count(self, result: str) -> None:
-        self.orders[result] = self.orders.get(result, 0) + 1
+GAUGES_TTL = 30.0  # at most this many seconds between two computations of the renewal gauges
 
 
 class AcmeManager:
     def __init__(self, config: AcmeConfig, store: base.Store, index: Index) -> None:
-        self.config = config
         self.store = store
         self.index = index
-        self.stats = AcmeStats()
         self.status: dict[str, DomainStatus] = {}
         self._due: dict[str, float] = {}  # domain -> when to look at it next (authoritative)
         self._heap: list[tuple[float, str]] = []  # (time, domain), lazily pruned against _due
         self._running: set[str] = set()
+        self._waiting: collections.deque[str] = collections.deque()  # due, beyond MAX_TURNS
+        self._waiting_set: set[str] = set()
+        self._stopping = False
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(CONCURRENT_ORDERS)
-        self._recent_orders: collections.deque[float] = collections.deque()
         self._tasks: set[asyncio.Task[None]] = set()
         self._pool = ThreadPoolExecutor(max_workers=CONCURRENT_ORDERS, thread_name_prefix="edge-acme")
-        self._account_key: bytes | None = None
+        self.orders = Orders(config, store, self.status, index.domains, self._pool, collections.deque())
+        self._config = config
         self._scan_requested = True
+        # domain -> (next planned renewal or retry, its reason, when its certificates fall due)
+        self._planned: dict[str, tuple[float, str, float | None]] = {}
+        self._gauges: tuple[float, dict[str, float]] | None = None
+
+    @property
+    def config(self) -> AcmeConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: AcmeConfig) -> None:
+        """A reload: the next order uses the new directory, profile, key types, back-off."""
+        self._config = config
+        self.orders.config = config
+
+    @property
+    def stats(self) -> AcmeStats:
+        return self.orders.stats
 
     # --- what the server tells us ---------------------------------------------------------
     def notice(self, key: str) -> None:
@@ -160,14 +94,19 @@ class AcmeManager:
 
     # --- the loop -------------------------------------------------------------------------
     async def run(self) -> None:
-        log.info("ACME manager on %s (key types %s; challenges %s)", self.config.directory,
-                 ", ".join(self.config.key_types), ", ".join(self.config.challenges))
+        log.info("ACME manager on %s (key types %s; challenges %s; profile %s; fallbacks %s)",
+                 self.config.directory, ", ".join(self.config.key_types), ", ".join(self.config.challenges),
+                 self.config.profile or "the CA's default",
+                 ", ".join(ca.directory for ca in self.config.fallback_directories) or "none")
+        if self.config.profile:
+            await self._check_profile()
         while self.index.loading:
             # A half-loaded index would look like domains without certificates.
             await asyncio.sleep(0.2)
         await self._load_status()
         self._scan_requested = True
         next_scan = 0.0
+        gauges = asyncio.get_running_loop().create_task(self._refresh_gauges())
         try:
             while True:
                 if self._scan_requested or time.time() >= next_scan:
@@ -189,9 +128,20 @@ class AcmeManager:
                 except TimeoutError:
                     pass
         finally:
+            self._stopping = True
+            gauges.cancel()
             for task in self._tasks:
                 task.cancel()
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _check_profile(self) -> None:
+        """At start: an unknown ``[acme] profile`` is said at once, naming what the CA offers.
+        (Every order checks it again, and fails with the same message, when the CA is reached.)"""
+        client = AcmeClient(self.config.directory, new_account_key(), ca_bundle=self.config.ca_bundle)
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._pool, client.check_profile, self.config.profile)
+        except AcmeError as exc:
+            log.error("ACME: %s", exc)
 
     async def _load_status(self) -> None:
         try:
@@ -227,16 +177,19 @@ class AcmeManager:
 
     def _look_at(self, domain: str, now: float) -> None:
         if domain in self._running or self.index.loading:
-            return  # its order's end looks again; the end of loading rescans
+            return  # its turn's end looks again; the end of loading rescans
         if domain not in self.index.domains:
             if domain in self.status:
                 self._forget(domain)
             return
         if names.is_wildcard(domain):
             return  # no HTTP-01/TLS-ALPN-01 for wildcards (RFC 8555 §7.1.3); refused at domains-add
-        due, later = needs(self.index.certs.get(domain), self.config.key_types, now)
+        held = self.index.certs.get(domain)
         status = self.status.get(domain)
-        if not due:
+        due, later = renewal.needs(held, self.config.key_types, now, status)
+        checks = renewal.ari_checks(held, self.config.key_types, now, status)
+        self._note_plan(domain, held, now, status)
+        if not due and not checks:
             if status is not None and status.state == "failed":
                 self._forget(domain)  # a custom certificate made the failures moot
             if later is not None:
@@ -245,53 +198,43 @@ class AcmeManager:
         if status is not None and status.next_attempt is not None and status.next_attempt > now:
             self._schedule(domain, status.next_attempt)  # backing off
             return
+        if len(self._running) >= MAX_TURNS:
+            # Say, the first scan after an upgrade: every certificate's renewal information
+            # is due at once. A queue of names, not a million tasks.
+            if domain not in self._waiting_set:
+                self._waiting.append(domain)
+                self._waiting_set.add(domain)
+            return
         self._running.add(domain)
-        task = asyncio.get_running_loop().create_task(self._obtain(domain))
+        task = asyncio.get_running_loop().create_task(self._turn(domain))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    # --- one domain's orders --------------------------------------------------------------
-    async def _obtain(self, domain: str) -> None:
+    # --- one domain's turn ------------------------------------------------------------------
+    async def _turn(self, domain: str) -> None:
         look_again = 0.0  # at once: the next key type, or the next renewal date
         try:
             async with self._slots:
-                lock = await self.store.try_lock(f"acme/{domain}", LOCK_TTL)
-                if lock is None:
-                    log.info("ACME: another node is ordering for %s; looking again in %.0f s", domain, BUSY_RETRY)
-                    look_again = time.time() + BUSY_RETRY
-                    return
-                refresher = asyncio.get_running_loop().create_task(self._keep(lock))
-                try:
-                    # Another node may have just finished (or failed) this order and let
-                    # the lock go: decide again from the store, which its writes reached first.
-                    shared = await self.store.get(status_key(domain))
-                    status = DomainStatus.from_bytes(shared) if shared is not None else None
-                    if status is not None and status.next_attempt is not None and status.next_attempt > time.time():
-                        self.status[domain] = status
-                        look_again = status.next_attempt
-                        return
-                    key_types = await self._still_needed(domain)
-                    if key_types:
-                        await self._within_rate_limit()
-                    for key_type in key_types:
-                        if not await self._order_one(domain, key_type, lock):
-                            break
-                finally:
-                    refresher.cancel()
-                    await lock.release()
+                look_again = await self.orders.turn(domain)
         except asyncio.CancelledError:
+            self._stopping = True  # edge stops: start nothing more
             raise
         except Exception as exc:  # the manager must outlive any one order
             log.exception("ACME order for %s failed unexpectedly: %s", domain, exc)
-            await self._failed(domain, AcmeError(f"internal error: {exc}"))
+            await self.orders.failed(domain, AcmeError(f"internal error: {exc}"))
         finally:
             self._running.discard(domain)
             self._schedule(domain, look_again)
+            while self._waiting and len(self._running) < MAX_TURNS and not self._stopping:
+                waiting = self._waiting.popleft()
+                self._waiting_set.discard(waiting)
+                self._look_at(waiting, time.time())
             self._wake.set()
 
     def _forget(self, domain: str) -> None:
         """Drop a state that no longer says anything (domain removed, custom certificate uploaded)."""
         self.status.pop(domain, None)
+        self._planned.pop(domain, None)
 
         async def delete() -> None:
             try:
@@ -303,137 +246,45 @@ class AcmeManager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _still_needed(self, domain: str) -> list[str]:
-        held = DomainCerts()
-        for source in SOURCES:
-            for key_type in KEY_TYPES:
-                key = base.cert_key(domain, source, key_type)
-                value = await self.store.get(key)
-                if value is None:
-                    continue
-                try:
-                    held = held.replaced(parse_cert(key, value))
-                except EntryError:
-                    continue  # a broken entry is no certificate
-        return needs(held, self.config.key_types, time.time())[0]
+    # --- renewal gauges (SPEC §8: aggregates, no per-domain label) -----------------------------
+    def _note_plan(self, domain: str, held: DomainCerts | None, now: float, status: DomainStatus | None) -> None:
+        planned = renewal.soonest(held, self.config.key_types, now, status)
+        if planned is None:
+            self._planned.pop(domain, None)
+        else:
+            self._planned[domain] = planned
 
-    async def _keep(self, lock: base.Lock) -> None:
-        while True:
-            await asyncio.sleep(LOCK_TTL / 3)
-            if not await lock.refresh():
-                log.warning("ACME: the issuance lock was lost; the certificate will not be written")
-                return
+    def renewal_gauges(self, now: float | None = None) -> dict[str, float]:
+        """The renewal gauges as last computed (in a thread, by ``run``: every second, up to
+        ``GAUGES_TTL`` for a million domains); computed here when there are none. See
+        ``renewal_gauges_of``."""
+        now = time.time() if now is None else now
+        if self._gauges is None or now - self._gauges[0] >= 2 * GAUGES_TTL:
+            self._gauges = (now, renewal_gauges_of(list(self._planned.values()), now))
+        return self._gauges[1]
 
-    async def _within_rate_limit(self) -> None:
-        """No more than ``orders_per_hour`` orders from this node (Let's Encrypt allows 300 per 3 h)."""
-        window = 3600.0
+    async def _refresh_gauges(self) -> None:
+        """Walking a million plans takes ~0.3 s: not on the event loop, and not per scrape."""
         while True:
             now = time.time()
-            while self._recent_orders and self._recent_orders[0] < now - window:
-                self._recent_orders.popleft()
-            if len(self._recent_orders) < self.config.orders_per_hour:
-                self._recent_orders.append(now)
-                return
-            wait = self._recent_orders[0] + window - now
-            log.warning("ACME: %d orders in the last hour; the next waits %.0f s",
-                        len(self._recent_orders), wait)
-            await asyncio.sleep(wait)
+            snapshot = list(self._planned.values())  # a copy: the loop keeps changing the dict
+            self._gauges = (now, await asyncio.to_thread(renewal_gauges_of, snapshot, now))
+            # Every second for a small fleet; at most ~2 % of a core for a large one.
+            await asyncio.sleep(min(GAUGES_TTL, max(1.0, 50 * (time.time() - now))))
 
-    async def _order_one(self, domain: str, key_type: str, lock: base.Lock) -> bool:
-        previous = self.status.get(domain)
-        await self._set_status(domain, DomainStatus(
-            "pending", failures=previous.failures if previous else 0,
-            last_error=previous.last_error if previous else None, updated=time.time()))
-        loop = asyncio.get_running_loop()
-        try:
-            account_key = await self._account()
-            issued: Issued = await loop.run_in_executor(self._pool, self._order_blocking, account_key, domain,
-                                                        key_type, loop)
-            validated = await loop.run_in_executor(
-                self._pool, lambda: bundles.validate(issued.chain_pem, issued.key_pem, domain)
-            )
-        except AcmeError as exc:
-            await self._failed(domain, exc)
-            return False
-        except bundles.BundleError as exc:
-            await self._failed(domain, AcmeError(f"the ACME server's certificate was refused: {exc}"))
-            return False
-        if domain not in self.index.domains:
-            log.info("ACME: %s was removed while its certificate was ordered; not stored", domain)
-            self.status.pop(domain, None)
-            await self.store.delete(status_key(domain))
-            return False
-        meta = CertMeta(domain, "acme", validated.key_type, validated.not_before, validated.not_after,
-                        validated.fingerprint)
-        written = await lock.put_if_held(base.cert_key(domain, "acme", validated.key_type),
-                                         bundle_header(meta) + validated.pem, secret=True)
-        if not written:
-            await self._failed(domain, AcmeError("the issuance lock expired before the certificate was stored"))
-            return False
-        self.stats.count("valid")
-        log.info("ACME: %s certificate for %s in service until %s", key_type.upper(), domain,
-                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(validated.not_after)))
-        await self._set_status(domain, DomainStatus("valid", valid_until=validated.not_after, updated=time.time()))
-        return True
 
-    def _order_blocking(self, account_key: bytes, domain: str, key_type: str,
-                        loop: asyncio.AbstractEventLoop) -> Issued:
-        """In a thread: the whole RFC 8555 exchange; store writes go through the loop."""
-
-        def on_loop(coro: Any) -> Any:
-            return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=30)
-
-        def publish(kind: str, name: str, value: bytes) -> None:
-            if kind == "http-01":
-                on_loop(self.store.put_expiring(base.challenge_key(name), value, CHALLENGE_TTL))
-            else:
-                on_loop(self.store.put_expiring(base.tls_alpn_key(name), value, CHALLENGE_TTL, secret=True))
-
-        def withdraw(kind: str, name: str) -> None:
-            key = base.challenge_key(name) if kind == "http-01" else base.tls_alpn_key(name)
-            on_loop(self.store.delete(key))
-
-        acme = AcmeClient(self.config.directory, account_key, self.config.email, self.config.ca_bundle)
-        return acme.order(domain, key_type, self.config.challenges, publish, withdraw)
-
-    async def _failed(self, domain: str, exc: AcmeError) -> None:
-        previous = self.status.get(domain)
-        failures = (previous.failures if previous else 0) + 1
-        delay = backoff(failures, self.config.backoff_min, self.config.backoff_max, exc.retry_after)
-        self.stats.count(exc.kind)
-        log.warning("ACME: no certificate for %s (attempt %d): %s; next attempt in %.0f s",
-                    domain, failures, exc, delay)
-        now = time.time()
-        await self._set_status(domain, DomainStatus("failed", failures=failures, last_error=str(exc),
-                                                    next_attempt=now + delay, updated=now))
-
-    async def _set_status(self, domain: str, status: DomainStatus) -> None:
-        self.status[domain] = status
-        try:
-            await self.store.put(status_key(domain), status.to_bytes())
-        except base.StoreError as exc:
-            log.error("cannot record the ACME state of %s: %s", domain, exc)
-
-    async def _account(self) -> bytes:
-        """The account key, created once and kept in the store (0600)."""
-        if self._account_key is not None:
-            return self._account_key
-        try:
-            stored = await self.store.get(base.ACME_ACCOUNT)
-            if stored is None:
-                lock = await self.store.try_lock("acme-account", LOCK_TTL)
-                if lock is None:
-                    raise AcmeError("another node is creating the ACME account key", "failed", 5.0)
-                try:
-                    stored = await self.store.get(base.ACME_ACCOUNT)
-                    if stored is None:
-                        stored = await asyncio.get_running_loop().run_in_executor(self._pool, new_account_key)
-                        if not await lock.put_if_held(base.ACME_ACCOUNT, stored, secret=True):
-                            raise AcmeError("lost the lock while storing the ACME account key")
-                        log.info("ACME: account key created and stored")
-                finally:
-                    await lock.release()
-        except base.StoreError as exc:
-            raise AcmeError(f"cannot read or write the ACME account key: {exc}", "failed") from None
-        self._account_key = stored
-        return stored
+def renewal_gauges_of(planned: list[tuple[float, str, float | None]], now: float) -> dict[str, float]:
+    """``next`` (seconds to the soonest planned renewal or retry, negative when late),
+    ``overdue`` (domains whose certificates' planned renewal passed ``OVERDUE_AFTER``
+    ago), ``reason_<r>`` (domains whose next renewal is planned for reason r)."""
+    out: dict[str, float] = {f"reason_{r}": 0 for r in renewal.REASONS}
+    out["overdue"] = 0
+    soonest = None
+    for when, reason, certs_due in planned:
+        out[f"reason_{reason}"] += 1
+        soonest = when if soonest is None else min(soonest, when)
+        if certs_due is not None and certs_due < now - renewal.OVERDUE_AFTER:
+            out["overdue"] += 1
+    if soonest is not None:
+        out["next"] = soonest - now
+    return out

@@ -72,7 +72,7 @@ def _split_host(host: str) -> tuple[str, str]:
 
 def _host_allowed(request: web.Request, names: tuple[str, ...]) -> bool:
     """``Host`` names this admin: the address the connection reached (the IP, or
-    ``localhost`` on loopback) with its port, or a configured name."""
+    ``localhost`` on loopback) with its port or none, or a configured name."""
     host = request.headers.get("Host")
     if host is None:  # HTTP/1.0 without Host: not a browser
         return True
@@ -83,7 +83,10 @@ def _host_allowed(request: web.Request, names: tuple[str, ...]) -> bool:
     name = name.lower().rstrip(".")
     if name in names:
         return True
-    if (port or "80") != str(sockname[1]):
+    # A browser always names a non-default port in Host (RFC 9110 §7.2), so a
+    # Host without one never comes from a page aimed at this port: health
+    # checkers and scripts send the bare address.
+    if port and port != str(sockname[1]):
         return False
     local = ipaddress.ip_address(sockname[0].split("%")[0])
     if isinstance(local, ipaddress.IPv6Address) and local.ipv4_mapped:  # dual-stack socket
@@ -139,11 +142,15 @@ def _probes(edge: Edge) -> tuple[Handler, Handler]:
 
     async def healthz(_request: web.Request) -> web.Response:
         problems = await edge.health_problems()
+        # Damaged store entries do not make a node unhealthy (every node would be): they are named here.
+        corrupted = edge.corrupted_entries()
         if problems:
-            return web.json_response({"status": "unhealthy", "reasons": problems}, status=503)
+            return web.json_response({"status": "unhealthy", "reasons": problems, "corrupted": corrupted},
+                                     status=503)
         # "loading": serving already, every name answered (fetched on demand) while the index fills.
         return web.json_response({"status": "ok", "https": edge.bound_https(), "http": edge.bound_http(),
-                                  "store": "loading" if edge.index.loading else "loaded"})
+                                  "store": "loading" if edge.index.loading else "loaded",
+                                  "corrupted": corrupted})
 
     async def metrics(_request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -19,9 +19,11 @@ Key space (the same for every backend):
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 APPS = "apps/"
@@ -32,6 +34,9 @@ TLS_ALPN = "acme/tls-alpn/"
 ACME_STATUS = "acme/status/"
 ACME_ACCOUNT = "acme/account"
 LOCKS = "locks/"
+WRITE_LOCK = "store-writes"  # held by every management write that checks a rule first
+WRITE_LOCK_TTL = 30  # s: a dead holder (etcd) frees it after this; a file lock dies with its holder
+WRITE_LOCK_WAIT = 20.0  # s: how long a command waits for the others before giving up
 
 
 class StoreError(RuntimeError):
@@ -143,6 +148,14 @@ class Store(ABC):
         """Problems an operator should hear about (``edge check``); empty when fine."""
         return []
 
+    async def leftovers(self) -> list[str]:
+        """Debris of interrupted writes (``edge check``); empty when none."""
+        return []
+
+    async def recover(self) -> list[str]:
+        """Remove the debris of interrupted writes (at start); what was removed."""
+        return []
+
     async def close(self) -> None:  # noqa: B027 - an optional hook: most backends hold nothing
         pass
 
@@ -153,6 +166,32 @@ class Store(ABC):
         Backends without expiry keep it until it is deleted: the writer deletes
         it when done, and a leftover answer does no harm."""
         await self.put(key, value, secret=secret)
+
+    @asynccontextmanager
+    async def write_lock(self, wait: float = WRITE_LOCK_WAIT) -> AsyncIterator[Lock]:
+        """Hold the store-wide write lock: what is read inside stays true until
+        the writes inside are done, for every CLI, admin API and node.
+
+        A rule checked before a write ("the app exists", "the domain is free")
+        holds only if nobody writes in between: each such check-then-write runs
+        under this lock, so of two racing commands one wins and the other sees
+        its result. Polls ``try_lock`` (never blocks a thread: the holder's own
+        writes need the thread pool)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        delay = 0.002
+        while (lock := await self.try_lock(WRITE_LOCK, WRITE_LOCK_TTL)) is None:
+            if loop.time() > deadline:
+                raise StoreError(
+                    f"another command held the store's write lock for over {wait:.0f} s; try again "
+                    "(a stuck one frees it when it exits)"
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        try:
+            yield lock
+        finally:
+            await lock.release()
 
     @abstractmethod
     async def try_lock(self, name: str, ttl: int) -> Lock | None:

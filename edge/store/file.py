@@ -303,6 +303,40 @@ class FileStore(Store):
         fd = await asyncio.to_thread(take)
         return None if fd is None else FileLock(self, fd)
 
+    # --- debris of interrupted writes ---------------------------------------------------
+    def _temp_files(self) -> list[Path]:
+        """Temporary files of writes (``_write``) in the store's directories."""
+        found = []
+        for directory, subdirs, files in os.walk(self.root):
+            subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+            found += [Path(directory, f) for f in files if f.startswith(_TMP_PREFIX)]
+        return found
+
+    async def leftovers(self) -> list[str]:
+        found = await asyncio.to_thread(self._temp_files)
+        return [f"{path}: a temporary file left by an interrupted write (the entry it was for kept its "
+                "previous version); `edge serve` removes it at start" for path in sorted(found)]
+
+    async def recover(self) -> list[str]:
+        """Remove temporary files of writes that died (SIGKILL, power loss).
+
+        Listed first, removed under the write lock: every command's writes that
+        were in flight when the list was made are over by the time the lock is
+        ours, so what is left is dead. (An unlocked write, an ACME answer from
+        another process, that still finds its file gone fails and is retried.)"""
+        found = await asyncio.to_thread(self._temp_files)
+        if not found:
+            return []
+        removed = []
+        async with self.write_lock():
+            for path in found:
+                try:
+                    path.unlink()
+                    removed.append(str(path))
+                except FileNotFoundError:
+                    pass
+        return removed
+
     async def check(self) -> list[str]:
         if not self.root.exists():
             return []  # created on first write

@@ -6,11 +6,14 @@ fingerprint). No certificate is parsed here and no PEM is kept: the TLS
 layer reads the bundle from the store when it first builds its context.
 
 Values that do not parse (someone edited a file by hand) are reported and
-skipped; the previous good entry for that key stays in service.
+skipped; the previous good entry for that key stays in service, also across
+a full reload (``replace_with``). After a restart no earlier version is
+known: the entry is missing from the index and ``errors`` names it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sys
@@ -50,6 +53,10 @@ class CertMeta:
     not_before: float
     not_after: float
     fingerprint: str
+    # The digest of the whole stored value: chain, key, header. TLS contexts
+    # are cached under it, so anything that changes what is served (a chain
+    # completed for the same leaf, a new key) names a new context.
+    digest: int = 0  # 64 bits: an int is half the memory of its hex string, at a million names
 
     @property
     def store_key(self) -> str:
@@ -91,6 +98,11 @@ def bundle_header(meta: CertMeta | dict[str, object]) -> bytes:
             "fingerprint": meta.fingerprint,
         }
     return json.dumps(meta, sort_keys=True).encode() + b"\n"
+
+
+def entry_digest(value: bytes) -> int:
+    """What identifies one stored version of an entry (~4 µs for a bundle)."""
+    return int.from_bytes(hashlib.sha256(value).digest()[:8])
 
 
 def split_bundle(value: bytes) -> tuple[bytes, bytes]:
@@ -140,6 +152,7 @@ def parse_cert(key: str, value: bytes) -> CertMeta:
             not_before=float(data["not_before"]),
             not_after=float(data["not_after"]),
             fingerprint=str(data["fingerprint"]),
+            digest=entry_digest(value),
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise EntryError(f"bad header line ({exc.__class__.__name__}: {exc})") from None
@@ -152,8 +165,8 @@ class Index:
     """Apps, domains and certificate headers, kept in step with the store.
 
     Only the event loop thread mutates it. TLS contexts are cached under the
-    fingerprints of their bundles, so a replaced bundle needs no invalidation:
-    the next selection names a new cache key.
+    digests of their stored bundles, so a replaced bundle needs no
+    invalidation: the next selection names a new cache key.
     """
 
     def __init__(self) -> None:
@@ -189,11 +202,38 @@ class Index:
         self.apply(Event(EventKind.PUT, key, value, 0))
 
     def replace_with(self, fresh: Index) -> None:
-        """Take over a freshly loaded index in one step (a full reload)."""
+        """Take over a freshly loaded index in one step (a full reload).
+
+        An entry that no longer parses keeps the version this index holds:
+        a reload must not drop a name to the default certificate because
+        someone damaged its file."""
+        for key in fresh.errors:
+            self._carry(key, fresh)
         self.apps, self.domains, self.certs = fresh.apps, fresh.domains, fresh.certs
         self.errors = fresh.errors
         self.revision = max(self.revision, fresh.revision)
         self.changes += 1
+
+    def _carry(self, key: str, fresh: Index) -> None:
+        if key.startswith(APPS):
+            name = key[len(APPS):]
+            if name in self.apps:
+                fresh.apps[name] = self.apps[name]
+        elif key.startswith(DOMAINS):
+            name = key[len(DOMAINS):]
+            if name in self.domains:
+                fresh.domains[name] = self.domains[name]
+        elif (parts := parse_cert_key(key)) is not None:
+            domain, source, key_type = parts
+            held = next((m for m in self.certs.get(domain, ()) if (m.source, m.key_type) == (source, key_type)),
+                        None)
+            if held is not None:
+                fresh.certs[domain] = fresh.certs.get(domain, _EMPTY).replaced(held)
+
+    def corrupted(self, limit: int = 100) -> dict[str, str]:
+        """Damaged store entries (key -> why), for ``/healthz`` and ``edge check``;
+        at most ``limit`` of them, in key order."""
+        return dict(sorted(self.errors.items())[:limit])
 
     def apply_watched(self, event: Event) -> None:
         """A change from the store's watch."""

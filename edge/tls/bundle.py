@@ -197,6 +197,51 @@ def _check_key_strength(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, pat
     return "ecdsa"
 
 
+def _check_covers(cert_names: tuple[str, ...], domain: str | None, cert_path: str) -> None:
+    if domain is not None and domain not in cert_names and not any(
+        names.covers(pattern, domain) for pattern in cert_names
+    ):
+        listed = ", ".join(cert_names) or "no DNS names"
+        raise BundleError(
+            f"{cert_path}: the certificate does not cover {domain} (it names {listed}); "
+            f"get one whose subjectAltName includes {domain}"
+            + ("" if names.is_wildcard(domain) else f" or *.{domain.split('.', 1)[1]}")
+        )
+
+
+def _check_validity(leaf: x509.Certificate, now: dt.datetime, cert_path: str) -> tuple[dt.datetime, dt.datetime]:
+    not_before = leaf.not_valid_before_utc
+    not_after = leaf.not_valid_after_utc
+    if now >= not_after:
+        raise BundleError(
+            f"{cert_path}: the certificate expired on {not_after:%Y-%m-%d %H:%M} UTC; "
+            "renew it with your CA and upload the new one"
+        )
+    if now < not_before:
+        raise BundleError(
+            f"{cert_path}: the certificate is not valid before {not_before:%Y-%m-%d %H:%M} UTC; "
+            "upload it from then on, or check this machine's clock"
+        )
+    return not_before, not_after
+
+
+def _trust_warnings(chain: list[x509.Certificate], self_signed: bool, cert_path: str) -> list[str]:
+    leaf = chain[0]
+    if self_signed:
+        return [f"{cert_path}: the certificate is self-signed ({leaf.subject.rfc4514_string()}); "
+                "browsers will not trust it"]
+    if len(chain) == 1:
+        # Browsers do not fetch a missing intermediate (most clients never do):
+        # the server must send it, and it can only send what was uploaded.
+        return [
+            f"{cert_path}: no intermediate certificate came with it: its issuer "
+            f"'{leaf.issuer.rfc4514_string()}' is not in the file, so clients that do not already hold "
+            "it will not trust the certificate; upload the full chain your CA gave (leaf first, then "
+            "its intermediates)"
+        ]
+    return []
+
+
 def validate(
     cert_pem: bytes,
     key_pem: bytes,
@@ -251,36 +296,11 @@ def validate(
         )
 
     cert_names = _dns_names(leaf)
-    subject = leaf.subject.rfc4514_string()
-    if domain is not None and domain not in cert_names and not any(
-        names.covers(pattern, domain) for pattern in cert_names
-    ):
-        listed = ", ".join(cert_names) or "no DNS names"
-        raise BundleError(
-            f"{cert_path}: the certificate does not cover {domain} (it names {listed}); "
-            f"get one whose subjectAltName includes {domain}"
-            + ("" if names.is_wildcard(domain) else f" or *.{domain.split('.', 1)[1]}")
-        )
-
-    now = now or dt.datetime.now(dt.UTC)
-    not_before = leaf.not_valid_before_utc
-    not_after = leaf.not_valid_after_utc
-    if now >= not_after:
-        raise BundleError(
-            f"{cert_path}: the certificate expired on {not_after:%Y-%m-%d %H:%M} UTC; "
-            "renew it with your CA and upload the new one"
-        )
-    if now < not_before:
-        raise BundleError(
-            f"{cert_path}: the certificate is not valid before {not_before:%Y-%m-%d %H:%M} UTC; "
-            "upload it from then on, or check this machine's clock"
-        )
+    _check_covers(cert_names, domain, cert_path)
+    not_before, not_after = _check_validity(leaf, now or dt.datetime.now(dt.UTC), cert_path)
 
     self_signed = leaf.issuer == leaf.subject and _signed_by(leaf, leaf)
-    if self_signed:
-        warnings.append(
-            f"{cert_path}: the certificate is self-signed ({subject}); browsers will not trust it"
-        )
+    warnings += _trust_warnings(chain, self_signed, cert_path)
 
     chain_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
     key_out = key.private_bytes(
@@ -300,3 +320,22 @@ def validate(
         self_signed=self_signed,
         warnings=tuple(warnings),
     )
+
+
+def stored_problem(pem: bytes) -> str | None:
+    """Why a stored bundle (chain then key, as ``Bundle.pem``) cannot be served, or None.
+
+    For ``edge check``: the index only reads the header of each bundle, so a
+    file damaged inside its PEM is found here (or at its first handshake)."""
+    try:
+        certs = x509.load_pem_x509_certificates(pem)
+    except ValueError as exc:
+        return f"the certificate PEM is damaged ({exc})"
+    start = pem.find(b"-----BEGIN", pem.rfind(b"-----END CERTIFICATE-----") + 1)
+    try:
+        key = serialization.load_pem_private_key(pem[start:], password=None, unsafe_skip_rsa_key_validation=True)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        return f"the private key is damaged ({exc})"
+    if _public_bytes(certs[0].public_key()) != _public_bytes(key.public_key()):
+        return "the private key does not match the first certificate"
+    return None

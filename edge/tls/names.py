@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import idna
+
+if TYPE_CHECKING:
+    from publicsuffixlist import PublicSuffixList
 
 # RFC 1123 §2.1 host name labels (letters, digits, hyphen; not starting or
 # ending with a hyphen), at most 63 octets each (RFC 1035 §2.3.4).
@@ -98,6 +102,33 @@ def covers(pattern: str, name: str) -> bool:
     if pattern == name:
         return True
     return is_wildcard(pattern) and wildcard_parent(name) == pattern
+
+
+@lru_cache(maxsize=1)
+def _public_suffixes() -> PublicSuffixList:
+    # Loaded on first use (~30 ms): the SNI path never needs it.
+    from publicsuffixlist import PublicSuffixList
+
+    return PublicSuffixList()
+
+
+def public_suffix_problem(pattern: str) -> str | None:
+    """Why ``pattern`` (canonical, maybe a wildcard) cannot be a customer's domain, or None.
+
+    A public suffix (``co.uk``, ``github.io``: the Public Suffix List, private
+    section included) is shared by unrelated owners: attaching it, or the
+    wildcard right under it (``*.co.uk``), would let one app claim names that
+    belong to everyone registering under that suffix.
+    """
+    bare = pattern[2:] if is_wildcard(pattern) else pattern
+    if _public_suffixes().is_public(bare):
+        if is_wildcard(pattern):
+            return (f"{pattern} is a wildcard of the public suffix {bare} (Public Suffix List): it would "
+                    f"cover every domain registered under {bare}; attach your own domain, e.g. "
+                    f"*.example.{bare}")
+        return (f"{pattern} is a public suffix (Public Suffix List), under which anyone registers domains; "
+                f"attach a domain registered under it, e.g. example.{bare}")
+    return None
 
 
 def is_under(name: str, domain: str) -> bool:

@@ -39,7 +39,7 @@ DEFAULT = Choice(Source.DEFAULT)
 
 
 def _choice(source: Source, bundles: tuple[CertMeta, ...]) -> Choice:
-    key = tuple(f"{b.store_key}#{b.fingerprint}" for b in bundles)
+    key = tuple(f"{b.store_key}#{b.digest:x}" for b in bundles)
     return Choice(source, bundles, key)
 
 
@@ -68,8 +68,12 @@ class Selector:
             return None if self.strict_sni else DEFAULT
         when = time.time() if now is None else now
         certs = self.index.certs
+        domains = self.index.domains
         held = certs.get(name)
-        if held is not None:
+        # Only certificates of attached domains are served: one whose domain
+        # entry is gone (a removal killed midway, a hand edit) is listed
+        # nowhere, so it must not be served either (`edge check` names it).
+        if held is not None and name in domains:
             # 1. a valid custom certificate of that exact domain
             if bundles := held.valid("custom", when):
                 return _choice(Source.CUSTOM, bundles)
@@ -78,7 +82,8 @@ class Selector:
                 return _choice(Source.ACME, bundles)
         # 3. a valid custom certificate of the wildcard one label up
         parent = names.wildcard_parent(name)
-        if parent is not None and (wild := certs.get(parent)) is not None and (bundles := wild.valid("custom", when)):
+        if (parent is not None and (wild := certs.get(parent)) is not None and parent in domains
+                and (bundles := wild.valid("custom", when))):
             return _choice(Source.WILDCARD, bundles)
         # 4. the platform certificate for the platform domain and one label under
         platform = self.platform_domain

@@ -4,6 +4,11 @@ Pebble validates challenges by connecting to the name's address on the
 ports it is configured with; challtestsrv answers every name with
 127.0.0.1 (and no IPv6 address), so Pebble reaches the edge under test on
 ``http_port`` (HTTP-01) and ``tls_port`` (TLS-ALPN-01).
+
+The Pebble used is the current one, with ARI (RFC 9773) and profiles, from
+``../shared/tools/pebble/`` beside the repository (``EDGE_PEBBLE_DIR``
+overrides). ``debian=True`` runs Debian's pebble 2.4 instead: a CA without
+``renewalInfo`` and without profiles.
 """
 
 from __future__ import annotations
@@ -20,12 +25,39 @@ import trustme
 
 from tests.integration.conftest import free_port, require_tool
 
+DAY = 86400
+PROFILES = {"default": 90 * DAY, "shortlived": 6 * DAY}  # as Pebble's shipped config
+
+
+def pebble_dir() -> Path:
+    """The current Pebble's directory: ``$EDGE_PEBBLE_DIR`` or ``<repo>/../shared/tools/pebble``."""
+    override = os.environ.get("EDGE_PEBBLE_DIR")
+    where = Path(override) if override else Path(__file__).resolve().parents[3] / "shared" / "tools" / "pebble"
+    if not (where / "pebble").is_file():
+        raise AssertionError(f"no Pebble at {where}: the current Pebble (ARI, profiles) is expected in "
+                             "../shared/tools/pebble beside the repository, or set EDGE_PEBBLE_DIR")
+    return where
+
+
+def _toml(value: object) -> str:
+    """A TOML value: JSON's scalars and arrays, inline tables for dicts."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(value)
+
 
 class Pebble:
-    def __init__(self, root: Path, *, validity: int | None = None, nonce_reject: int = 0) -> None:
+    def __init__(self, root: Path, *, validity: int | None = None, nonce_reject: int = 0,
+                 debian: bool = False, profiles: tuple[str, ...] = ("default",),
+                 validates: Pebble | None = None) -> None:
+        """``validates``: validate challenges on the same ports as that Pebble (one edge, two CAs)."""
         self.root = root
+        self.debian = debian
         root.mkdir(parents=True, exist_ok=True)
-        self.http_port, self.tls_port = free_port(), free_port()
+        self.http_port, self.tls_port = (validates.http_port, validates.tls_port) if validates else (
+            free_port(), free_port())
         self.acme_port, self.management_port = free_port(), free_port()
         self.dns_port, self.dns_management_port = free_port(), free_port()
         # Pebble's own HTTPS certificate, from a CA edge is told to trust (ca_bundle).
@@ -46,8 +78,14 @@ class Pebble:
             "ocspResponderURL": "",
             "externalAccountBindingRequired": False,
         }
-        if validity is not None:
-            settings["certificateValidityPeriod"] = validity
+        if debian:
+            if validity is not None:
+                settings["certificateValidityPeriod"] = validity
+        else:
+            # Pebble gives an order without a profile a random one: offer one unless told.
+            periods = dict(PROFILES, default=validity or PROFILES["default"])
+            settings["profiles"] = {name: {"description": name, "validityPeriod": periods[name]}
+                                    for name in profiles}
         (root / "pebble.json").write_text(json.dumps({"pebble": settings}))
         self.env = dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_AUTHZREUSE="0",
                         PEBBLE_WFE_NONCEREJECT=str(nonce_reject))
@@ -62,23 +100,31 @@ class Pebble:
         """The ``[acme]`` table pointing an edge at this Pebble."""
         settings = {"enabled": True, "directory": self.directory, "ca_bundle": str(self.ca_bundle),
                     "backoff_min": 2, **acme}
-        return "[acme]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
+        return "[acme]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in settings.items())
 
     def listen_config(self, text: str) -> str:
         """An EdgeProcess config rewritten to listen where Pebble validates."""
         return (text.replace('https = ["127.0.0.1:0"]', f'https = ["127.0.0.1:{self.tls_port}"]')
                 .replace('http = ["127.0.0.1:0"]', f'http = ["127.0.0.1:{self.http_port}"]'))
 
+    def _tool(self, name: str) -> str:
+        return require_tool(name) if self.debian else str(pebble_dir() / name)
+
     def start(self) -> None:
+        """Start (or start again, on the same ports: a new root and an empty database)."""
+        self.procs = []
+        self._root = None
         log = open(self.root / "pebble.log", "ab")  # noqa: SIM115 - the processes own it
         self.procs.append(subprocess.Popen(
-            [require_tool("pebble-challtestsrv"), "-dns01", f"127.0.0.1:{self.dns_port}",
+            [self._tool("pebble-challtestsrv"),
+             "-dnsserver" if not self.debian else "-dns01", f"127.0.0.1:{self.dns_port}",
+             *(() if self.debian else ("-doh", "")),
              "-http01", "", "-https01", "", "-tlsalpn01", "", "-defaultIPv6", "",
              "-management", f"127.0.0.1:{self.dns_management_port}"],
             stdout=log, stderr=subprocess.STDOUT,
         ))
         self.procs.append(subprocess.Popen(
-            [require_tool("pebble"), "-config", str(self.root / "pebble.json"),
+            [self._tool("pebble"), "-config", str(self.root / "pebble.json"),
              "-dnsserver", f"127.0.0.1:{self.dns_port}"],
             stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.root,
         ))
@@ -100,6 +146,14 @@ class Pebble:
                 proc.wait(5)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+    def set_renewal_info(self, cert_pem: bytes, answer: str) -> None:
+        """Pebble's management API: what ``renewalInfo`` answers for this certificate (RFC 9773 §4.2)."""
+        body = json.dumps({"Certificate": cert_pem.decode(), "ARIResponse": answer}).encode()
+        request = urllib.request.Request(f"https://localhost:{self.management_port}/set-renewal-info/",
+                                         data=body, method="POST")
+        with urllib.request.urlopen(request, timeout=5, context=self._client_ctx):
+            pass
 
     def _get(self, url: str) -> bytes:
         with urllib.request.urlopen(url, timeout=5, context=self._client_ctx) as response:

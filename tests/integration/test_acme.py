@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import trustme
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from tests import pki
@@ -123,7 +124,8 @@ def test_http01_first_issuance(tmp_path: Path, pebble: Pebble, backend: str, edg
     edge.cli("domains-add", "www.shop.test", "--app", "shop")
 
     leaf = wait_for(lambda: pebble_leaf(edge, pebble, "www.shop.test"), timeout=ISSUANCE, interval=0.2)
-    assert leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == "www.shop.test"
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["www.shop.test"]
     assert edge.handshake("www.shop.test") != before
     # Served and proxied like any certificate: the app answers through it.
     assert edge.status("www.shop.test") == 200
@@ -172,7 +174,8 @@ def test_acme_tls_without_a_pending_challenge_is_refused(tmp_path: Path, pebble:
 # --- renewal ----------------------------------------------------------------------------
 
 def test_renewal_at_two_thirds_of_the_lifetime(tmp_path: Path, pebble_factory, backend: str, edges: list) -> None:
-    pebble = pebble_factory(validity=15)  # renewed 10 s into its life
+    # Debian's Pebble has no renewalInfo (RFC 9773): the lifetime rule decides.
+    pebble = pebble_factory(validity=15, debian=True)  # renewed 10 s into its life
     edge = start_edge(tmp_path / "edge", pebble, backend, edges)
     edge.cli("domains-add", "renew.shop.test", "--app", "shop")
     first = wait_for(lambda: pebble_leaf(edge, pebble, "renew.shop.test"), timeout=ISSUANCE, interval=0.2)
@@ -356,14 +359,18 @@ def _files(write_pem, pem: pki.Pem) -> list[str]:
 
 
 def test_fleet_on_etcd_orders_once_and_answers_from_any_node(
-        tmp_path: Path, pebble: Pebble, backend: str, edges: list, etcd: Etcd) -> None:
+        tmp_path: Path, pebble_factory, backend: str, edges: list, etcd: Etcd) -> None:
     """Two nodes on one etcd: account key, locks, challenge answers (under a
     lease) and certificates all go through etcd. Only node a is where Pebble
-    validates, so whenever node b orders, a answers b's challenge."""
+    validates, so whenever node b orders, a answers b's challenge. 6-day
+    certificates, renewal information asked every 1-2 s by both nodes, and the
+    CA asking for early renewal of all of them: still one order per renewal."""
+    pebble = pebble_factory(profiles=("default", "shortlived"))
     nodes = []
     for name, listen in (("a", True), ("b", False)):
         node = etcd_node(tmp_path / name, etcd)
-        text = node.config.read_text() + pebble.edge_config(challenges=["tls-alpn-01", "http-01"])
+        text = node.config.read_text() + pebble.edge_config(challenges=["tls-alpn-01", "http-01"],
+                                                            profile="shortlived", **ARI_FAST)
         node.config.write_text(pebble.listen_config(text) if listen else text)
         nodes.append(node)
     a, b = nodes
@@ -388,3 +395,180 @@ def test_fleet_on_etcd_orders_once_and_answers_from_any_node(
     print(f"orders by node: {ordered_by}")
     # The account key was made once: exactly one node says so.
     assert (a.log + b.log).decode(errors="replace").count("account key created") == 1
+
+    # The CA moves every window into the past: each certificate is replaced once, by one node.
+    first = {n: pebble_leaf(a, pebble, f"etcd{n}.shop.test") for n in range(4)}
+    for leaf in first.values():
+        pebble.set_renewal_info(leaf_pem(leaf), window(-dt.timedelta(hours=2), -dt.timedelta(hours=1)))
+    for n in range(4):
+        for node in nodes:
+            renewed(node, pebble, f"etcd{n}.shop.test", first[n])
+    time.sleep(3)  # more renewal-information rounds on both nodes: nothing more is ordered
+    for n in range(4):
+        counts = {name: issued_count(node, f"etcd{n}.shop.test") for name, node in (("a", a), ("b", b))}
+        assert sum(counts.values()) == 2, (n, counts)
+    assert (pebble.root / "pebble.log").read_text().count("is a replacement of") == 4
+
+
+# --- renewal information (RFC 9773), profiles, a second CA ---------------------------------
+
+ARI_FAST = {"ari_min": 1, "ari_max": 2}  # renewalInfo asked every 1-2 s (1 h to 1 day in production)
+
+
+def leaf_pem(leaf: x509.Certificate) -> bytes:
+    return leaf.public_bytes(serialization.Encoding.PEM)
+
+
+def window(start: dt.timedelta, end: dt.timedelta) -> str:
+    """A RenewalInfo answer (RFC 9773 §4.2) for a window relative to now."""
+    now = dt.datetime.now(dt.UTC)
+    stamp = lambda delta: (now + delta).strftime("%Y-%m-%dT%H:%M:%SZ")  # noqa: E731
+    return json.dumps({"suggestedWindow": {"start": stamp(start), "end": stamp(end)}})
+
+
+def renewed(edge: EdgeProcess, pebble: Pebble, name: str, before: x509.Certificate,
+            timeout: float = ISSUANCE) -> x509.Certificate:
+    return wait_for(lambda: (leaf := pebble_leaf(edge, pebble, name)) is not None
+                    and leaf.serial_number != before.serial_number and leaf, timeout=timeout, interval=0.1)
+
+
+def plan(edge: EdgeProcess, domain: str) -> dict:
+    """The state's plan for the ECDSA certificate, with the listing's summary of it."""
+    state = acme_state(edge, domain) or {}
+    return dict((state.get("plans") or {}).get("ecdsa") or {}, reason=state.get("renewal_reason"))
+
+
+def test_ari_window_in_the_future_is_waited_for_then_a_past_one_renews_with_replaces(
+        tmp_path: Path, pebble: Pebble, backend: str, edges: list) -> None:
+    admin = free_port()
+    edge = start_edge(tmp_path / "edge", pebble, backend, edges, admin_port=admin, **ARI_FAST)
+    edge.cli("domains-add", "ari.shop.test", "--app", "shop")
+    first = wait_for(lambda: pebble_leaf(edge, pebble, "ari.shop.test"), timeout=ISSUANCE, interval=0.1)
+    # Pebble's window for a 90-day certificate: a day either side of two thirds of its life.
+    ideal = first.not_valid_after_utc - (first.not_valid_after_utc - first.not_valid_before_utc) / 3
+    wait_for(lambda: plan(edge, "ari.shop.test").get("reason") == "ari", timeout=10, interval=0.1)
+    planned = dt.datetime.fromtimestamp(plan(edge, "ari.shop.test")["renew_at"], dt.UTC)
+    assert ideal - dt.timedelta(days=1, seconds=2) <= planned <= ideal + dt.timedelta(days=1, seconds=2)
+    assert "(the CA's ARI window)" in edge.cli("domains").stdout
+    # A window in the future, asked again every 1-2 s: nothing is ordered early.
+    pebble.set_renewal_info(leaf_pem(first), window(dt.timedelta(days=20), dt.timedelta(days=21)))
+    time.sleep(4)
+    assert issued_count(edge, "ari.shop.test") == 1
+    moved = dt.datetime.fromtimestamp(plan(edge, "ari.shop.test")["renew_at"], dt.UTC)
+    assert dt.timedelta(days=19.9) <= moved - dt.datetime.now(dt.UTC) <= dt.timedelta(days=21)
+    metrics = edge.curl(f"http://127.0.0.1:{admin}/metrics").stdout
+    assert "edge_acme_renewals_overdue 0.0" in metrics and "edge_acme_next_renewal_seconds" in metrics
+    # The CA moves the window into the past: renewed within one Retry-After period.
+    pebble.set_renewal_info(leaf_pem(first), window(-dt.timedelta(hours=2), -dt.timedelta(hours=1)))
+    moved_at = time.monotonic()
+    second = renewed(edge, pebble, "ari.shop.test", first)
+    acted = time.monotonic() - moved_at
+    assert acted < 2 + 10, acted  # ari_max, plus the order itself
+    assert issued_count(edge, "ari.shop.test") == 2
+    # The order said which certificate it replaces, and Pebble accepted it (RFC 9773 §5).
+    assert "replacing " in edge.log.decode(errors="replace")
+    assert "is a replacement of" in (pebble.root / "pebble.log").read_text()
+    assert plan(edge, "ari.shop.test")["fingerprint"] != ""
+    print(f"ARI window moved into the past: renewed {acted:.1f} s later")
+    del second
+
+
+def test_malformed_ari_answer_falls_back_to_the_lifetime_rule_and_is_asked_again(
+        tmp_path: Path, pebble: Pebble, backend: str, edges: list) -> None:
+    edge = start_edge(tmp_path / "edge", pebble, backend, edges, **ARI_FAST)
+    edge.cli("domains-add", "bad-ari.shop.test", "--app", "shop")
+    first = wait_for(lambda: pebble_leaf(edge, pebble, "bad-ari.shop.test"), timeout=ISSUANCE, interval=0.1)
+    pebble.set_renewal_info(leaf_pem(first), "{not json")
+    wait_for(lambda: plan(edge, "bad-ari.shop.test").get("reason") == "lifetime", timeout=10, interval=0.1)
+    lifetime = first.not_valid_after_utc - first.not_valid_before_utc
+    two_thirds = (first.not_valid_before_utc + lifetime * 2 / 3).timestamp()
+    assert abs(plan(edge, "bad-ari.shop.test")["renew_at"] - two_thirds) < 2
+    assert "(2/3 of its lifetime)" in edge.cli("domains").stdout
+    assert "renewal information for bad-ari.shop.test" in edge.log.decode(errors="replace")
+    # An invalid window (its end before its start, RFC 9773 §4.2) is no better.
+    pebble.set_renewal_info(leaf_pem(first), window(dt.timedelta(days=2), dt.timedelta(days=1)))
+    wait_for(lambda: "window ends before it starts" in edge.log.decode(errors="replace"), timeout=10, interval=0.1)
+    assert plan(edge, "bad-ari.shop.test")["reason"] == "lifetime"
+    # Still asked: once the CA answers properly (a window in the past), it is acted on.
+    pebble.set_renewal_info(leaf_pem(first), window(-dt.timedelta(hours=2), -dt.timedelta(hours=1)))
+    renewed(edge, pebble, "bad-ari.shop.test", first)
+    assert edge.proc is not None and edge.proc.poll() is None  # never fatal
+
+
+def test_shortlived_profile_gives_six_day_certificates_renewed_within_them(
+        tmp_path: Path, pebble_factory, backend: str, edges: list) -> None:
+    pebble = pebble_factory(profiles=("default", "shortlived"))
+    admin = free_port()
+    edge = start_edge(tmp_path / "edge", pebble, backend, edges, admin_port=admin, profile="shortlived")
+    edge.cli("domains-add", "short.shop.test", "--app", "shop")
+    leaf = wait_for(lambda: pebble_leaf(edge, pebble, "short.shop.test"), timeout=ISSUANCE, interval=0.1)
+    lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
+    assert abs(lifetime - dt.timedelta(days=6)) <= dt.timedelta(seconds=1), lifetime  # notAfter is inclusive
+    wait_for(lambda: plan(edge, "short.shop.test").get("reason") == "ari", timeout=10, interval=0.1)
+    planned = dt.datetime.fromtimestamp(plan(edge, "short.shop.test")["renew_at"], dt.UTC)
+    # Inside its 6 days (Pebble's window: days 3 to 5), not the 60 days of a 90-day one.
+    assert leaf.not_valid_before_utc + dt.timedelta(days=2.9) <= planned <= leaf.not_valid_after_utc
+    # The gauges are recomputed in the background every second (for a small fleet).
+    metrics = wait_for(lambda: (text := edge.curl(f"http://127.0.0.1:{admin}/metrics").stdout)
+                       and "edge_acme_next_renewal_seconds " in text and text, timeout=5, interval=0.2)
+    soonest = float(next(line.split()[1] for line in metrics.splitlines()
+                         if line.startswith("edge_acme_next_renewal_seconds ")))
+    assert 2 * 86400 < soonest < 5 * 86400, soonest
+    assert 'edge_acme_planned_renewals{reason="ari"} 1.0' in metrics
+    listing = edge.cli("domains").stdout
+    print(listing)
+    assert "(the CA's ARI window); from " + pebble.directory in listing
+    assert row(edge, "short.shop.test")["status"] == "ok"  # 6 days left is not "expiring" for a 6-day certificate
+
+
+def test_unknown_profile_is_refused_naming_the_offered_ones(tmp_path: Path, pebble_factory, backend: str,
+                                                             edges: list) -> None:
+    pebble = pebble_factory(profiles=("default", "shortlived"))
+    edge = start_edge(tmp_path / "edge", pebble, backend, edges, profile="weekly")
+    said = "[acme] profile 'weekly' is not offered by " + pebble.directory + "; it offers: default, shortlived"
+    wait_for(lambda: said in edge.log.decode(errors="replace"), timeout=10, interval=0.1)
+    edge.cli("domains-add", "weekly.shop.test", "--app", "shop")
+    wait_for(lambda: (acme_state(edge, "weekly.shop.test") or {}).get("state") == "failed",
+             timeout=ISSUANCE, interval=0.1)
+    assert said in acme_state(edge, "weekly.shop.test")["last_error"]
+    assert "/order-plz" not in (pebble.root / "pebble.log").read_text()  # nothing was ordered
+
+
+def test_second_ca_when_the_first_is_down_and_back_to_the_first(
+        tmp_path: Path, pebble_factory, backend: str, edges: list) -> None:
+    primary = pebble_factory(profiles=("default", "shortlived"))
+    fallback = pebble_factory(validates=primary)  # its own root, the same edge to validate; no shortlived
+    edge = start_edge(tmp_path / "edge", primary, backend, edges, **ARI_FAST, profile="shortlived",
+                      fallback_directories=[{"directory": fallback.directory, "ca_bundle": str(fallback.ca_bundle)}])
+    primary.roots_pem()  # kept: the root it issued under while it ran
+    primary.stop()
+    edge.cli("domains-add", "second.shop.test", "--app", "shop")
+    from_fallback = wait_for(lambda: pebble_leaf(edge, fallback, "second.shop.test"), timeout=ISSUANCE, interval=0.1)
+    assert pebble_leaf(edge, primary, "second.shop.test") is None  # chains to the fallback's root only
+    log = edge.log.decode(errors="replace")
+    assert f"{primary.directory} could not issue for second.shop.test" in log and "cannot reach" in log
+    # The fallback has no "shortlived": its default (90 days here) keeps the domain served.
+    assert f"{fallback.directory} does not offer the profile 'shortlived'" in log
+    assert from_fallback.not_valid_after_utc - from_fallback.not_valid_before_utc > dt.timedelta(days=80)
+    listing = row(edge, "second.shop.test")["acme"]
+    assert listing["state"] == "valid" and listing["plans"]["ecdsa"]["issuer"] == fallback.directory
+    assert f"from {fallback.directory}" in edge.cli("domains").stdout
+    header = (edge.root / "store" / "certs" / "acme-ecdsa" / "second.shop.test.pem").read_bytes().split(b"\n")[0]
+    assert json.loads(header)["issuer"] == fallback.directory
+    assert (edge.root / "store" / "acme" / "account.dat").exists()  # one account key per CA
+    assert len(list((edge.root / "store" / "acme").glob("account-*.dat"))) == 1
+
+    # The primary is back; the fallback asks for early renewal: the renewal goes to the primary.
+    primary.start()
+    fallback.set_renewal_info(leaf_pem(from_fallback), window(-dt.timedelta(hours=2), -dt.timedelta(hours=1)))
+    back = wait_for(lambda: pebble_leaf(edge, primary, "second.shop.test"), timeout=ISSUANCE, interval=0.1)
+    assert back.not_valid_after_utc - back.not_valid_before_utc < dt.timedelta(days=6, seconds=2)  # shortlived
+    wait_for(lambda: row(edge, "second.shop.test")["acme"]["state"] == "valid", timeout=10, interval=0.1)
+    assert row(edge, "second.shop.test")["acme"]["plans"]["ecdsa"]["issuer"] == primary.directory
+    assert issued_count(edge, "second.shop.test") == 2
+    # The primary goes down again: its last window for the certificate still stands.
+    wait_for(lambda: plan(edge, "second.shop.test").get("reason") == "ari", timeout=10, interval=0.1)
+    planned = plan(edge, "second.shop.test")["renew_at"]
+    primary.stop()
+    wait_for(lambda: "keeping the CA's last window" in edge.log.decode(errors="replace"), timeout=10, interval=0.1)
+    assert plan(edge, "second.shop.test")["renew_at"] == planned and issued_count(edge, "second.shop.test") == 2

@@ -1,5 +1,5 @@
-"""The ACME manager's policy (SPEC §2, §7) as pure functions, and the
-TLS-ALPN-01 validation certificate (RFC 8737 §3)."""
+"""The ACME renewal policy (SPEC §2, §7) as pure functions, the manager's
+bookkeeping, and the TLS-ALPN-01 validation certificate (RFC 8737 §3)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from edge.acme.client import ACME_IDENTIFIER_OID, tls_alpn_certificate
-from edge.acme.manager import STANDBY_BEFORE, DomainStatus, backoff, needs, renew_at
+from edge.acme.renewal import STANDBY_BEFORE, DomainStatus, backoff, needs, renew_at
 from edge.store.index import CertMeta, DomainCerts
 
 DAY = 86400.0
@@ -99,7 +99,8 @@ def test_failed_state_is_cleared_once_a_custom_certificate_serves(tmp_path):
     import asyncio
     import time
 
-    from edge.acme.manager import AcmeManager, status_key
+    from edge.acme.manager import AcmeManager
+    from edge.acme.orders import status_key
     from edge.config import AcmeConfig
     from edge.store.file import FileStore
     from edge.store.index import Index
@@ -163,14 +164,67 @@ def test_orders_per_hour_is_a_ceiling(tmp_path):
 
     async def run() -> None:
         manager = AcmeManager(AcmeConfig(enabled=True, orders_per_hour=2), FileStore(tmp_path), Index())
-        await manager._within_rate_limit()
-        await manager._within_rate_limit()
+        orders = manager.orders
+        await orders._within_rate_limit()
+        await orders._within_rate_limit()
         with pytest.raises(TimeoutError):  # the third order of the hour waits
-            await asyncio.wait_for(manager._within_rate_limit(), 0.3)
+            await asyncio.wait_for(orders._within_rate_limit(), 0.3)
         # An hour later the budget is back.
-        manager._recent_orders.clear()
-        manager._recent_orders.extend([time.time() - 3700, time.time() - 3650])
-        await asyncio.wait_for(manager._within_rate_limit(), 0.3)
-        assert len(manager._recent_orders) == 1
+        orders._recent_orders.clear()
+        orders._recent_orders.extend([time.time() - 3700, time.time() - 3650])
+        await asyncio.wait_for(orders._within_rate_limit(), 0.3)
+        assert len(orders._recent_orders) == 1
+
+    asyncio.run(run())
+
+
+def test_renewal_gauges_are_aggregates_without_a_label_per_domain(tmp_path):
+    from edge.acme.manager import AcmeManager
+    from edge.config import AcmeConfig
+    from edge.store.file import FileStore
+    from edge.store.index import Index
+
+    manager = AcmeManager(AcmeConfig(enabled=True), FileStore(tmp_path), Index())
+    now = NOW
+    manager._planned = {
+        "a.example.com": (now + 100, "ari", now + 100),
+        "b.example.com": (now + 60, "retry", now - 2 * 3600),  # its renewal failed 2 h ago: overdue
+        "c.example.com": (now + 3 * DAY, "lifetime", now + 3 * DAY),
+        "d.example.com": (now - 600, "ari", now - 600),  # due 10 minutes ago: late, not yet overdue
+    }
+    gauges = manager.renewal_gauges(now)
+    assert gauges == {"next": -600, "overdue": 1, "reason_ari": 2, "reason_lifetime": 1, "reason_retry": 1}
+    manager._planned.clear()
+    assert manager.renewal_gauges(now + 1) == gauges  # kept a while: a scrape does not walk every domain
+    assert "next" not in manager.renewal_gauges(now + 60)  # run() refreshes it every 30 s
+
+
+def test_a_scan_with_everything_due_starts_a_bounded_number_of_turns(tmp_path):
+    """After an upgrade every certificate's renewal information is due at once: the
+    manager keeps a queue of names, not a task per domain."""
+    import asyncio
+    import time
+
+    from edge.acme.manager import MAX_TURNS, SCAN_CHUNK, AcmeManager
+    from edge.config import AcmeConfig
+    from edge.store.file import FileStore
+    from edge.store.index import Index
+
+    async def run() -> None:
+        index = Index()
+        now = time.time()
+        for n in range(SCAN_CHUNK - 1):  # one scan chunk: nothing runs before the counts are read
+            name = f"d{n}.example.com"
+            index.domains[name] = "shop"
+            index.certs[name] = held(CertMeta(name, "acme", "ecdsa", now - DAY, now + 89 * DAY, f"fp{n}"))
+        manager = AcmeManager(AcmeConfig(enabled=True, directory="https://127.0.0.1:1/dir"), FileStore(tmp_path),
+                              index)
+        await manager._scan()
+        assert len(manager._running) == len(manager._tasks) == MAX_TURNS
+        assert len(manager._waiting) == len(manager._waiting_set) == SCAN_CHUNK - 1 - MAX_TURNS
+        for task in list(manager._tasks):
+            task.cancel()
+        await asyncio.sleep(0)
+        manager._pool.shutdown(wait=False, cancel_futures=True)
 
     asyncio.run(run())
