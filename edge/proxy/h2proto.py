@@ -75,7 +75,7 @@ class H2ProxyProtocol(asyncio.BufferedProtocol):
             self.h2.close()
         self.flush_now()
         self._idle_since = self._loop.time()
-        self._timer = self._loop.call_later(_TICK, self._tick)
+        self._schedule(self._idle_since + self.config.request_head_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
@@ -159,6 +159,10 @@ class H2ProxyProtocol(asyncio.BufferedProtocol):
     def now(self) -> float:
         return self._loop.time()
 
+    def watch(self) -> None:
+        """A stream has a deadline now: ticks every second from here on."""
+        self._schedule(self._loop.time() + _TICK)
+
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = self._loop.create_task(coro)
         tasks = self.ctx.tasks
@@ -197,6 +201,8 @@ class H2ProxyProtocol(asyncio.BufferedProtocol):
 
     # --- time, shutdown ---------------------------------------------------------------------
     def _tick(self) -> None:
+        """Streams in flight: their deadlines, every second. None: sleep until the
+        idle deadline (an idle connection costs no timer callback per second)."""
         self._timer = None
         if self._closing or self.transport is None:
             return
@@ -205,12 +211,24 @@ class H2ProxyProtocol(asyncio.BufferedProtocol):
             for exchange in [e for e in self.exchanges.values() if e.deadline and now >= e.deadline]:
                 exchange.timed_out()
             self.flush()
-        elif now - self._idle_since >= (self.config.idle_timeout if self._served else self.config.request_head_timeout):
+            self._schedule(now + _TICK)
+            return
+        idle_for = self.config.idle_timeout if self._served else self.config.request_head_timeout
+        if now - self._idle_since >= idle_for:
             # Idle (or a new connection that never asked anything).
             self.h2.close()  # GOAWAY with the last stream id (RFC 9113 §6.8), then close
             self._close()
             return
-        self._timer = self._loop.call_later(_TICK, self._tick)
+        self._schedule(self._idle_since + idle_for)
+
+    def _schedule(self, when: float) -> None:
+        """The next tick at ``when``, or sooner if one is already due sooner."""
+        timer = self._timer
+        if timer is not None:
+            if timer.when() <= when:
+                return
+            timer.cancel()
+        self._timer = self._loop.call_at(when, self._tick)
 
     def drain(self) -> None:
         """Shutdown: GOAWAY now; close once the streams in flight are done."""

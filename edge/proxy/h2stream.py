@@ -161,6 +161,7 @@ class H2Exchange:
         if not conn.reused:
             self.retry_head = b""
         self.deadline = self.proto.now() + self.proto.config.response_timeout  # the connection's tick checks it
+        self.proto.watch()
 
     def request_body(self, data: bytes, end: bool) -> None:
         n = len(data)

@@ -78,6 +78,11 @@ class BackendConnection(asyncio.BufferedProtocol):
         """Own the connection for one exchange; ``head_only`` for HEAD requests."""
         self.sink = sink
         self._head_only = head_only
+        if self.reused and self.transport is not None:
+            # The previous owner may have paused it (its client was slow) and let
+            # it go with its response complete in the same read: a new exchange
+            # starts reading.
+            self.transport.resume_reading()
         if self._parser is None:
             # One parser serves every response of a keep-alive connection;
             # only a HEAD answer (no body despite its Content-Length) spends it.
