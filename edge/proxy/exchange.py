@@ -149,6 +149,27 @@ def _request_header(exchange: Exchange, name: bytes) -> str:
     return ""
 
 
+# Answers after which the request stream cannot be trusted: malformed (400), too
+# slow (408), too long (414, 431). The connection closes with them.
+CLOSING_STATUSES = frozenset({400, 408, 414, 431})
+
+
+def keeps_alive(exchange: Exchange, draining: bool, status: int = 0) -> bool:
+    """Whether the connection stays open after this exchange's answer: the one
+    rule for every answer on an HTTP/1.x connection (forwarded, error, redirect,
+    challenge). Not when the client or a shutdown says so, not after a request
+    that asked to upgrade (its parser is spent), not after a status that ends
+    trust in the stream, not while the request body is still unread (reading a
+    body nobody wants costs more than a new connection)."""
+    return (
+        exchange.keep_alive
+        and not draining
+        and not exchange.upgrade
+        and status not in CLOSING_STATUSES
+        and (exchange.request_done or not exchange.body_expected)
+    )
+
+
 def log_access(exchange: Exchange, client_ip: bytes, tls_version: str, cert_source: str) -> None:
     """One line per request (SPEC §5); never bodies or keys, and of the
     headers only User-Agent and Referer (what log tools expect)."""

@@ -10,7 +10,7 @@ import time
 from typing import TYPE_CHECKING
 
 from edge.proxy import h1
-from edge.proxy.exchange import Exchange
+from edge.proxy.exchange import Exchange, keeps_alive
 from edge.proxy.upstream import UpstreamError
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ class ResponseSide:
         exchange.responded = True
         exchange.status = status
         exchange.retry_head = b""
-        client_keep_alive = exchange.keep_alive and not self.ctx.draining and not exchange.upgrade
+        client_keep_alive = keeps_alive(exchange, self.ctx.draining)
         no_body = exchange.method == b"HEAD" or status in (204, 304)
         if no_body or (content_length is not None and not chunked):
             out_chunked, out_length = False, content_length
