@@ -26,10 +26,12 @@ test:
 	scripts/provision.sh
 	@$(MAKE) --no-print-directory $(STAMP)
 	$(BIN)/ruff check edge tests benchmarks
+	$(BIN)/lint-imports
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check edge tests benchmarks
+	$(BIN)/lint-imports
 
 check: $(STAMP)
 	$(BIN)/edge check --config $(CONFIG)

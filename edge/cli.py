@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from edge import config as config_mod
+from edge import names
 from edge.operations import OperationError, Operations, Result, Upload, acme_summary
 from edge.store.base import CERTS, Store, StoreError
 from edge.store.index import Index, split_bundle
 from edge.store.open import open_store
 from edge.tls import bundle as bundles
-from edge.tls import names
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2

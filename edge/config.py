@@ -7,24 +7,24 @@ Unknown keys are errors: a typo must not silently fall back to a default.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from edge import names
 from edge.acme.settings import AcmeConfig as AcmeConfig  # [acme] lives with the ACME code
 from edge.acme.settings import CaEndpoint as CaEndpoint
 from edge.acme.settings import parse_acme
-from edge.tls import names
+from edge.toml_tables import ConfigError as ConfigError  # raised by every parser here, caught by callers
+from edge.toml_tables import Source, Table, join
 
 DEFAULT_CONFIG = Path("config/edge.toml")
-
-
-class ConfigError(ValueError):
-    """A configuration error, with ``file:line:`` in front when known."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,38 +133,6 @@ class Config:
 # --- parsing helpers -------------------------------------------------------------
 
 
-class _Source:
-    """Finds the line of a key in the TOML text, for error messages."""
-
-    def __init__(self, path: Path, text: str) -> None:
-        self.path = path
-        self.lines = text.splitlines()
-
-    def line_of(self, table: str, key: str | None = None) -> int | None:
-        header = re.compile(r"^\s*\[\s*" + re.escape(table) + r"\s*\]")
-        any_header = re.compile(r"^\s*\[")
-        key_re = re.compile(r"^\s*" + re.escape(key) + r"\s*=") if key else None
-        inside = False
-        for number, line in enumerate(self.lines, 1):
-            if header.match(line):
-                inside = True
-                if key_re is None:
-                    return number
-                continue
-            if any_header.match(line):
-                inside = False
-                continue
-            if inside and key_re is not None and key_re.match(line):
-                return number
-        return None
-
-    def error(self, table: str, key: str | None, message: str) -> ConfigError:
-        line = self.line_of(table, key)
-        where = f"{self.path}:{line}" if line else str(self.path)
-        name = f"[{table}] {key}" if key else f"[{table}]"
-        return ConfigError(f"{where}: {name}: {message}")
-
-
 def parse_address(value: str) -> Address:
     """``host:port``, ``[v6]:port`` or ``:port`` (every interface)."""
     match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]*):(\d+)", value.strip())
@@ -177,46 +145,7 @@ def parse_address(value: str) -> Address:
     return Address(host, port)
 
 
-def _join(base: Path, path: Path) -> Path:
-    # normpath, not resolve(): "../var" reads better than a symlink-resolved path.
-    return Path(os.path.normpath(base / path))
-
-
-class _Table:
-    def __init__(self, src: _Source, name: str, data: dict[str, Any]) -> None:
-        self.src, self.name, self.data = src, name, data
-        self.used: set[str] = set()
-
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
-        self.used.add(key)
-        if key not in self.data:
-            return default
-        value = self.data[key]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-            raise self.fail(key, f"expected {expected}, got {type(value).__name__} {value!r}")
-        return value
-
-    def fail(self, key: str | None, message: str) -> ConfigError:
-        return self.src.error(self.name, key, message)
-
-    def path(self, key: str, default: Path | None, base: Path) -> Path | None:
-        value = self.get(key, str, None)
-        if value is None:
-            return default if default is None or default.is_absolute() else _join(base, default)
-        if not value:
-            return None
-        return _join(base, Path(value))
-
-    def done(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            raise self.fail(unknown[0], "unknown key; check the spelling against config/edge.toml")
-
-
-def _addresses(table: _Table, key: str, default: tuple[Address, ...]) -> tuple[Address, ...]:
+def _addresses(table: Table, key: str, default: tuple[Address, ...]) -> tuple[Address, ...]:
     raw = table.get(key, (list, str), None)
     if raw is None:
         return default
@@ -227,7 +156,7 @@ def _addresses(table: _Table, key: str, default: tuple[Address, ...]) -> tuple[A
         raise table.fail(key, str(exc)) from None
 
 
-def _optional_address(table: _Table, key: str, default: str) -> Address | None:
+def _optional_address(table: Table, key: str, default: str) -> Address | None:
     raw = table.get(key, str, default)
     try:
         return parse_address(raw) if raw else None
@@ -235,12 +164,36 @@ def _optional_address(table: _Table, key: str, default: str) -> Address | None:
         raise table.fail(key, str(exc)) from None
 
 
-def _host_names(table: _Table, key: str) -> tuple[str, ...]:
+def _host_names(table: Table, key: str) -> tuple[str, ...]:
     values = table.get(key, list, [])
     result = tuple(names.normalize(v) if isinstance(v, str) and "*" not in v else None for v in values)
     if None in result:
         raise table.fail(key, f"expected a list of host names (e.g. [\"edge-admin.internal\"]), got {values!r}")
     return result  # type: ignore[return-value]
+
+
+def restart_needed(old: Config, new: Config) -> list[str]:
+    """What changed in ``new`` that only a restart applies (listeners, store, ...)."""
+    pairs = (
+        ("[server] https", old.server.https, new.server.https),
+        ("[server] http", old.server.http, new.server.http),
+        ("[server] admin", old.server.admin, new.server.admin),
+        ("[server] admin_hosts", old.server.admin_hosts, new.server.admin_hosts),
+        ("[server] metrics", old.server.metrics, new.server.metrics),
+        ("[server] workers", old.server.workers, new.server.workers),
+        ("[store]", old.store, new.store),
+        ("[platform] domain", old.platform.domain, new.platform.domain),
+        ("[acme] enabled", old.acme.enabled, new.acme.enabled),
+        ("[proxy] http2", old.proxy.http2, new.proxy.http2),  # ALPN is set when contexts are built
+    )
+    return [what for what, before, after in pairs if before != after]
+
+
+def live(old: Config, new: Config) -> Config:
+    """The configuration a reload runs with: ``new``, but what needs a restart
+    stays as it runs until then."""
+    platform = dataclasses.replace(new.platform, domain=old.platform.domain)
+    return dataclasses.replace(new, server=old.server, store=old.store, platform=platform)
 
 
 def load(path: Path) -> Config:
@@ -262,7 +215,7 @@ def parse(text: str, path: Path) -> Config:
         match = re.search(r"\(at line (\d+), column \d+\)", str(exc))
         where = f"{path}:{match.group(1)}" if match else str(path)
         raise ConfigError(f"{where}: invalid TOML: {str(exc).split(' (at line')[0]}") from None
-    src = _Source(path, text)
+    src = Source(path, text)
     base = path.parent.resolve()
     known = {"server", "platform", "store", "acme", "tls", "proxy", "log"}
     for name, value in data.items():
@@ -271,10 +224,35 @@ def parse(text: str, path: Path) -> Config:
         if not isinstance(value, dict):
             raise src.error(name, None, "must be a table")
 
-    def table(name: str) -> _Table:
-        return _Table(src, name, data.get(name, {}))
+    def table(name: str) -> Table:
+        return Table(src, name, data.get(name, {}))
 
-    t = table("server")
+    server = _read(table("server"), _server)
+    platform = _read(table("platform"), lambda t: _platform(t, base))
+    store = _read(table("store"), lambda t: _store(t, base))
+    acme = _read(table("acme"), lambda t: parse_acme(t, base, server.http, server.https))
+    tls = _read(table("tls"), lambda t: _tls(t, base))
+    proxy = _read(table("proxy"), _proxy)
+    log = _read(table("log"), lambda t: _log(t, base))
+    if server.admin and not server.admin.is_loopback and not server.admin_token:
+        raise src.error(
+            "server", "admin", "the admin API is bound beyond loopback; set admin_token (or EDGE_ADMIN_TOKEN) too"
+        )
+    return Config(path, server, platform, store, acme, tls, proxy, log)
+
+
+# --- one parser per section: each reads its table and returns its settings ---------
+T = TypeVar("T")
+
+
+def _read(table: Table, parser: Callable[[Table], T]) -> T:
+    """Parse one table, then refuse keys the parser did not read (typos)."""
+    value = parser(table)
+    table.done()
+    return value
+
+
+def _server(t: Table) -> ServerConfig:
     d = ServerConfig()
     workers_raw = t.get("workers", (int, str), 1)
     if workers_raw == "auto":
@@ -283,7 +261,7 @@ def parse(text: str, path: Path) -> Config:
         workers = workers_raw
     else:
         raise t.fail("workers", f"expected a number >= 1 or \"auto\", got {workers_raw!r}")
-    server = ServerConfig(
+    return ServerConfig(
         https=_addresses(t, "https", d.https),
         http=_addresses(t, "http", d.http),
         admin=_optional_address(t, "admin", str(d.admin)),
@@ -292,44 +270,40 @@ def parse(text: str, path: Path) -> Config:
         metrics=_optional_address(t, "metrics", ""),
         workers=workers,
     )
-    t.done()
 
-    t = table("platform")
+
+def _platform(t: Table, base: Path) -> PlatformConfig:
     dp = PlatformConfig()
     raw_domain = t.get("domain", str, dp.domain)
     domain = names.normalize(raw_domain)
     if domain is None:
         raise t.fail("domain", f"{raw_domain!r} is not a valid host name (e.g. \"apps.example.net\")")
-    platform = PlatformConfig(
+    return PlatformConfig(
         domain=domain,
-        cert=t.path("cert", dp.cert, base) or _join(base, dp.cert),
-        key=t.path("key", dp.key, base) or _join(base, dp.key),
+        cert=t.path("cert", dp.cert, base) or join(base, dp.cert),
+        key=t.path("key", dp.key, base) or join(base, dp.key),
         strict_sni=t.get("strict_sni", bool, False),
         dev_certificates=t.get("dev_certificates", bool, True),
     )
-    t.done()
 
-    t = table("store")
+
+def _store(t: Table, base: Path) -> StoreConfig:
     ds = StoreConfig()
     backend = t.get("backend", str, ds.backend)
     if backend not in ("file", "etcd"):
         raise t.fail("backend", f"expected \"file\" or \"etcd\", got {backend!r}")
-    etcd = t.get("etcd", dict, {})
-    t_etcd = _Table(src, "store.etcd", etcd)
+    etcd = Table(t.src, "store.etcd", t.get("etcd", dict, {}))
     store = StoreConfig(
         backend=backend,
-        path=t.path("path", ds.path, base) or _join(base, ds.path),
-        etcd_endpoints=tuple(str(e) for e in t_etcd.get("endpoints", list, list(ds.etcd_endpoints))),
-        etcd_prefix=t_etcd.get("prefix", str, ds.etcd_prefix),
+        path=t.path("path", ds.path, base) or join(base, ds.path),
+        etcd_endpoints=tuple(str(e) for e in etcd.get("endpoints", list, list(ds.etcd_endpoints))),
+        etcd_prefix=etcd.get("prefix", str, ds.etcd_prefix),
     )
-    t_etcd.done()
-    t.done()
+    etcd.done()
+    return store
 
-    t = table("acme")
-    acme = parse_acme(t, base, server.http, server.https)
-    t.done()
 
-    t = table("tls")
+def _tls(t: Table, base: Path) -> TlsConfig:
     min_version = t.get("min_version", str, "TLSv1.2")
     if min_version not in ("TLSv1.2", "TLSv1.3"):
         raise t.fail(
@@ -343,10 +317,10 @@ def parse(text: str, path: Path) -> Config:
     if (default_cert is None) != (default_key is None):
         raise t.fail("default_cert" if default_cert is None else "default_key",
                      "set both default_cert and default_key, or neither")
-    tls = TlsConfig(min_version, cache_size, default_cert, default_key)
-    t.done()
+    return TlsConfig(min_version, cache_size, default_cert, default_key)
 
-    t = table("proxy")
+
+def _proxy(t: Table) -> ProxyConfig:
     dx = ProxyConfig()
     values: dict[str, Any] = {}
     for key in ("handshake_timeout", "request_head_timeout", "idle_timeout", "connect_timeout", "response_timeout"):
@@ -363,10 +337,10 @@ def parse(text: str, path: Path) -> Config:
     if values["http_reuse"] not in ("always", "safe"):
         raise t.fail("http_reuse", f'expected "always" or "safe", got {values["http_reuse"]!r}')
     values["http2"] = t.get("http2", bool, dx.http2)
-    proxy = ProxyConfig(**values)
-    t.done()
+    return ProxyConfig(**values)
 
-    t = table("log")
+
+def _log(t: Table, base: Path) -> LogConfig:
     level = t.get("level", str, "info").lower()
     if level not in ("debug", "info", "warning", "error"):
         raise t.fail("level", f"expected debug, info, warning or error, got {level!r}")
@@ -376,13 +350,5 @@ def parse(text: str, path: Path) -> Config:
     access_format = t.get("access_format", str, "json")
     if access_format not in ("json", "combined"):
         raise t.fail("access_format", f'expected "json" or "combined", got {access_format!r}')
-    log = LogConfig(level=level, access_log=t.get("access_log", bool, False), format=log_format,
-                    access_format=access_format, file=t.path("file", None, base))
-    t.done()
-
-    if server.admin and not server.admin.is_loopback and not server.admin_token:
-        raise src.error(
-            "server", "admin", "the admin API is bound beyond loopback; set admin_token (or EDGE_ADMIN_TOKEN) too"
-        )
-
-    return Config(path, server, platform, store, acme, tls, proxy, log)
+    return LogConfig(level=level, access_log=t.get("access_log", bool, False), format=log_format,
+                     access_format=access_format, file=t.path("file", None, base))

@@ -17,9 +17,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge import records
 from edge.operations import OperationError, Operations
+from edge.records import CertSource
 from edge.store import base
-from edge.store.index import CertMeta, EntryError, bundle_header, parse_domain
+from edge.store.index import CertMeta, EntryError, parse_domain
 from edge.tls import bundle as bundles
 
 _BLOCK = re.compile(rb"-----BEGIN ([A-Z ]+)-----.*?-----END \1-----\r?\n?", re.S)
@@ -118,10 +120,10 @@ async def _write_batch(ops: Operations, app: str, pending: list[tuple[str, bytes
                 report.skipped_names.append(f"{domain}: attached to app {owner}")
                 continue
             if owner is None and domain not in attached:
-                attach.append((base.domain_key(domain), json.dumps({"app": app}).encode() + b"\n", False))
+                attach.append((base.domain_key(domain), records.encode_domain(app), False))
                 attached.add(domain)
                 owners[domain] = app
-            items.append((base.cert_key(domain, "custom", _key_type(value)), value, True))
+            items.append((base.cert_key(domain, CertSource.CUSTOM, _key_type(value)), value, True))
             report.imported_names += 1
         # Certificates before their domains, as domains-add does: the ACME
         # manager never sees a new domain without its certificate, and an import
@@ -155,9 +157,9 @@ async def import_bundles(ops: Operations, app: str, paths: list[str], progress: 
                 if owner is not None and owner != app:
                     report.skipped_names.append(f"{domain} ({path}): attached to app {owner}")
                     continue
-                meta = CertMeta(domain, "custom", validated.key_type, validated.not_before,
+                meta = CertMeta(domain, CertSource.CUSTOM, validated.key_type, validated.not_before,
                                 validated.not_after, validated.fingerprint)
-                pending.append((domain, bundle_header(meta) + validated.pem))
+                pending.append((domain, records.encode_bundle(meta, validated.pem)))
         if len(pending) >= _BATCH:
             await _write_batch(ops, app, pending, owners, report)
             pending = []

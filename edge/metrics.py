@@ -1,9 +1,11 @@
 """Prometheus metrics (SPEC §8), read from the counters the data path keeps.
 
 The hot path bumps plain integers (``HandshakeStats``, ``ProxyStats``,
-``ContextCache``); this collector turns them into metric families when
-``/metrics`` is scraped. No label takes per-domain values: certificates are
-counted by source, expiry as counts per bucket and the nearest expiry.
+``ContextCache``, each with a ``counters()`` snapshot); this collector turns
+them into metric families when ``/metrics`` is scraped. It reads a process
+through ``Observed`` (which ``edge.server.Edge`` is), not the server itself.
+No label takes per-domain values: certificates are counted by source, expiry
+as counts per bucket and the nearest expiry.
 """
 
 from __future__ import annotations
@@ -13,18 +15,20 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from edge.proxy.exchange import DURATION_BUCKETS
-from edge.tls.acceptor import HANDSHAKE_BUCKETS
+from edge.records import SOURCES
+from edge.tls.stats import HANDSHAKE_BUCKETS
 
 if TYPE_CHECKING:
-    from edge.server import Edge
+    from edge.acme.manager import AcmeManager
+    from edge.store.index import Index
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +47,27 @@ def _histogram(name: str, doc: str, bounds: tuple[float, ...], counts: list[int]
     return family
 
 
+Counters = dict[str, Any]  # name -> int, float, list of bucket counts, or {key (str or tuple): int}
+
+
+class Observed(Protocol):
+    """What /metrics reads of one edge process."""
+
+    @property
+    def index(self) -> Index: ...
+    @property
+    def acme(self) -> AcmeManager | None: ...
+    @property
+    def sync_lag(self) -> float: ...
+    def counters(self) -> Counters:
+        """This process's traffic counters (the components' snapshots)."""
+        ...
+
+
 class EdgeCollector(Collector):
-    def __init__(self, edge: Edge) -> None:
+    def __init__(self, edge: Observed, metrics_dir: Path | None = None) -> None:
         self.edge = edge
+        self.metrics_dir = metrics_dir  # where the other workers publish theirs (None: no workers)
         self._expiry: tuple[float, int, dict] = (0.0, -1, {})
 
     def _expiry_summary(self) -> dict:
@@ -59,7 +81,7 @@ class EdgeCollector(Collector):
             return summary
         counts: dict[str, int] = {}
         nearest: dict[str, float] = {}
-        within = {(s, d): 0 for s in ("custom", "acme") for d in EXPIRY_BUCKETS_DAYS}
+        within = {(s, d): 0 for s in SOURCES for d in EXPIRY_BUCKETS_DAYS}
         for held in list(self.edge.index.certs.values()):
             for meta in held:
                 source = meta.source
@@ -73,14 +95,13 @@ class EdgeCollector(Collector):
         self._expiry = (now, self.edge.index.changes, summary)
         return summary
 
-    def collect(self) -> Iterator[object]:
+    def collect(self) -> Iterator[Metric]:
         edge = self.edge
         # Traffic counters: this process's, plus the other workers' last snapshots.
-        c = merge([counters(edge), *peer_counters(os.getpid())])
+        c = merge([edge.counters(), *peer_counters(self.metrics_dir, os.getpid())])
         family = CounterMetricFamily("edge_handshakes", "TLS handshakes by result, version and certificate source",
                                      labels=["result", "version", "source"])
-        for key, count in sorted(c["handshakes_ok"].items()):
-            version, source = key.split("|")
+        for (version, source), count in sorted(c["handshakes_ok"].items()):
             family.add_metric(["ok", version, source], count)
         for reason, count in sorted(c["handshakes_failed"].items()):
             family.add_metric([f"failed_{reason}", "", ""], count)
@@ -174,37 +195,12 @@ def _acme_renewals(gauges: dict[str, float]) -> Iterator[GaugeMetricFamily]:
 
 
 # --- counters across workers -----------------------------------------------------------
-# With workers > 1 each worker writes its counters to $EDGE_METRICS_DIR every
-# second; the worker serving /metrics sums them with its own live ones.
-METRICS_DIR_ENV = "EDGE_METRICS_DIR"
+# With workers > 1 each worker writes its counters to the supervisor's metrics
+# directory every second; the worker serving /metrics sums them with its own live ones.
 _STALE_SECONDS = 10.0
 
 
-def counters(edge: Edge) -> dict[str, Any]:
-    hs, stats, cache = edge.acceptor.stats, edge.proxy.stats, edge.cache
-    return {
-        "processes": 1,
-        "handshakes_ok": {f"{v}|{s}": n for (v, s), n in hs.completed.items()},
-        "handshakes_failed": dict(hs.failed),
-        "refused_sni": hs.refused_sni,
-        "not_tls": hs.not_tls,
-        "unknown_sni": hs.unknown_sni,
-        "handshake_buckets": list(hs.duration_buckets),
-        "handshake_sum": hs.duration_sum,
-        "status_classes": list(stats.status_classes),
-        "request_buckets": list(stats.duration_buckets),
-        "request_sum": stats.duration_sum,
-        "upstream_errors": dict(stats.upstream_errors),
-        "protocols": dict(stats.protocols),
-        "open_connections": len(edge.proxy.connections),
-        "cache_size": len(cache),
-        "cache_hits": cache.hits,
-        "cache_misses": cache.misses,
-        "reloads": edge.reloads,
-    }
-
-
-def merge(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
+def merge(snapshots: list[Counters]) -> Counters:
     total = snapshots[0]
     for other in snapshots[1:]:
         for key, value in other.items():
@@ -221,41 +217,53 @@ def merge(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
-def peer_counters(own_pid: int) -> list[dict[str, Any]]:
-    directory = os.environ.get(METRICS_DIR_ENV)
-    if not directory:
+def encode(snapshot: Counters) -> bytes:
+    """JSON for a snapshot: JSON objects key on strings only, so the labelled
+    counters (keys a string or a tuple of them) travel as [key, count] pairs."""
+    plain = {k: v for k, v in snapshot.items() if not isinstance(v, dict)}
+    labelled = {k: [[list(key) if isinstance(key, tuple) else key, n] for key, n in v.items()]
+                for k, v in snapshot.items() if isinstance(v, dict)}
+    return json.dumps({"plain": plain, "labelled": labelled}).encode()
+
+
+def decode(data: bytes) -> Counters:
+    raw = json.loads(data)
+    labelled = {k: {tuple(key) if isinstance(key, list) else key: n for key, n in pairs}
+                for k, pairs in raw["labelled"].items()}
+    return {**raw["plain"], **labelled}
+
+
+def peer_counters(directory: Path | None, own_pid: int) -> list[Counters]:
+    if directory is None:
         return []
     out = []
     now = time.time()
-    for path in Path(directory).glob("worker-*.json"):
+    for path in directory.glob("worker-*.json"):
         if path.name == f"worker-{own_pid}.json":
             continue
         try:
             if now - path.stat().st_mtime > _STALE_SECONDS:
                 continue  # a worker that died: the supervisor has replaced it
-            out.append(json.loads(path.read_bytes()))
-        except (OSError, ValueError):
+            out.append(decode(path.read_bytes()))
+        except (OSError, ValueError, KeyError, TypeError):
             continue
     return out
 
 
-async def publish_counters(edge: Edge, interval: float = 1.0) -> None:
+async def publish_counters(counters: Callable[[], Counters], directory: Path, interval: float = 1.0) -> None:
     """Worker side: write this process's counters for the /metrics worker to sum."""
-    directory = os.environ.get(METRICS_DIR_ENV)
-    if not directory:
-        return
-    path = Path(directory) / f"worker-{os.getpid()}.json"
+    path = directory / f"worker-{os.getpid()}.json"
     tmp = path.with_suffix(".tmp")
     while True:
         try:
-            tmp.write_text(json.dumps(counters(edge)))
+            tmp.write_bytes(encode(counters()))
             os.replace(tmp, path)
         except OSError as exc:
             log.warning("cannot publish metrics to %s: %s", directory, exc.strerror)
         await asyncio.sleep(interval)
 
 
-def registry_for(edge: Edge) -> CollectorRegistry:
+def registry_for(edge: Observed, metrics_dir: Path | None = None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(EdgeCollector(edge))
+    registry.register(EdgeCollector(edge, metrics_dir))
     return registry

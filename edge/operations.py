@@ -12,22 +12,13 @@ import re
 import time
 from dataclasses import dataclass
 
+from edge import names, records
 from edge.config import Config, parse_address
+from edge.records import KEY_TYPES, SOURCES, CertSource
 from edge.store import base
 from edge.store.base import Store
-from edge.store.index import (
-    KEY_TYPES,
-    SOURCES,
-    CertMeta,
-    EntryError,
-    Index,
-    bundle_header,
-    parse_app,
-    parse_cert,
-    parse_domain,
-)
+from edge.store.index import CertMeta, EntryError, Index, parse_cert, parse_domain
 from edge.tls import bundle as bundles
-from edge.tls import names
 from edge.tls.selector import Selector
 
 APP_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}\Z")
@@ -71,7 +62,7 @@ def _soon(chosen: tuple, serving: str) -> float:
     """"expiring" within: 14 days (SPEC §2), or for acme a sixth of the lifetime when
     shorter: a 6-day certificate (RFC 9773 renewal at about day 3) is expiring in its
     last day, when its renewal is late, not all its life."""
-    if serving != "acme":
+    if serving != CertSource.ACME:
         return EXPIRY_SOON
     return min([EXPIRY_SOON, *((b.not_after - b.not_before) / 6 for b in chosen)])
 
@@ -136,13 +127,6 @@ class Operations:
             index.apply_put(key, value)
         return index
 
-    async def _app(self, name: str) -> dict | None:
-        value = await self.store.get(base.app_key(name))
-        if value is None:
-            return None
-        app = parse_app(name, value)
-        return {"backends": list(app.backends), "force_https": app.force_https}
-
     # --- apps ---------------------------------------------------------------------------
     async def apps_add(self, name: str, backends: list[str], force_https: bool = True) -> Result:
         if not APP_NAME.match(name):
@@ -161,10 +145,9 @@ class Operations:
             if address.port == 0:
                 raise OperationError(f"backend {raw!r} has port 0; give the port the app listens on")
             clean.append(str(address))
-        record = {"backends": clean, "force_https": force_https}
         async with self.store.write_lock():
             existed = await self.store.get(base.app_key(name)) is not None
-            await self.store.put(base.app_key(name), json.dumps(record, indent=1).encode() + b"\n")
+            await self.store.put(base.app_key(name), records.encode_app(clean, force_https))
         verb = "updated" if existed else "added"
         return Result(f"app {name} {verb}: https://{name}.{self.platform_domain} -> {', '.join(clean)}")
 
@@ -226,11 +209,11 @@ class Operations:
         key = base.cert_key(domain, source, validated.key_type)
         meta = CertMeta(domain, source, validated.key_type, validated.not_before,
                         validated.not_after, validated.fingerprint)
-        await self.store.put(key, bundle_header(meta) + validated.pem, secret=True)
+        await self.store.put(key, records.encode_bundle(meta, validated.pem), secret=True)
 
     async def _drop_custom(self, domain: str) -> None:
         for key_type in KEY_TYPES:
-            await self.store.delete(base.cert_key(domain, "custom", key_type))
+            await self.store.delete(base.cert_key(domain, CertSource.CUSTOM, key_type))
 
     async def domains_add(self, raw: str, app: str, upload: Upload | None = None) -> Result:
         domain = self.domain_name(raw)
@@ -262,9 +245,9 @@ class Operations:
             # between leaves a certificate of no domain: never served (the
             # selector serves attached domains only), named by `edge check`.
             if validated is not None:
-                await self._write_bundle(domain, "custom", validated)
+                await self._write_bundle(domain, CertSource.CUSTOM, validated)
             if current is None:
-                await self.store.put(base.domain_key(domain), json.dumps({"app": app}).encode() + b"\n")
+                await self.store.put(base.domain_key(domain), records.encode_domain(app))
         if validated is None and not self.config.acme.enabled:
             warnings.append(
                 f"{domain} has no certificate: handshakes for it get the default certificate until you "
@@ -288,8 +271,8 @@ class Operations:
                 )
             # An upload replaces the bundle of its key type and keeps the other, as
             # nginx serves one ssl_certificate per key type: RSA + ECDSA side by side.
-            await self._write_bundle(domain, "custom", validated)
-            others = {key_type: await self.store.get(base.cert_key(domain, "custom", key_type))
+            await self._write_bundle(domain, CertSource.CUSTOM, validated)
+            others = {key_type: await self.store.get(base.cert_key(domain, CertSource.CUSTOM, key_type))
                       for key_type in KEY_TYPES if key_type != validated.key_type}
         message = (
             f"custom {validated.key_type.upper()} certificate of {domain} in service "
@@ -298,7 +281,7 @@ class Operations:
         for key_type, other in others.items():
             if other is not None:
                 try:
-                    meta = parse_cert(base.cert_key(domain, "custom", key_type), other)
+                    meta = parse_cert(base.cert_key(domain, CertSource.CUSTOM, key_type), other)
                 except EntryError:
                     continue  # a damaged entry: `edge check` names it
                 message += (

@@ -12,21 +12,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
+import enum
 import logging
 import signal
 import socket
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from edge import config as config_mod
 from edge import logs
-from edge.config import Address, Config
+from edge.config import Config
 from edge.errors import StartupError
+from edge.listeners import bind
+from edge.metrics import Counters, publish_counters, registry_for
 from edge.proxy.exchange import ListenerInfo, ProxyContext
 from edge.proxy.h2proto import AlpnSwitch
+from edge.proxy.not_tls import answer_not_tls
 from edge.proxy.protocol import HttpProxyProtocol
 from edge.proxy.routing import Router
 from edge.store.base import Store, StoreError, challenge_key, parse_cert_key, tls_alpn_key
@@ -41,90 +44,86 @@ from edge.tls.loader import ContextLoader
 from edge.tls.selector import Selector
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
     from edge.acme.manager import AcmeManager
 
 log = logging.getLogger(__name__)
 
 
-def bind(address: Address, reuse_port: bool = False) -> socket.socket:
-    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((address.host, address.port))
-    except OSError as exc:
-        sock.close()
-        hint = " (ports under 1024 need root or CAP_NET_BIND_SERVICE)" if address.port < 1024 else ""
-        raise StartupError(f"cannot listen on {address}: {exc.strerror}{hint}") from None
-    sock.listen(4096)
-    sock.setblocking(False)
-    return sock
+class State(enum.Enum):
+    """Where one edge process is in its life; each step only moves forward."""
+
+    NEW = "new"
+    STARTING = "starting"  # the store follower and listeners coming up
+    SERVING = "serving"
+    STOPPING = "stopping"  # listeners closed, requests in flight finishing
+    STOPPED = "stopped"
 
 
-@dataclass
+class Reconfigurable(Protocol):
+    def reconfigure(self, config: Config) -> None:
+        """Apply what of a reloaded configuration can change while running."""
+        ...
+
+
 class Edge:
-    """One running edge process (the only one, or one of the workers)."""
+    """One running edge process (the only one, or one of the workers): start,
+    stop and reload over the parts built here. It is the ``Node`` of the admin
+    API and what ``edge.metrics`` observes, both of which it is handed to."""
 
-    config: Config
-    fixed: FixedContexts | None = None  # built here unless a supervisor did it
-    reuse_port: bool = False  # workers share their ports with SO_REUSEPORT
-    serve_admin: bool = True  # with workers, only the first serves the admin API
-    store: Store = field(init=False)
-    index: Index = field(init=False)
-    selector: Selector = field(init=False)
-    cache: ContextCache = field(init=False)
-    router: Router = field(init=False)
-    acceptor: TlsAcceptor = field(init=False)
-    acme: AcmeManager | None = None
-    https_sockets: list[socket.socket] = field(default_factory=list)
-    http_servers: list[PlainListener] = field(default_factory=list)
-    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    _stopped: asyncio.Event = field(default_factory=asyncio.Event)
-    _stopping: bool = False
-    follower: StoreFollower = field(init=False)
-
-    def __post_init__(self) -> None:
+    def __init__(self, config: Config, fixed: FixedContexts | None = None, reuse_port: bool = False,
+                 serve_admin: bool = True, metrics_dir: Path | None = None) -> None:
+        self.config = config
+        self.fixed = fixed or load_fixed_contexts(config)  # a supervisor builds them before forking
+        self.reuse_port = reuse_port  # workers share their ports with SO_REUSEPORT
+        self.serve_admin = serve_admin  # with workers, only the first serves the admin API
+        self.metrics_dir = metrics_dir  # with workers: where each publishes its counters
+        self.state = State.NEW
+        platform = config.platform
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="edge-tls")
+        self.store: Store = open_store(config)
+        self.index = Index()
+        self.selector = Selector(self.index, platform.domain, platform.strict_sni,
+                                 default_is_platform=self.fixed.default is self.fixed.platform)
+        self.loader = ContextLoader(self.store, self.executor, lambda: self.config.tls.min_version,
+                                    keep=min(config.tls.context_cache_size, 4096))
+        self.cache = ContextCache(config.tls.context_cache_size, self.loader.load, config.tls.min_version)
+        self.router = Router(self.index, self.selector, platform.domain, config.proxy.pool_size)
+        self.proxy = ProxyContext(
+            router=self.router,
+            config=config.proxy,
+            access_log=config.log.access_log,
+            challenge=lambda token: self.store.get(challenge_key(token)),
+        )
+        self.follower = StoreFollower(self.store, self.index, on_cert=self.loader.remember)
+        self.acceptor = TlsAcceptor(
+            listener_context=self.fixed.default,
+            platform_context=self.fixed.platform,
+            selector=self.selector,
+            cache=self.cache,
+            handshake_timeout=config.proxy.handshake_timeout,
+            challenge_certificate=lambda domain: self.store.get(tls_alpn_key(domain)),
+            fetch_name=self.follower.fetch_name,
+            not_tls=answer_not_tls,
+        )
+        self.acme: AcmeManager | None = None  # this node's, when it runs one
+        self.https_sockets: list[socket.socket] = []
+        self.http_servers: list[PlainListener] = []
+        self.admin_runner: web.AppRunner | None = None
+        self.admin_address: str | None = None
+        self.metrics_runner: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = asyncio.Event()
 
     # --- start ---------------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.config
-        platform = cfg.platform
-        fixed = self.fixed or load_fixed_contexts(cfg)
-        platform_ctx, default_ctx = fixed.platform, fixed.default
-
-        self.store = open_store(cfg)
-        self.index = Index()
-        self.selector = Selector(
-            self.index, platform.domain, platform.strict_sni, default_is_platform=default_ctx is platform_ctx
-        )
-        self.loader = ContextLoader(self.store, self.executor, lambda: self.config.tls.min_version,
-                                    keep=min(cfg.tls.context_cache_size, 4096))
-        self.cache = ContextCache(cfg.tls.context_cache_size, self.loader.load)
-        self.router = Router(self.index, self.selector, platform.domain, cfg.proxy.pool_size)
-        self.proxy = ProxyContext(
-            router=self.router,
-            config=cfg.proxy,
-            access_log=cfg.log.access_log,
-            challenge=lambda token: self.store.get(challenge_key(token)),
-        )
-        self.follower = StoreFollower(self.store, self.index, on_cert=self.loader.remember)
+        self.state = State.STARTING
         try:
             await self.follower.start()
         except FollowError as exc:
             raise StartupError(str(exc)) from None
-
-        self.acceptor = TlsAcceptor(
-            listener_context=default_ctx,
-            platform_context=platform_ctx,
-            selector=self.selector,
-            cache=self.cache,
-            handshake_timeout=cfg.proxy.handshake_timeout,
-            challenge_certificate=lambda domain: self.store.get(tls_alpn_key(domain)),
-            fetch_name=self.fetch_name,
-        )
         self.https_sockets = [bind(address, self.reuse_port) for address in cfg.server.https]
         # Redirects from port 80 point at the first TLS listener's real port.
         https_port = self.https_sockets[0].getsockname()[1] if self.https_sockets else 443
@@ -136,9 +135,7 @@ class Edge:
             sock = bind(address, self.reuse_port)
             listener = ListenerInfo(b"http", str(sock.getsockname()[1]).encode(), https_port)
             # Not loop.create_server: see PlainListener (the descriptor limit).
-            self.http_servers.append(
-                PlainListener(sock, lambda listener=listener: HttpProxyProtocol(self.proxy, listener, None))
-            )
+            self.http_servers.append(PlainListener(sock, self._http_protocol_factory(listener)))
         if self.serve_admin:  # one process per node cleans up
             self._tasks.append(loop.create_task(self._recover_store()))
         if cfg.acme.enabled and self.serve_admin:
@@ -149,55 +146,64 @@ class Edge:
             self.acme = AcmeManager(cfg.acme, self.store, self.index)
             self.follower.acme = self.acme
             self._tasks.append(loop.create_task(self.acme.run()))
-        if cfg.server.admin is not None and self.serve_admin:
-            await self._start_admin()
-        if cfg.server.metrics is not None and self.serve_admin:  # scrapers and probes, no token
-            from edge.admin.app import serve_probes
-
-            try:
-                self.metrics_runner = await serve_probes(self, cfg.server.metrics.host, cfg.server.metrics.port)
-            except OSError as exc:
-                raise StartupError(f"cannot serve metrics on {cfg.server.metrics}: {exc.strerror}") from None
-            log.info("metrics and health on %s", cfg.server.metrics)
-        if self.reuse_port:  # a worker: publish counters for the one serving /metrics
-            from edge.metrics import publish_counters
-
-            self._tasks.append(asyncio.get_running_loop().create_task(publish_counters(self)))
+        await self._start_http_apis()
+        if self.reuse_port and self.metrics_dir is not None:  # a worker: publish counters for /metrics
+            self._tasks.append(loop.create_task(publish_counters(self.counters, self.metrics_dir)))
+        self.state = State.SERVING
         log.info(
             "edge serving https on %s, http on %s (platform domain %s; %d apps; %s)",
-            ", ".join(self.bound_https()), ", ".join(self.bound_http()), platform.domain, len(self.index.apps),
+            ", ".join(self.bound_https()), ", ".join(self.bound_http()), cfg.platform.domain, len(self.index.apps),
             "loading the rest of the store" if self.index.loading else "store loaded",
         )
 
-    def _https_protocol_factory(self, listener: ListenerInfo) -> Callable[[TlsInfo], asyncio.Protocol]:
+    def _https_protocol_factory(self, listener: ListenerInfo) -> Callable[[TlsInfo], asyncio.BaseProtocol]:
         proxy = self.proxy
 
-        def factory(info: TlsInfo) -> asyncio.Protocol:
+        def factory(info: TlsInfo) -> asyncio.BaseProtocol:
             return AlpnSwitch(proxy, listener, info)  # HTTP/2 or HTTP/1.1, as ALPN chose
 
         return factory
 
-    async def _start_admin(self) -> None:
+    def _http_protocol_factory(self, listener: ListenerInfo) -> Callable[[], asyncio.BaseProtocol]:
+        proxy = self.proxy
+        return lambda: HttpProxyProtocol(proxy, listener, None)
+
+    async def _start_http_apis(self) -> None:
+        """The admin API and the probes' listener, on the process that serves them."""
+        server = self.config.server
+        if not self.serve_admin or (server.admin is None and server.metrics is None):
+            return
         from aiohttp import web
 
-        from edge.admin.app import make_app
+        from edge.admin.app import make_app, serve_probes
+        from edge.operations import Operations
 
-        address = self.config.server.admin
-        assert address is not None
-        self.admin_runner = web.AppRunner(make_app(self, self.config.server.admin_token), access_log=None)
-        await self.admin_runner.setup()
-        site = web.TCPSite(self.admin_runner, address.host, address.port)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise StartupError(f"cannot serve the admin API on {address}: {exc.strerror}") from None
-        self.admin_address = site.name
-        log.info("admin API on %s", site.name)
+        registry = registry_for(self, self.metrics_dir)
+        if server.admin is not None:
+            ops = Operations(self.config, self.store)
+            app = make_app(self, ops, registry, server.admin_token, server.admin_hosts)
+            self.admin_runner = web.AppRunner(app, access_log=None)
+            await self.admin_runner.setup()
+            site = web.TCPSite(self.admin_runner, server.admin.host, server.admin.port)
+            try:
+                await site.start()
+            except OSError as exc:
+                raise StartupError(f"cannot serve the admin API on {server.admin}: {exc.strerror}") from None
+            self.admin_address = site.name
+            log.info("admin API on %s", site.name)
+        if server.metrics is not None:  # scrapers and probes, no token
+            try:
+                self.metrics_runner = await serve_probes(self, registry, server.admin_hosts,
+                                                         server.metrics.host, server.metrics.port)
+            except OSError as exc:
+                raise StartupError(f"cannot serve metrics on {server.metrics}: {exc.strerror}") from None
+            log.info("metrics and health on %s", server.metrics)
 
+    # --- what the admin API and the metrics read (edge.admin.app.Node, edge.metrics.Observed)
     async def health_problems(self) -> list[str]:
         """Why edge should not get traffic now; empty when it is fine."""
         problems = []
-        if self._stopping:
+        if self.stopping:
             problems.append("shutting down")
         if not self.https_sockets or any(s.fileno() < 0 for s in self.https_sockets):
             problems.append("TLS listeners closed")
@@ -208,6 +214,21 @@ class Edge:
         except StoreError as exc:
             problems.append(f"store: {exc}")
         return problems
+
+    def counters(self) -> Counters:
+        """This process's traffic counters, for /metrics (summed over workers)."""
+        return {
+            "processes": 1,
+            **self.acceptor.stats.counters(),
+            **self.proxy.stats.counters(),
+            **self.cache.counters(),
+            "open_connections": len(self.proxy.connections),
+            "reloads": self.follower.reloads,
+        }
+
+    @property
+    def store_loading(self) -> bool:
+        return self.index.loading
 
     def bound_https(self) -> list[str]:
         return [f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in self.https_sockets]
@@ -241,9 +262,6 @@ class Edge:
             log.warning("store: removed %s, left by an interrupted write", path)
 
     # --- store following (edge.store.follower) ----------------------------------------------
-    async def fetch_name(self, name: str) -> None:
-        await self.follower.fetch_name(name)
-
     async def reload_store(self) -> None:
         await self.follower.reload()
 
@@ -266,51 +284,31 @@ class Edge:
             return False
         try:
             new = config_mod.load(self.config.path)
-            fixed = self.fixed or FixedContexts(self.acceptor.platform_context, self.acceptor.listener_context)
-            await asyncio.get_running_loop().run_in_executor(None, reload_certificates, new, fixed)
+            await asyncio.get_running_loop().run_in_executor(None, reload_certificates, new, self.fixed)
         except (config_mod.ConfigError, StartupError) as exc:
             log.error("configuration refused, the running one is kept: %s", exc)
             return False
         old = self.config
-        for what, before, after in (
-            ("[server] https", old.server.https, new.server.https),
-            ("[server] http", old.server.http, new.server.http),
-            ("[server] admin", old.server.admin, new.server.admin),
-            ("[server] admin_hosts", old.server.admin_hosts, new.server.admin_hosts),
-            ("[server] metrics", old.server.metrics, new.server.metrics),
-            ("[server] workers", old.server.workers, new.server.workers),
-            ("[store]", old.store, new.store),
-            ("[platform] domain", old.platform.domain, new.platform.domain),
-            ("[acme] enabled", old.acme.enabled, new.acme.enabled),
-            ("[proxy] http2", old.proxy.http2, new.proxy.http2),
-        ):
-            if before != after:
-                log.warning("%s changed: it takes effect at the next restart", what)
-        self.selector.strict_sni = new.platform.strict_sni
-        self.cache.size = new.tls.context_cache_size
-        if new.tls.min_version != old.tls.min_version:
-            # Built contexts carry the version they were built with and their
-            # cache key does not name it: drop them, the next handshakes rebuild.
-            self.cache.clear()
-        self.proxy.config = new.proxy  # new connections take the new timeouts and limits
-        self.proxy.access_log = new.log.access_log
-        if self.acme is not None and new.acme.enabled:
-            self.acme.config = new.acme  # the next order uses the new directory, key types, back-off
+        for what in config_mod.restart_needed(old, new):
+            log.warning("%s changed: it takes effect at the next restart", what)
         logging.getLogger().setLevel(new.log.level.upper())
-        # What needs a restart stays as it runs until then.
-        platform = dataclasses.replace(new.platform, domain=old.platform.domain)
-        self.config = dataclasses.replace(new, server=old.server, store=old.store, platform=platform)
+        self.config = config_mod.live(old, new)
+        parts: list[Reconfigurable] = [self.selector, self.cache, self.proxy]
+        if self.acme is not None:
+            parts.append(self.acme)
+        for part in parts:
+            part.reconfigure(self.config)
         log.info("configuration reloaded from %s", new.path)
         return True
 
     # --- stop ---------------------------------------------------------------------------
     @property
     def stopping(self) -> bool:
-        return self._stopping
+        return self.state in (State.STOPPING, State.STOPPED)
 
     async def stop(self, grace: float = 30.0) -> None:
         """Stop accepting, let requests in flight finish (up to ``grace`` s), then close."""
-        self._stopping = True
+        self.state = State.STOPPING
         self.acceptor.stop_listening()
         self.acceptor.close_pending()
         for server in self.http_servers:
@@ -335,12 +333,13 @@ class Edge:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self.router.close()
-        for runner in (getattr(self, "admin_runner", None), getattr(self, "metrics_runner", None)):
+        for runner in (self.admin_runner, self.metrics_runner):
             if runner is not None:
                 await runner.cleanup()
         with contextlib.suppress(Exception):
             await self.store.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.state = State.STOPPED
         self._stopped.set()
 
     async def wait_stopped(self) -> None:
@@ -354,10 +353,11 @@ def _log_failure(task: asyncio.Task[None]) -> None:
 
 
 async def serve(
-    config: Config, fixed: FixedContexts | None = None, reuse_port: bool = False, serve_admin: bool = True
+    config: Config, fixed: FixedContexts | None = None, reuse_port: bool = False, serve_admin: bool = True,
+    metrics_dir: Path | None = None,
 ) -> None:
-    edge = Edge(config, fixed=fixed, reuse_port=reuse_port, serve_admin=serve_admin)
     try:
+        edge = Edge(config, fixed=fixed, reuse_port=reuse_port, serve_admin=serve_admin, metrics_dir=metrics_dir)
         await edge.start()
     except StoreError as exc:
         raise StartupError(str(exc)) from None

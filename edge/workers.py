@@ -20,6 +20,7 @@ import socket
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 from edge import logs
 from edge.config import Address, Config
@@ -48,7 +49,7 @@ def _resolve(addresses: tuple[Address, ...], holders: list[socket.socket]) -> tu
     return tuple(out)
 
 
-def _worker(config: Config, fixed: FixedContexts, number: int) -> None:
+def _worker(config: Config, fixed: FixedContexts, number: int, metrics_dir: Path) -> None:
     """The body of a forked worker; never returns."""
     import uvloop
 
@@ -58,7 +59,7 @@ def _worker(config: Config, fixed: FixedContexts, number: int) -> None:
             signal.signal(sig, signal.SIG_DFL)
         log.info("worker %d (pid %d) starting", number, os.getpid())
         # The admin API (one port, no SO_REUSEPORT) is served by the first worker.
-        uvloop.run(serve(config, fixed=fixed, reuse_port=True, serve_admin=number == 0))
+        uvloop.run(serve(config, fixed=fixed, reuse_port=True, serve_admin=number == 0, metrics_dir=metrics_dir))
     except StartupError as exc:
         print(f"edge: error: worker {number}: {exc}", file=sys.stderr)
         code = 3
@@ -80,8 +81,7 @@ def supervise(config: Config) -> int:
     config = dataclasses.replace(config, server=server)
     fixed = load_fixed_contexts(config)
     # Workers publish their counters here; the one serving /metrics sums them.
-    metrics_dir = tempfile.mkdtemp(prefix="edge-metrics-")
-    os.environ["EDGE_METRICS_DIR"] = metrics_dir
+    metrics_dir = Path(tempfile.mkdtemp(prefix="edge-metrics-"))
 
     children: dict[int, int] = {}  # pid -> worker number
     failures: dict[int, int] = {}  # worker number -> quick deaths in a row
@@ -98,7 +98,7 @@ def supervise(config: Config) -> int:
     def start(number: int) -> None:
         pid = os.fork()
         if pid == 0:
-            _worker(config, fixed, number)
+            _worker(config, fixed, number, metrics_dir)
         children[pid] = number
 
     for number in range(config.server.workers):

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from edge.acme import renewal
+from edge.records import KeyType
 from edge.tls import csr
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ TLS_ALPN_PROTOCOL = "acme-tls/1"
 ACME_IDENTIFIER_OID = x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31")
 BAD_NONCE_RETRIES = 5  # RFC 8555 §6.5: a badNonce answer carries a fresh nonce; try again
 ORDER_DEADLINE = 120.0  # seconds for validation and issuance before an order is given up
-KEY_TYPES = {"ecdsa": "ec256", "rsa": "rsa2048"}  # edge key type -> CSR key
+KEY_TYPES = {KeyType.ECDSA: "ec256", KeyType.RSA: "rsa2048"}  # edge key type -> CSR key
 
 
 @challenges.ChallengeResponse.register

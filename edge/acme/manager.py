@@ -19,14 +19,14 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from edge import names
 from edge.acme import renewal
 from edge.acme.client import AcmeClient, AcmeError, new_account_key
 from edge.acme.orders import AcmeStats, Orders, status_key
 from edge.acme.renewal import DomainStatus
-from edge.config import AcmeConfig
+from edge.config import AcmeConfig, Config
 from edge.store import base
 from edge.store.index import DomainCerts, Index
-from edge.tls import names
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +65,12 @@ class AcmeManager:
     def config(self) -> AcmeConfig:
         return self._config
 
-    @config.setter
-    def config(self, config: AcmeConfig) -> None:
-        """A reload: the next order uses the new directory, profile, key types, back-off."""
-        self._config = config
-        self.orders.config = config
+    def reconfigure(self, config: Config) -> None:
+        """A reload: the next order uses the new directory, profile, key types,
+        back-off. Turning ACME off needs a restart: the running settings stay."""
+        if config.acme.enabled:
+            self._config = config.acme
+            self.orders.config = config.acme
 
     @property
     def stats(self) -> AcmeStats:

@@ -35,12 +35,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from edge import records
 from edge.acme import renewal
 from edge.acme.client import AcmeClient, AcmeError, Issued, cert_id, new_account_key
 from edge.acme.renewal import DomainStatus, Plan
 from edge.acme.settings import AcmeConfig, CaEndpoint
+from edge.records import KEY_TYPES, SOURCES, CertSource
 from edge.store import base
-from edge.store.index import KEY_TYPES, SOURCES, CertMeta, DomainCerts, EntryError, bundle_header, parse_cert
+from edge.store.index import CertMeta, DomainCerts, EntryError, parse_cert
 from edge.tls import bundle as bundles
 
 log = logging.getLogger(__name__)
@@ -144,7 +146,7 @@ class Orders:
                     certs = certs.replaced(parse_cert(key, value))
                 except EntryError:
                     continue  # a broken entry is no certificate
-                if source == "acme":
+                if source == CertSource.ACME:
                     header, _, pems[key_type] = value.partition(b"\n")
                     try:
                         issuers[key_type] = str(json.loads(header).get("issuer") or self.config.directory)
@@ -160,7 +162,7 @@ class Orders:
         status = self.status.get(domain) or DomainStatus("valid", updated=time.time())
         plans = dict(status.plans or {})
         for key_type in key_types:
-            meta = next(m for m in held.certs.of("acme") if m.key_type == key_type)
+            meta = next(m for m in held.certs.of(CertSource.ACME) if m.key_type == key_type)
             issuer = held.issuers.get(key_type, self.config.directory)
             ca = self._ca(issuer)
             try:
@@ -234,7 +236,8 @@ class Orders:
             "pending", failures=failures, last_error=previous.last_error if previous else None,
             updated=time.time(), plans=previous.plans if previous else None))
         now = time.time()
-        current = next((m for m in held.certs.of("acme") if m.key_type == key_type and m.not_after > now), None)
+        current = next((m for m in held.certs.of(CertSource.ACME)
+                        if m.key_type == key_type and m.not_after > now), None)
         plan = previous.plan(key_type) if previous else None
         valid_until = max((m.not_after for m in held.certs if m.key_type == key_type and m.not_after > now),
                           default=None)
@@ -276,14 +279,14 @@ class Orders:
             self.status.pop(domain, None)
             await self.store.delete(status_key(domain))
             return False
-        meta = CertMeta(domain, "acme", validated.key_type, validated.not_before, validated.not_after,
+        meta = CertMeta(domain, CertSource.ACME, validated.key_type, validated.not_before, validated.not_after,
                         validated.fingerprint)
         previous = self.status.get(domain)
         plan = await loop.run_in_executor(self._pool, self._plan_blocking, client, domain, validated.chain_pem,
                                           meta, None)
-        header = json.loads(bundle_header(meta)) | {"issuer": ca.directory}
-        written = await lock.put_if_held(base.cert_key(domain, "acme", validated.key_type),
-                                         bundle_header(header) + validated.pem, secret=True)
+        written = await lock.put_if_held(base.cert_key(domain, CertSource.ACME, validated.key_type),
+                                         records.encode_bundle(meta, validated.pem, issuer=ca.directory),
+                                         secret=True)
         if not written:
             raise AcmeError("the issuance lock expired before the certificate was stored")
         self.stats.count("valid")

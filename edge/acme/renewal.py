@@ -27,6 +27,7 @@ import random
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from edge.records import CertSource
 from edge.store.index import CertMeta, DomainCerts
 
 STANDBY_BEFORE = 14 * 86400  # SPEC §2: a custom certificate this close to expiry gets an acme standby
@@ -133,13 +134,13 @@ def next_check(retry_after: float | None, lowest: float = ARI_MIN, highest: floa
 
 
 def _current(held: DomainCerts | None, key_type: str, now: float) -> CertMeta | None:
-    mine = [m for m in (held.of("acme") if held else ()) if m.key_type == key_type and m.not_after > now]
+    mine = [m for m in (held.of(CertSource.ACME) if held else ()) if m.key_type == key_type and m.not_after > now]
     return max(mine, key=lambda m: m.not_after, default=None)
 
 
 def _custom_far(held: DomainCerts | None, now: float) -> float | None:
     """The standby time when a custom certificate stays valid past ``STANDBY_BEFORE``."""
-    custom = held.valid("custom", now) if held else ()
+    custom = held.valid(CertSource.CUSTOM, now) if held else ()
     custom_end = max((m.not_after for m in custom), default=None)
     if custom_end is not None and custom_end - now > STANDBY_BEFORE:
         return custom_end - STANDBY_BEFORE

@@ -4,10 +4,12 @@ ACME settings live with the ACME code; ``edge.config`` re-exports them."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from edge.records import KEY_TYPES, KeyType
+from edge.toml_tables import Table, join
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +26,7 @@ class AcmeConfig:
     directory: str = "https://acme-v02.api.letsencrypt.org/directory"
     email: str = ""
     ca_bundle: Path | None = None
-    key_types: tuple[str, ...] = ("ecdsa",)  # "ecdsa" (P-256) and/or "rsa" (2048)
+    key_types: tuple[str, ...] = (KeyType.ECDSA,)  # and/or KeyType.RSA
     challenges: tuple[str, ...] = ("http-01", "tls-alpn-01")  # in order of preference
     backoff_min: float = 60.0  # seconds after a first failure; doubles with each failure
     backoff_max: float = 86400.0
@@ -40,26 +42,22 @@ class AcmeConfig:
         return (CaEndpoint(self.directory, self.ca_bundle), *self.fallback_directories)
 
 
-def _join(base: Path, path: Path) -> Path:
-    return Path(os.path.normpath(base / path))
-
-
-def _choices(t: Any, key: str, allowed: tuple[str, ...], default: tuple[str, ...]) -> tuple[str, ...]:
+def _choices(t: Table, key: str, allowed: tuple[str, ...], default: tuple[str, ...]) -> tuple[str, ...]:
     values = t.get(key, list, list(default))
     if not values or any(v not in allowed for v in values) or len(set(values)) != len(values):
         raise t.fail(key, f"expected a list of distinct values among {', '.join(map(repr, allowed))}, got {values!r}")
     return tuple(values)
 
 
-def parse_acme(t: Any, base: Path, http: tuple[Any, ...], https: tuple[Any, ...]) -> AcmeConfig:
-    """The ``[acme]`` table (``t``: edge.config's table reader), checked; errors name the line."""
+def parse_acme(t: Table, base: Path, http: tuple[Any, ...], https: tuple[Any, ...]) -> AcmeConfig:
+    """The ``[acme]`` table , checked; errors name the line."""
     da = AcmeConfig()
     acme = AcmeConfig(
         enabled=t.get("enabled", bool, da.enabled),
         directory=t.get("directory", str, da.directory),
         email=t.get("email", str, da.email),
         ca_bundle=t.path("ca_bundle", None, base),
-        key_types=_choices(t, "key_types", ("ecdsa", "rsa"), da.key_types),
+        key_types=_choices(t, "key_types", tuple(k.value for k in KEY_TYPES), da.key_types),
         challenges=_choices(t, "challenges", ("http-01", "tls-alpn-01"), da.challenges),
         backoff_min=t.get("backoff_min", float, da.backoff_min),
         backoff_max=t.get("backoff_max", float, da.backoff_max),
@@ -89,7 +87,7 @@ def parse_acme(t: Any, base: Path, http: tuple[Any, ...], https: tuple[Any, ...]
     return acme
 
 
-def _fallbacks(t: Any, base: Path) -> tuple[CaEndpoint, ...]:
+def _fallbacks(t: Table, base: Path) -> tuple[CaEndpoint, ...]:
     """``[acme] fallback_directories``: URLs, or tables ``{directory = "...", ca_bundle = "..."}``."""
     out = []
     for entry in t.get("fallback_directories", list, []):
@@ -103,7 +101,7 @@ def _fallbacks(t: Any, base: Path) -> tuple[CaEndpoint, ...]:
             raise t.fail("fallback_directories", f"expected the https:// URL of an ACME directory, "
                          f"got {entry['directory']!r}")
         bundle = entry.get("ca_bundle", "")
-        out.append(CaEndpoint(entry["directory"], _join(base, Path(bundle)) if bundle else None))
+        out.append(CaEndpoint(entry["directory"], join(base, Path(bundle)) if bundle else None))
     if len({e.directory for e in out} | {t.data.get("directory")}) != len(out) + 1:
         raise t.fail("fallback_directories", "each directory may appear once (and not be the primary)")
     return tuple(out)

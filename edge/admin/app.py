@@ -18,20 +18,34 @@ import hmac
 import ipaddress
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import CollectorRegistry
 
-from edge.metrics import registry_for
 from edge.operations import NotFoundError, OperationError, Operations, Result, Upload
 from edge.store.base import StoreError
 
-if TYPE_CHECKING:
-    from edge.server import Edge
-
 OPENAPI = Path(__file__).with_name("openapi.json")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Node(Protocol):
+    """What the admin API and the probes ask of the edge process serving them
+    (``edge.server.Edge``), so that this package never imports the server."""
+
+    async def health_problems(self) -> list[str]:
+        """Why this process should not get traffic now; empty when it is fine."""
+        ...
+    def corrupted_entries(self, limit: int = 100) -> dict[str, str]: ...
+    def bound_https(self) -> list[str]: ...
+    def bound_http(self) -> list[str]: ...
+    @property
+    def store_loading(self) -> bool: ...
+    @property
+    def reloads(self) -> int: ...
+    async def reload_store(self) -> None: ...
 
 
 def _result(result: Result, status: int = 200) -> web.Response:
@@ -136,9 +150,8 @@ def _guard(token: str, names: tuple[str, ...]) -> Callable[[web.Request, Handler
     return guard
 
 
-def _probes(edge: Edge) -> tuple[Handler, Handler]:
+def _probes(edge: Node, registry: CollectorRegistry) -> tuple[Handler, Handler]:
     """/healthz and /metrics, served by the admin API and by ``[server] metrics``."""
-    registry = registry_for(edge)
 
     async def healthz(_request: web.Request) -> web.Response:
         problems = await edge.health_problems()
@@ -149,7 +162,7 @@ def _probes(edge: Edge) -> tuple[Handler, Handler]:
                                      status=503)
         # "loading": serving already, every name answered (fetched on demand) while the index fills.
         return web.json_response({"status": "ok", "https": edge.bound_https(), "http": edge.bound_http(),
-                                  "store": "loading" if edge.index.loading else "loaded",
+                                  "store": "loading" if edge.store_loading else "loaded",
                                   "corrupted": corrupted})
 
     async def metrics(_request: web.Request) -> web.Response:
@@ -158,18 +171,19 @@ def _probes(edge: Edge) -> tuple[Handler, Handler]:
     return healthz, metrics
 
 
-def make_metrics_app(edge: Edge) -> web.Application:
+def make_metrics_app(edge: Node, registry: CollectorRegistry, hosts: tuple[str, ...]) -> web.Application:
     """/metrics and /healthz alone, without a token: for Prometheus and probes."""
-    healthz, metrics = _probes(edge)
-    app = web.Application(middlewares=[_guard("", edge.config.server.admin_hosts)], client_max_size=1024)
+    healthz, metrics = _probes(edge, registry)
+    app = web.Application(middlewares=[_guard("", hosts)], client_max_size=1024)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     return app
 
 
-async def serve_probes(edge: Edge, host: str, port: int) -> web.AppRunner:
+async def serve_probes(edge: Node, registry: CollectorRegistry, hosts: tuple[str, ...],
+                       host: str, port: int) -> web.AppRunner:
     """Serve ``make_metrics_app`` on host:port (``[server] metrics``); OSError when it cannot bind."""
-    runner = web.AppRunner(make_metrics_app(edge), access_log=None)
+    runner = web.AppRunner(make_metrics_app(edge, registry, hosts), access_log=None)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
@@ -179,9 +193,10 @@ async def serve_probes(edge: Edge, host: str, port: int) -> web.AppRunner:
     return runner
 
 
-def make_app(edge: Edge, token: str) -> web.Application:
-    ops = Operations(edge.config, edge.store)
-    healthz, metrics = _probes(edge)
+def make_app(edge: Node, ops: Operations, registry: CollectorRegistry, token: str,
+             hosts: tuple[str, ...]) -> web.Application:
+    """The whole admin API; ``hosts``: ``[server] admin_hosts``, the names it answers to."""
+    healthz, metrics = _probes(edge, registry)
 
     async def openapi(_request: web.Request) -> web.Response:
         return web.Response(body=OPENAPI.read_bytes(), content_type="application/json")
@@ -227,7 +242,7 @@ def make_app(edge: Edge, token: str) -> web.Application:
         await edge.reload_store()
         return web.json_response({"message": "store reloaded", "reloads": edge.reloads})
 
-    app = web.Application(middlewares=[_guard(token, edge.config.server.admin_hosts)], client_max_size=256 * 1024)
+    app = web.Application(middlewares=[_guard(token, hosts)], client_max_size=256 * 1024)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)

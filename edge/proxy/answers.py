@@ -20,14 +20,14 @@ log = logging.getLogger("edge.proxy.protocol")
 
 class LocalAnswers:
     def _log(self: HttpProxyProtocol, exchange: Exchange) -> None:
-        if self.ctx.access_log:
+        if self.shared.access_log:
             log_access(exchange, self.client_ip, self.tls_version, self.tls.source.value if self.tls else "")
 
     async def _answer_challenge(self: HttpProxyProtocol, exchange: Exchange) -> None:
         token = exchange.target[len(CHALLENGE_PREFIX) :].split(b"?", 1)[0].decode("latin-1")
-        assert self.ctx.challenge is not None
+        assert self.shared.challenge is not None
         try:
-            value = await self.ctx.challenge(token) if token and "/" not in token else None
+            value = await self.shared.challenge(token) if token and "/" not in token else None
         except Exception as exc:  # a store error must not kill the connection
             log.error("ACME challenge lookup failed: %s", exc)
             value = None
@@ -38,7 +38,7 @@ class LocalAnswers:
             return
         exchange.status = 200
         exchange.response_bytes = len(value)
-        keep = exchange.keep_alive = keeps_alive(exchange, self.ctx.draining)
+        keep = exchange.keep_alive = keeps_alive(exchange, self.shared.draining)
         self._write(
             b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: %d\r\n"
             b"Connection: %b\r\n\r\n%b" % (len(value), b"keep-alive" if keep else b"close", value)
@@ -48,7 +48,7 @@ class LocalAnswers:
     def _answer_error(self: HttpProxyProtocol, exchange: Exchange, status: int) -> None:
         if self.transport is None or exchange.response_done:
             return
-        keep = exchange.keep_alive = keeps_alive(exchange, self.ctx.draining, status)
+        keep = exchange.keep_alive = keeps_alive(exchange, self.shared.draining, status)
         exchange.status = status
         self._write(error_response(status, keep))
         self._finish(exchange)
@@ -58,7 +58,7 @@ class LocalAnswers:
         port = self.listener.https_port
         authority = host if port == 443 else f"{host}:{port}"
         location = b"https://" + authority.encode() + exchange.target
-        keep = exchange.keep_alive = keeps_alive(exchange, self.ctx.draining)
+        keep = exchange.keep_alive = keeps_alive(exchange, self.shared.draining)
         exchange.status = 301
         self._write(
             b"HTTP/1.1 301 Moved Permanently\r\nLocation: %b\r\nContent-Length: 0\r\nConnection: %b\r\n\r\n"

@@ -12,8 +12,8 @@ from typing import NamedTuple
 
 import httptools
 
+from edge import names
 from edge.proxy.errors import HttpError
-from edge.tls import names
 
 
 class Authority(NamedTuple):

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import bisect
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from edge.config import ProxyConfig
+from edge.config import Config, ProxyConfig
+from edge.histogram import Histogram
 from edge.proxy.routing import Router
 from edge.proxy.upstream import BackendConnection
 
@@ -33,19 +34,27 @@ class ProxyStats:
 
     def __init__(self) -> None:
         self.status_classes = [0] * 6  # index = status // 100
-        self.duration_buckets = [0] * (len(DURATION_BUCKETS) + 1)  # the last one is +Inf
-        self.duration_sum = 0.0
+        self.duration = Histogram(DURATION_BUCKETS)
         self.upstream_errors: dict[str, int] = {}
         self.protocols: dict[str, int] = {}  # requests by HTTP version: "1.0", "1.1", "2"
 
     def request_done(self, status: int, seconds: float, version: str = "1.1") -> None:
         self.status_classes[status // 100 if 0 < status < 600 else 0] += 1
         self.protocols[version] = self.protocols.get(version, 0) + 1
-        self.duration_buckets[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
-        self.duration_sum += seconds
+        self.duration.observe(seconds)
 
     def upstream_error(self, kind: str) -> None:
         self.upstream_errors[kind] = self.upstream_errors.get(kind, 0) + 1
+
+    def counters(self) -> dict[str, Any]:
+        """A snapshot for edge.metrics (summed across workers key by key)."""
+        return {
+            "status_classes": list(self.status_classes),
+            "request_buckets": list(self.duration.counts),
+            "request_sum": self.duration.total,
+            "upstream_errors": dict(self.upstream_errors),
+            "protocols": dict(self.protocols),
+        }
 
 
 @dataclass(eq=False)
@@ -61,6 +70,11 @@ class ProxyContext:
     connections: set = field(default_factory=set)  # open HttpProxyProtocol objects
     tasks: set = field(default_factory=set)  # forwarding tasks in flight (strong references)
     draining: bool = False  # shutting down: finish what is in flight, take nothing new
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload: new connections take the new timeouts and limits."""
+        self.config = config.proxy
+        self.access_log = config.log.access_log
 
 
 class Exchange:

@@ -108,8 +108,8 @@ class RequestSide:
         exchange.started = True
         sni = self.tls.server_name if self.tls is not None else None
         decision = decide(
-            self.ctx.router, exchange.method, exchange.target, exchange.host_header, exchange.host_headers,
-            exchange.version, sni, plain=self.tls is None, challenges=self.ctx.challenge is not None,
+            self.shared.router, exchange.method, exchange.target, exchange.host_header, exchange.host_headers,
+            exchange.version, sni, plain=self.tls is None, challenges=self.shared.challenge is not None,
         )
         authority = decision.authority
         if authority is not None:
@@ -166,7 +166,7 @@ class RequestSide:
     def _spawn(self: HttpProxyProtocol, coro: Coroutine[Any, Any, None]) -> None:
         # The loop holds tasks weakly: keep a reference until each is done.
         task = asyncio.get_running_loop().create_task(coro)
-        tasks = self.ctx.tasks
+        tasks = self.shared.tasks
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
@@ -183,7 +183,7 @@ class RequestSide:
         if conn is None:
             assert error is not None
             log.info("upstream %s: %s", error.kind, error)
-            self.ctx.stats.upstream_error(error.kind)
+            self.shared.stats.upstream_error(error.kind)
             self._answer_error(exchange, STATUS_FOR.get(error.kind, 502))
             return
         self._attach(exchange, conn, head)

@@ -31,8 +31,8 @@ _READ_BUFFER = memoryview(bytearray(64 * 1024))  # shared, as HttpProxyProtocol'
 _TICK = 1.0  # seconds between checks of stream deadlines while streams are open
 
 
-def h2_settings(ctx: ProxyContext) -> H2Settings:
-    config = ctx.config
+def h2_settings(shared: ProxyContext) -> H2Settings:
+    config = shared.config
     return H2Settings(
         max_concurrent_streams=config.max_concurrent_streams,
         max_header_list_size=config.max_header_bytes,
@@ -41,12 +41,12 @@ def h2_settings(ctx: ProxyContext) -> H2Settings:
 
 
 class H2ProxyProtocol(asyncio.BufferedProtocol):
-    def __init__(self, ctx: ProxyContext, listener: ListenerInfo, tls: TlsInfo | None) -> None:
-        self.ctx = ctx
-        self.config = ctx.config
+    def __init__(self, shared: ProxyContext, listener: ListenerInfo, tls: TlsInfo | None) -> None:
+        self.shared = shared
+        self.config = shared.config
         self.listener = listener
         self.tls = tls
-        self.h2 = H2Connection(h2_settings(ctx))
+        self.h2 = H2Connection(h2_settings(shared))
         self.exchanges: dict[int, H2Exchange] = {}
         self.transport: asyncio.Transport | None = None
         self.client_ip = b""
@@ -69,9 +69,9 @@ class H2ProxyProtocol(asyncio.BufferedProtocol):
         sslobj = transport.get_extra_info("ssl_object")
         self.tls_version = (sslobj.version() or "") if sslobj is not None else ""
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
-        self.ctx.connections.add(self)
+        self.shared.connections.add(self)
         self.h2.initiate()
-        if self.ctx.draining:
+        if self.shared.draining:
             self.h2.close()
         self.flush_now()
         self._idle_since = self._loop.time()
@@ -79,7 +79,7 @@ class H2ProxyProtocol(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
-        self.ctx.connections.discard(self)
+        self.shared.connections.discard(self)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -165,7 +165,7 @@ class H2ProxyProtocol(asyncio.BufferedProtocol):
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = self._loop.create_task(coro)
-        tasks = self.ctx.tasks
+        tasks = self.shared.tasks
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
@@ -195,7 +195,7 @@ class H2ProxyProtocol(asyncio.BufferedProtocol):
         self._served += 1
         if self.exchanges.pop(exchange.sid, None) is not None and not self.exchanges:
             self._idle_since = self._loop.time()
-            if self.ctx.draining or self.h2.state.name in ("DRAINING", "CLOSED"):
+            if self.shared.draining or self.h2.state.name in ("DRAINING", "CLOSED"):
                 self._close()
         self.flush()
 
@@ -248,8 +248,8 @@ class H2ProxyProtocol(asyncio.BufferedProtocol):
 class AlpnSwitch(asyncio.Protocol):
     """Becomes HTTP/2 or HTTP/1.1 once the handshake chose by ALPN."""
 
-    def __init__(self, ctx: ProxyContext, listener: ListenerInfo, tls: TlsInfo | None) -> None:
-        self.ctx = ctx
+    def __init__(self, shared: ProxyContext, listener: ListenerInfo, tls: TlsInfo | None) -> None:
+        self.shared = shared
         self.listener = listener
         self.tls = tls
 
@@ -257,10 +257,10 @@ class AlpnSwitch(asyncio.Protocol):
         sslobj = transport.get_extra_info("ssl_object")
         chosen = sslobj.selected_alpn_protocol() if sslobj is not None else None
         protocol: asyncio.BaseProtocol
-        if chosen == "h2" and self.ctx.config.http2:
-            protocol = H2ProxyProtocol(self.ctx, self.listener, self.tls)
+        if chosen == "h2":  # offered only with [proxy] http2 (read at start: contexts carry it)
+            protocol = H2ProxyProtocol(self.shared, self.listener, self.tls)
         else:
-            protocol = HttpProxyProtocol(self.ctx, self.listener, self.tls)
+            protocol = HttpProxyProtocol(self.shared, self.listener, self.tls)
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
 

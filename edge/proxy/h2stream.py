@@ -104,7 +104,7 @@ class H2Exchange:
         authority = request.authority or request.host
         sni = proto.tls.server_name if proto.tls is not None else None
         hosts = 1 if authority is not None else 0
-        decision = decide(proto.ctx.router, self.method, request.path, authority, hosts, "1.1", sni, plain=False)
+        decision = decide(proto.shared.router, self.method, request.path, authority, hosts, "1.1", sni, plain=False)
         if decision.authority is not None:
             self.host = decision.host
         if decision.action is not Action.FORWARD:
@@ -242,23 +242,23 @@ class H2Exchange:
         self.conn = None
         if self.phase is Phase.RESPONDING:
             log.info("upstream %s mid-response: %s", error.kind, error)
-            self.proto.ctx.stats.upstream_error(error.kind)
+            self.proto.shared.stats.upstream_error(error.kind)
             self.abort(ErrorCode.INTERNAL_ERROR)  # the client must see the response cut short
             return
         if error.kind == "reset" and self.retry_head:
             head, self.retry_head = self.retry_head, b""
-            app = self.proto.ctx.router.app_for(self.host)
+            app = self.proto.shared.router.app_for(self.host)
             if app is not None:
                 self.body = []
                 self.phase = Phase.CONNECTING
-                pool = self.proto.ctx.router.pool_for(app)
+                pool = self.proto.shared.router.pool_for(app)
                 self.proto.spawn(self.connect(pool, pool.pick(), head))
                 return
         self.upstream_error(error)
 
     def upstream_error(self, error: UpstreamError) -> None:
         log.info("upstream %s: %s", error.kind, error)
-        self.proto.ctx.stats.upstream_error(error.kind)
+        self.proto.shared.stats.upstream_error(error.kind)
         self.answer(STATUS_FOR.get(error.kind, 502))
 
     def batch_begin(self) -> None:
@@ -340,8 +340,8 @@ class H2Exchange:
         if ended:
             self.phase = Phase.DONE
         proto = self.proto
-        proto.ctx.stats.request_done(self.status or 499, time.monotonic() - self.t0, "2")
-        if proto.ctx.access_log:
+        proto.shared.stats.request_done(self.status or 499, time.monotonic() - self.t0, "2")
+        if proto.shared.access_log:
             source = proto.tls.source.value if proto.tls else ""
             log_access(self, proto.client_ip, proto.tls_version, source)  # type: ignore[arg-type]
         proto.exchange_done(self)

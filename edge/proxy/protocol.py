@@ -53,9 +53,9 @@ _READ_BUFFER = memoryview(bytearray(64 * 1024))
 
 
 class HttpProxyProtocol(ResponseSide, RequestSide, LocalAnswers, asyncio.BufferedProtocol):
-    def __init__(self, ctx: ProxyContext, listener: ListenerInfo, tls: TlsInfo | None) -> None:
-        self.ctx = ctx
-        self.config = ctx.config
+    def __init__(self, shared: ProxyContext, listener: ListenerInfo, tls: TlsInfo | None) -> None:
+        self.shared = shared  # what every connection of this process shares (not an SSLContext)
+        self.config = shared.config
         self.listener = listener
         self.tls = tls
         self.transport: asyncio.Transport | None = None
@@ -89,7 +89,7 @@ class HttpProxyProtocol(ResponseSide, RequestSide, LocalAnswers, asyncio.Buffere
         if self.tls is not None:
             sslobj = transport.get_extra_info("ssl_object")
             self.tls_version = (sslobj.version() or "") if sslobj is not None else ""
-        self.ctx.connections.add(self)
+        self.shared.connections.add(self)
         # Bounded buffering per connection: above this the backend is paused
         # (pause_writing), so a client that reads nothing holds little.
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
@@ -98,7 +98,7 @@ class HttpProxyProtocol(ResponseSide, RequestSide, LocalAnswers, asyncio.Buffere
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         self._cancel_timer()
-        self.ctx.connections.discard(self)
+        self.shared.connections.discard(self)
         for exchange in self.queue:
             if exchange.conn is not None:
                 exchange.conn.close()  # the client is gone: nobody to answer
@@ -290,7 +290,7 @@ class HttpProxyProtocol(ResponseSide, RequestSide, LocalAnswers, asyncio.Buffere
         parser = self.parser
         exchange.method = parser.get_method()
         exchange.version = parser.get_http_version()
-        exchange.keep_alive = parser.should_keep_alive() and not self.ctx.draining
+        exchange.keep_alive = parser.should_keep_alive() and not self.shared.draining
         if exchange.framing:
             exchange.content_length, exchange.chunked = h1.check_framing(exchange.headers)
             exchange.body_expected = exchange.chunked or bool(exchange.content_length)
@@ -336,7 +336,7 @@ class HttpProxyProtocol(ResponseSide, RequestSide, LocalAnswers, asyncio.Buffere
     def _finish(self, exchange: Exchange) -> None:
         exchange.response_done = True
         self._served += 1
-        self.ctx.stats.request_done(exchange.status, time.monotonic() - exchange.t0, exchange.version)
+        self.shared.stats.request_done(exchange.status, time.monotonic() - exchange.t0, exchange.version)
         self._log(exchange)
         if self.queue and self.queue[0] is exchange:
             self.queue.popleft()

@@ -53,7 +53,7 @@ class ResponseSide:
         exchange.responded = True
         exchange.status = status
         exchange.retry_head = b""
-        client_keep_alive = keeps_alive(exchange, self.ctx.draining)
+        client_keep_alive = keeps_alive(exchange, self.shared.draining)
         no_body = exchange.method == b"HEAD" or status in (204, 304)
         if no_body or (content_length is not None and not chunked):
             out_chunked, out_length = False, content_length
@@ -107,12 +107,12 @@ class ResponseSide:
             # A reused keep-alive connection the backend had closed meanwhile.
             head, exchange.retry_head = exchange.retry_head, b""
             exchange.body = []
-            app = self.ctx.router.app_for(exchange.host)
+            app = self.shared.router.app_for(exchange.host)
             if app is not None:
-                self._spawn(self._forward(exchange, self.ctx.router.pool_for(app).candidates(), head))
+                self._spawn(self._forward(exchange, self.shared.router.pool_for(app).candidates(), head))
                 return
         log.info("upstream %s: %s", error.kind, error)
-        self.ctx.stats.upstream_error(error.kind)
+        self.shared.stats.upstream_error(error.kind)
         self._answer_error(exchange, STATUS_FOR.get(error.kind, 502))
 
     def _abort_response(self: HttpProxyProtocol, exchange: Exchange, error: UpstreamError) -> None:
@@ -122,10 +122,10 @@ class ResponseSide:
         sent tells it; a close-delimited body cannot tell, so the connection
         is aborted (RST, and no TLS close_notify: RFC 8446 §6.1)."""
         log.info("upstream %s mid-response: %s", error.kind, error)
-        self.ctx.stats.upstream_error(error.kind)
+        self.shared.stats.upstream_error(error.kind)
         exchange.response_done = True
         exchange.keep_alive = False
-        self.ctx.stats.request_done(exchange.status, time.monotonic() - exchange.t0, exchange.version)
+        self.shared.stats.request_done(exchange.status, time.monotonic() - exchange.t0, exchange.version)
         self._log(exchange)
         self.queue.clear()
         if self._response_chunked or exchange.content_length_out is not None:
@@ -145,7 +145,7 @@ class ResponseSide:
         if conn is not None:
             conn.close()
         log.info("backend %s answered 101 to a request that asked for no such upgrade", exchange.backend)
-        self.ctx.stats.upstream_error("protocol")
+        self.shared.stats.upstream_error("protocol")
         self._answer_error(exchange, 502)
 
     def upstream_pause(self: HttpProxyProtocol) -> None:

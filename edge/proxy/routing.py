@@ -8,9 +8,9 @@ the old backends are closed).
 
 from __future__ import annotations
 
+from edge import names
 from edge.proxy.upstream import Pool
 from edge.store.index import App, Index
-from edge.tls import names
 from edge.tls.selector import Selector
 
 

@@ -97,10 +97,6 @@ class BackendConnection(asyncio.BufferedProtocol):
         if self.transport is not None:
             self.transport.write(data)
 
-    @property
-    def got_response(self) -> bool:
-        return self._got_response
-
     def pause_reading(self) -> None:
         self._paused = True
         if self.transport is not None:

@@ -14,7 +14,7 @@ Key space (the same for every backend):
     acme/status/<domain>              JSON  what the ACME manager last did for the domain
     acme/account                      the ACME account key, PEM (secret)
 
-``<domain>`` is canonical (see ``edge.tls.names``) and may be ``*.example.com``.
+``<domain>`` is canonical (see ``edge.names``) and may be ``*.example.com``.
 """
 
 from __future__ import annotations

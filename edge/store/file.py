@@ -22,6 +22,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from edge.records import KEY_TYPES, SOURCES
 from edge.store.base import APPS, CERTS, DOMAINS, LOCKS, Event, EventKind, Lock, ResyncNeeded, Store, StoreError
 from edge.store.inotify import Inotify, Overflow
 
@@ -31,7 +32,7 @@ _SUFFIX = {APPS: ".json", DOMAINS: ".json", CERTS: ".pem"}
 _TMP_PREFIX = ".tmp-"
 _STANDARD_DIRS = (
     "apps", "domains", "acme/challenges", "acme/tls-alpn", "acme/status", "locks",
-    *(f"certs/{source}-{kind}" for source in ("custom", "acme") for kind in ("ecdsa", "rsa")),
+    *(f"certs/{source}-{kind}" for source in SOURCES for kind in KEY_TYPES),
 )
 _SNAPSHOT_BATCH = 5000
 _READ_SIZE = 1 << 17  # larger than any valid entry (bundles are capped at 64 KiB)

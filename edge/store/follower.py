@@ -18,9 +18,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from edge import names
+from edge.records import KEY_TYPES, SOURCES
 from edge.store.base import APPS, CERTS, Event, EventKind, ResyncNeeded, Store, StoreError, cert_key, domain_key
-from edge.store.index import KEY_TYPES, SOURCES, Index
-from edge.tls import names
+from edge.store.index import Index
 
 if TYPE_CHECKING:
     from edge.acme.manager import AcmeManager

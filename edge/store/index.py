@@ -19,12 +19,11 @@ import logging
 import sys
 from dataclasses import dataclass
 
+from edge.records import KEY_TYPES, SOURCES
 from edge.store.base import APPS, CERTS, DOMAINS, Event, EventKind, cert_key, parse_cert_key
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("custom", "acme")
-KEY_TYPES = ("ecdsa", "rsa")
 _INTERNED = {s: s for s in (*SOURCES, *KEY_TYPES)}
 
 

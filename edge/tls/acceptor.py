@@ -29,23 +29,19 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable
 
+from edge import names
 from edge.store.base import StoreError
-from edge.tls import clienthello, contexts, handover, names
+from edge.tls import clienthello, contexts, handover
 from edge.tls.contexts import ContextBuildError, ContextCache
 from edge.tls.handover import alert
 from edge.tls.intake import AcceptLoop, HelloReader, close_gently
 from edge.tls.selector import Choice, Selector, Source
-from edge.tls.stats import HANDSHAKE_BUCKETS, HandshakeStats, TlsInfo
+from edge.tls.stats import HandshakeStats, TlsInfo
 
-__all__ = ["HANDSHAKE_BUCKETS", "HandshakeStats", "ProtocolFactory", "TlsAcceptor", "TlsInfo"]
+__all__ = ["HandshakeStats", "ProtocolFactory", "TlsAcceptor", "TlsInfo"]
 
 log = logging.getLogger(__name__)
 
-_PLAIN_HTTP_ANSWER = (
-    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/html\r\nConnection: close\r\n"
-    b"Content-Length: 77\r\n\r\n"
-    b"<html><body><h1>400 Plain HTTP request sent to HTTPS port</h1></body></html>\n"
-)
 _ACME_TLS = b"acme-tls/1"  # RFC 8737 §6.2: the ALPN protocol of TLS-ALPN-01 validation
 _MAX_HOST_NAME = 255  # RFC 6066 §3 / RFC 1035 §2.3.4; OpenSSL refuses longer ones itself
 
@@ -89,6 +85,7 @@ class TlsAcceptor:
         handshake_timeout: float,
         challenge_certificate: Callable[[str], Awaitable[bytes | None]] | None = None,
         fetch_name: Callable[[str], Awaitable[None]] | None = None,
+        not_tls: Callable[[bytes], bytes] | None = None,
     ) -> None:
         # The listener context holds the default certificate (no SNI, unknown names).
         self.listener_context = listener_context
@@ -100,6 +97,9 @@ class TlsAcceptor:
         self.challenge_certificate = challenge_certificate
         # While the store loads in the background: read a name's entries before selecting.
         self.fetch_name = fetch_name
+        # Bytes that are no ClientHello: what to send back before closing (given
+        # the bytes received). The HTTP layer decides; this one knows no HTTP.
+        self.not_tls = not_tls
         self._index = selector.index
         self.stats = HandshakeStats()
         self._listeners: list[AcceptLoop] = []
@@ -123,11 +123,6 @@ class TlsAcceptor:
         )
         self._readers.append(reader)
         self._listeners.append(AcceptLoop(sock, lambda conn: self._accepted(conn, reader)))
-
-    @property
-    def accept_pauses(self) -> int:
-        """Times accepting stopped for lack of file descriptors or memory."""
-        return sum(listener.paused_count for listener in self._listeners)
 
     def stop_listening(self) -> None:
         for listener in self._listeners:
@@ -157,8 +152,7 @@ class TlsAcceptor:
             close_gently(sock, alert(handover.ILLEGAL_PARAMETER))  # as OpenSSL does for an oversized message
         elif isinstance(why, clienthello.NotClientHello):
             self.stats.not_tls += 1
-            # Plain HTTP on the TLS port: say so, as nginx does (its 497).
-            close_gently(sock, _PLAIN_HTTP_ANSWER if data[:1].isalpha() else b"")
+            close_gently(sock, self.not_tls(data) if self.not_tls is not None else b"")
         else:
             close_gently(sock)  # closed before its ClientHello was whole: FIN back, not a reset
 

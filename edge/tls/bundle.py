@@ -17,7 +17,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtensionOID
 
-from edge.tls import names
+from edge import names
+from edge.records import KeyType
 
 MAX_BUNDLE_BYTES = 64 * 1024
 MAX_CERTIFICATES = 10
@@ -38,7 +39,7 @@ class BundleError(ValueError):
 class Bundle:
     """A validated bundle, ready for the store."""
 
-    key_type: str  # "rsa" or "ecdsa"
+    key_type: KeyType
     names: tuple[str, ...]  # DNS names of the leaf (SAN), canonical form
     not_before: float  # POSIX seconds
     not_after: float
@@ -180,21 +181,21 @@ def _order_chain(
     return chain
 
 
-def _check_key_strength(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, path: str) -> str:
+def _check_key_strength(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, path: str) -> KeyType:
     if isinstance(key, rsa.RSAPrivateKey):
         if key.key_size < MIN_RSA_BITS:
             raise BundleError(
                 f"{path}: the RSA key has {key.key_size} bits, under the {MIN_RSA_BITS} browsers "
                 "require; create a new key (`edge csr DOMAIN --key-type rsa2048`) and reissue"
             )
-        return "rsa"
+        return KeyType.RSA
     curve = key.curve.name
     if curve not in ALLOWED_CURVES:
         raise BundleError(
             f"{path}: the EC key is on curve {curve}; only P-256 and P-384 are accepted by "
             "browsers; create a new key (`edge csr DOMAIN --key-type ec256`) and reissue"
         )
-    return "ecdsa"
+    return KeyType.ECDSA
 
 
 def _check_covers(cert_names: tuple[str, ...], domain: str | None, cert_path: str) -> None:

@@ -15,7 +15,9 @@ import os
 import ssl
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
+from edge.config import Config
 from edge.tls.groups import restrict_groups
 
 log = logging.getLogger(__name__)
@@ -99,8 +101,10 @@ class ContextCache:
         self,
         size: int,
         loader: Callable[[tuple[str, ...]], Awaitable[ssl.SSLContext]],
+        min_version: str = "TLSv1.2",
     ) -> None:
         self.size = size
+        self.min_version = min_version  # what the loader builds with: the cache key does not name it
         self._loader = loader
         self._entries: OrderedDict[tuple[str, ...], ssl.SSLContext] = OrderedDict()
         self._building: dict[tuple[str, ...], asyncio.Future[ssl.SSLContext]] = {}
@@ -141,5 +145,15 @@ class ContextCache:
         future.set_result(ctx)
         return ctx
 
-    def clear(self) -> None:
-        self._entries.clear()
+    def reconfigure(self, config: Config) -> None:
+        """A reload: the new size holds from the next insertion on."""
+        self.size = config.tls.context_cache_size
+        if config.tls.min_version != self.min_version:
+            # Built contexts carry the version they were built with and their
+            # cache key does not name it: drop them, the next handshakes rebuild.
+            self._entries.clear()
+            self.min_version = config.tls.min_version
+
+    def counters(self) -> dict[str, Any]:
+        """A snapshot for edge.metrics (summed across workers key by key)."""
+        return {"cache_size": len(self._entries), "cache_hits": self.hits, "cache_misses": self.misses}

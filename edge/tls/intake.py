@@ -49,7 +49,6 @@ class AcceptLoop:
     def __init__(self, sock: socket.socket, on_socket: Callable[[socket.socket], None]) -> None:
         self.sock = sock
         self.on_socket = on_socket
-        self.paused_count = 0  # resource errors (pauses) since start, for tests and metrics
         self._loop = asyncio.get_running_loop()
         self._pause = PAUSE_FIRST
         self._resume: asyncio.TimerHandle | None = None
@@ -85,7 +84,6 @@ class AcceptLoop:
 
     def _stop_for_a_while(self, exc: OSError) -> None:
         self._loop.remove_reader(self.sock.fileno())
-        self.paused_count += 1
         self._unlogged += 1
         now = self._loop.time()
         if now - self._logged_at >= LOG_EVERY:
@@ -130,10 +128,6 @@ class PlainListener:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.debug("plain connection failed at once: %s", task.exception())
-
-    @property
-    def accept_pauses(self) -> int:
-        return self._accept.paused_count
 
     def close(self) -> None:
         self._accept.close()
@@ -196,9 +190,6 @@ class HelloReader:
         self.on_refused = on_refused
         self._pending: dict[int, _Pending] = {}
         self._loop = asyncio.get_running_loop()
-
-    def __len__(self) -> int:
-        return len(self._pending)
 
     def add(self, sock: socket.socket) -> None:
         deadline = self._loop.time() + self.timeout

@@ -9,13 +9,18 @@ import enum
 import time
 from dataclasses import dataclass
 
+from edge import names
+from edge.config import Config
+from edge.records import CertSource
 from edge.store.index import CertMeta, Index
-from edge.tls import names
 
 
 class Source(enum.Enum):
-    CUSTOM = "custom"
-    ACME = "acme"
+    """Why a handshake got its certificate (a metrics label): a stored one by
+    its source, or one of the configured ones."""
+
+    CUSTOM = CertSource.CUSTOM.value
+    ACME = CertSource.ACME.value
     WILDCARD = "custom-wildcard"
     PLATFORM = "platform"
     DEFAULT = "default"
@@ -50,6 +55,11 @@ class Selector:
         self.strict_sni = strict_sni
         self.default_is_platform = default_is_platform
 
+    def reconfigure(self, config: Config) -> None:
+        """A reload: ``strict_sni`` applies to the next handshakes (the platform
+        domain needs a restart)."""
+        self.strict_sni = config.platform.strict_sni
+
     def same_certificate(self, a: Choice | None, b: Choice | None) -> bool:
         """Do two choices serve the same certificate?"""
         if a is None or b is None:
@@ -75,15 +85,15 @@ class Selector:
         # nowhere, so it must not be served either (`edge check` names it).
         if held is not None and name in domains:
             # 1. a valid custom certificate of that exact domain
-            if bundles := held.valid("custom", when):
+            if bundles := held.valid(CertSource.CUSTOM, when):
                 return _choice(Source.CUSTOM, bundles)
             # 2. a valid acme certificate of that exact domain
-            if bundles := held.valid("acme", when):
+            if bundles := held.valid(CertSource.ACME, when):
                 return _choice(Source.ACME, bundles)
         # 3. a valid custom certificate of the wildcard one label up
         parent = names.wildcard_parent(name)
         if (parent is not None and (wild := certs.get(parent)) is not None and parent in domains
-                and (bundles := wild.valid("custom", when))):
+                and (bundles := wild.valid(CertSource.CUSTOM, when))):
             return _choice(Source.WILDCARD, bundles)
         # 4. the platform certificate for the platform domain and one label under
         platform = self.platform_domain

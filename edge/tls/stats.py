@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass
+from typing import Any
 
+from edge.histogram import Histogram
 from edge.tls.selector import Source
 
 HANDSHAKE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -29,14 +30,24 @@ class HandshakeStats:
         self.refused_sni = 0
         self.unknown_sni = 0  # a name was sent that no certificate covers: served the default
         self.not_tls = 0
-        self.duration_buckets = [0] * (len(HANDSHAKE_BUCKETS) + 1)
-        self.duration_sum = 0.0
+        self.duration = Histogram(HANDSHAKE_BUCKETS)
 
     def done(self, version: str, source: Source, seconds: float) -> None:
         key = (version, source.value)
         self.completed[key] = self.completed.get(key, 0) + 1
-        self.duration_buckets[bisect.bisect_left(HANDSHAKE_BUCKETS, seconds)] += 1
-        self.duration_sum += seconds
+        self.duration.observe(seconds)
 
     def fail(self, reason: str) -> None:
         self.failed[reason] = self.failed.get(reason, 0) + 1
+
+    def counters(self) -> dict[str, Any]:
+        """A snapshot for edge.metrics (summed across workers key by key)."""
+        return {
+            "handshakes_ok": dict(self.completed),
+            "handshakes_failed": dict(self.failed),
+            "refused_sni": self.refused_sni,
+            "not_tls": self.not_tls,
+            "unknown_sni": self.unknown_sni,
+            "handshake_buckets": list(self.duration.counts),
+            "handshake_sum": self.duration.total,
+        }

@@ -194,14 +194,11 @@ def test_every_metric_moves(admin_edge: EdgeProcess, ca: trustme.CA, backend: st
 def test_openapi_matches_routes(admin_edge: EdgeProcess) -> None:
     status, served = call(admin_edge, "GET", "/openapi.json")
     assert status == 200 and served == json.loads(OPENAPI.read_text())
+    from prometheus_client.registry import CollectorRegistry
+
     from edge.admin.app import make_app
-    from edge.config import parse
 
-    class Stub:
-        config = parse("", Path("edge.toml"))
-        store = None
-
-    app = make_app(Stub(), "")  # type: ignore[arg-type]
+    app = make_app(None, None, CollectorRegistry(), "", ())  # type: ignore[arg-type]
     routes = {(r.method.lower(), r.resource.canonical) for r in app.router.routes() if r.method != "HEAD"}
     documented = {(m, p) for p, ops in served["paths"].items() for m in ops}  # type: ignore[index]
     assert routes == documented

@@ -90,14 +90,17 @@ def test_check_reports_config_errors_with_line(tmp_path: Path) -> None:
     fails_with(result, f"{config}:5: [proxy] idle_timeout: must be a positive number of seconds")
 
 
-def test_check_passes_on_a_good_store(edge: EdgeProcess, ca, tmp_path: Path) -> None:
+def test_check_passes_on_a_good_store(ca, tmp_path: Path) -> None:
+    # A store of its own: the module's shared one holds what other tests damage on purpose.
+    node = EdgeProcess(tmp_path / "node")
     pem = pki.issue(ca, "checked.example.test")
     (tmp_path / "c").write_bytes(pem.cert)
     (tmp_path / "k").write_bytes(pem.key)
-    edge.cli("domains-add", "checked.example.test", "--app", "demo", "--cert", str(tmp_path / "c"),
+    node.cli("apps-add", "demo", "--backend", "127.0.0.1:9")
+    node.cli("domains-add", "checked.example.test", "--app", "demo", "--cert", str(tmp_path / "c"),
              "--key", str(tmp_path / "k"))
-    result = edge.cli("check", check=False)
-    # Other tests in this module may leave entries; only ours must not be named.
+    result = node.cli("check", check=False)
+    assert result.returncode == 0, result.stderr
     assert "checked.example.test" not in result.stderr
 
 

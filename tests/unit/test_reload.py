@@ -1,8 +1,12 @@
-"""A full reload (SIGHUP, /v1/reload, a compacted watch) and a change that lands while it reads."""
+"""A full reload (SIGHUP, /v1/reload, a compacted watch) and a change that lands while it reads.
+
+Driven through the follower's interface (``start``, ``reload``) over a store
+whose watch delivers a change while the reload's snapshot is reading."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from edge.store.base import Event, EventKind
@@ -12,27 +16,40 @@ from edge.store.index import Index
 
 
 class _RacingStore(FileStore):
-    """Its snapshot returns a key's old value after the watch already delivered the new one."""
+    """Its second snapshot returns a key's old value after the watch delivered the new one."""
 
     def __init__(self, root: Path) -> None:
         super().__init__(root)
-        self.follower: StoreFollower | None = None
+        self.snapshots = 0
+        self.reading = asyncio.Event()  # the reload's snapshot has begun
+        self.delivered = asyncio.Event()  # the follower took the watched change
 
-    async def snapshot(self):  # type: ignore[override]
-        # The watch applies a change (what StoreFollower._watch does with each batch)...
-        event = Event(EventKind.PUT, "domains/www.example.com", b'{"app": "new"}', 7)
-        assert self.follower is not None
-        self.follower._apply([event])
-        # ... after the snapshot had read the key's previous version.
-        yield "domains/www.example.com", b'{"app": "old"}'
+    async def snapshot(self) -> AsyncIterator[tuple[str, bytes]]:  # type: ignore[override]
+        self.snapshots += 1
+        if self.snapshots == 1:  # the load at start: an empty store
+            return
+        self.reading.set()
+        await self.delivered.wait()
+        yield "domains/www.example.com", b'{"app": "old"}'  # read before the change
+
+    async def watch(self, start_revision: int) -> AsyncIterator[list[Event]]:  # type: ignore[override]
+        await self.reading.wait()
+        yield [Event(EventKind.PUT, "domains/www.example.com", b'{"app": "new"}', 7)]
+        self.delivered.set()  # resumed: the batch above was applied
+        await asyncio.Event().wait()
 
 
 def test_a_change_seen_during_a_full_reload_is_not_lost(tmp_path: Path) -> None:
     async def run() -> None:
         store = _RacingStore(tmp_path / "store")
-        follower = store.follower = StoreFollower(store, Index())
-        await follower.reload()
+        follower = StoreFollower(store, Index())
+        await follower.start()
+        await asyncio.gather(*(t for t in follower.tasks if t is not follower.watch_task))  # loaded
+        await asyncio.wait_for(follower.reload(), 5)
         assert follower.index.domains["www.example.com"] == "new"
-        assert follower._reload_events is None and follower.reloads == 1
+        assert follower.reloads == 2
+        for task in follower.tasks:
+            task.cancel()
+        await asyncio.gather(*follower.tasks, return_exceptions=True)
 
     asyncio.run(run())

@@ -118,7 +118,7 @@ def test_failed_state_is_cleared_once_a_custom_certificate_serves(tmp_path):
         manager.status["gone.example.com"] = failed  # a domain removed meanwhile
         await store.put(status_key("gone.example.com"), failed.to_bytes())
         await manager._scan()
-        await asyncio.sleep(0.05)
+        await asyncio.gather(*manager._tasks)  # the status deletes it started
         assert manager.status == {}
         assert await store.items("acme/status/") == {}
         # Nothing is due before the standby window: the schedule stays empty (cheap at 1M names).

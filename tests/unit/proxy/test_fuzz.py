@@ -33,7 +33,7 @@ def check(protocol, transport) -> None:
         status = response[:3]
         assert status.isdigit() and 400 <= int(status) < 600, written[:200]
     assert not protocol.queue  # connection_lost released every exchange
-    assert not protocol.ctx.connections
+    assert not protocol.shared.connections
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)

@@ -46,8 +46,8 @@ class FakeBackend:
 
 def setup(**limits):
     base, _ = make_protocol()  # the router and index of the HTTP/1.1 tests
-    ctx = ProxyContext(base.ctx.router, ProxyConfig(**limits))
-    proto = H2ProxyProtocol(ctx, ListenerInfo(b"https", b"443", 443), base.tls)
+    shared = ProxyContext(base.shared.router, ProxyConfig(**limits))
+    proto = H2ProxyProtocol(shared, ListenerInfo(b"https", b"443", 443), base.tls)
     transport = FakeTransport()
     proto.connection_made(transport)
     client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))

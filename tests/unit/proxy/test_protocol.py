@@ -9,8 +9,9 @@ from edge.config import ProxyConfig
 from edge.proxy.exchange import ListenerInfo, ProxyContext
 from edge.proxy.protocol import HttpProxyProtocol
 from edge.proxy.routing import Router
+from edge.records import encode_bundle
 from edge.store.base import Event, EventKind
-from edge.store.index import CertMeta, Index, bundle_header
+from edge.store.index import CertMeta, Index
 from edge.tls.acceptor import TlsInfo
 from edge.tls.selector import Selector, Source
 
@@ -52,7 +53,7 @@ def make_protocol(tls_name="demo.apps.test", https=True, force_https=True, **lim
         {"backends": ["127.0.0.1:9"], "force_https": force_https}).encode(), 1))
     index.apply(Event(EventKind.PUT, "domains/www.custom.test", b'{"app": "demo"}', 1))
     meta = CertMeta("www.custom.test", "custom", "ecdsa", 0, 4e9, "f")
-    index.apply(Event(EventKind.PUT, meta.store_key, bundle_header(meta) + PEM, 1))
+    index.apply(Event(EventKind.PUT, meta.store_key, encode_bundle(meta, PEM), 1))
     selector = Selector(index, "apps.test", False)
     router = Router(index, selector, "apps.test", 4)
     info = TlsInfo(tls_name, Source.PLATFORM, ()) if https else None
@@ -63,10 +64,29 @@ def make_protocol(tls_name="demo.apps.test", https=True, force_https=True, **lim
     return protocol, transport
 
 
+class _ClockLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock a test moves on (``advance``) instead of sleeping."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offset = 0.0
+
+    def time(self) -> float:
+        return super().time() + self.offset
+
+
+async def advance(seconds: float) -> None:
+    """Move the loop's clock on by ``seconds``: the timers due by then fire now."""
+    loop = asyncio.get_running_loop()
+    assert isinstance(loop, _ClockLoop)
+    loop.offset += seconds
+    for _ in range(3):  # a due timer runs in the next loop iteration; its callbacks in the one after
+        await asyncio.sleep(0)
+
+
 def run(coro_fn):
-    async def main():
-        return await coro_fn()
-    return asyncio.run(main())
+    with asyncio.Runner(loop_factory=_ClockLoop) as runner:
+        return runner.run(coro_fn())
 
 
 def status_of(transport):
@@ -145,7 +165,7 @@ def test_head_timeout_answers_408():
     async def scenario():
         protocol, transport = make_protocol(request_head_timeout=0.05)
         protocol.data_received(b"GET / HTTP/1.1\r\nHost: demo")
-        await asyncio.sleep(0.2)
+        await advance(0.2)
         return transport
 
     transport = run(scenario)
@@ -158,7 +178,7 @@ def test_idle_keepalive_closed_after_timeout():
         protocol, transport = make_protocol(idle_timeout=0.05)
         protocol.data_received(b"GET / HTTP/1.1\r\nHost: nope.test\r\n\r\n")
         assert not transport.closed
-        await asyncio.sleep(0.2)
+        await advance(0.2)
         return transport
 
     assert run(scenario).closed

@@ -42,7 +42,7 @@ def test_watch_sees_puts_and_deletes(tmp_path):
     async def run():
         stream = store.watch(1)
         first = asyncio.ensure_future(stream.__anext__())
-        await asyncio.sleep(0.1)  # the watch is armed
+        await asyncio.sleep(0)  # the generator's first step ran: the watch is armed (FileStore.watch)
         writer = FileStore(tmp_path)  # another process, as the CLI is
         await writer.put("apps/demo", b"{}")
         events = []

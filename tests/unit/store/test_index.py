@@ -1,7 +1,8 @@
 import json
 
+from edge.records import encode_bundle
 from edge.store.base import Event, EventKind, cert_key
-from edge.store.index import CertMeta, Index, bundle_header
+from edge.store.index import CertMeta, Index
 
 PEM = b"-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n-----BEGIN PRIVATE KEY-----\ny\n"
 
@@ -9,7 +10,7 @@ PEM = b"-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n-----BEGIN PR
 def bundle(domain, source="custom", key_type="ecdsa", not_after=2e9, fingerprint="f1"):
     key = cert_key(domain, source, key_type)
     meta = CertMeta(domain, source, key_type, 0.0, not_after, fingerprint)
-    return key, bundle_header(meta) + PEM
+    return key, encode_bundle(meta, PEM)
 
 
 def put(index, key, value, revision=1):

@@ -2,8 +2,9 @@ import json
 
 import pytest
 
+from edge.records import encode_bundle
 from edge.store.base import Event, EventKind, cert_key
-from edge.store.index import CertMeta, Index, bundle_header
+from edge.store.index import CertMeta, Index
 from edge.tls.selector import DEFAULT, PLATFORM, Selector, Source
 
 PEM = b"-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n-----BEGIN PRIVATE KEY-----\ny\n"
@@ -13,7 +14,7 @@ NOW = 1_000_000.0
 def add(index, domain, source, key_type="ecdsa", not_before=0.0, not_after=2e9, fp="fp"):
     key = cert_key(domain, source, key_type)
     meta = CertMeta(domain, source, key_type, not_before, not_after, fp)
-    index.apply(Event(EventKind.PUT, key, bundle_header(meta) + PEM, 1))
+    index.apply(Event(EventKind.PUT, key, encode_bundle(meta, PEM), 1))
     index.apply(Event(EventKind.PUT, f"domains/{domain}", json.dumps({"app": "a"}).encode(), 1))
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from edge.tls import names
+from edge import names
 
 
 @pytest.mark.parametrize(
