@@ -10,7 +10,7 @@ import time
 from typing import TYPE_CHECKING
 
 from edge.proxy import h1
-from edge.proxy.exchange import Exchange
+from edge.proxy.exchange import Exchange, keeps_alive
 from edge.proxy.upstream import UpstreamError
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ class ResponseSide:
         exchange.responded = True
         exchange.status = status
         exchange.retry_head = b""
-        client_keep_alive = exchange.keep_alive and not self.shared.draining and not exchange.upgrade
+        client_keep_alive = keeps_alive(exchange, self.shared.draining)
         no_body = exchange.method == b"HEAD" or status in (204, 304)
         if no_body or (content_length is not None and not chunked):
             out_chunked, out_length = False, content_length
@@ -125,7 +125,7 @@ class ResponseSide:
         self.shared.stats.upstream_error(error.kind)
         exchange.response_done = True
         exchange.keep_alive = False
-        self.shared.stats.request_done(exchange.status, time.monotonic() - exchange.t0)
+        self.shared.stats.request_done(exchange.status, time.monotonic() - exchange.t0, exchange.version)
         self._log(exchange)
         self.queue.clear()
         if self._response_chunked or exchange.content_length_out is not None:
