@@ -88,3 +88,38 @@ def handshakes(port: int, names_file: Path, duration: float, procs: int, zipf: b
     result = json.loads(out.stdout)
     result["errors"] = result.pop("failures")
     return result
+
+
+def _h2load_counts(out: str) -> tuple[int, int]:
+    done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed", out)
+    if done is None:
+        raise RuntimeError(f"h2load printed no result:\n{out[-2000:]}")
+    return int(done.group(2)), int(done.group(3)) + int(done.group(1)) - int(done.group(2))
+
+
+def h2load(port: int, path: str, connections: int, streams: int, duration: float, h1: bool = False) -> dict[str, float]:
+    """Keep-alive throughput over HTTP/2 (``streams`` concurrent per connection), or HTTP/1.1 with ``h1``."""
+    argv = ["taskset", "-c", LOAD_CORE, "h2load", "-c", str(connections), "-m", str(streams),
+            "-D", str(max(1, int(duration))), "-H", f":authority: {BENCH_HOST}", f"https://127.0.0.1:{port}{path}"]
+    if h1:
+        argv.insert(4, "--h1")
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60).stdout
+    ok, bad = _h2load_counts(out)
+    return {"requests": ok, "rate": ok / duration, "errors": bad}
+
+
+def page_loads(port: int, pages: int, resources: int, h1: bool) -> dict[str, float]:
+    """``pages`` page loads, each a new connection (a full handshake) fetching
+    ``resources`` small answers: over one HTTP/2 connection (all at once), or
+    over six HTTP/1.1 connections (as browsers do)."""
+    ok = bad = 0
+    for _ in range(pages):
+        argv = ["taskset", "-c", LOAD_CORE, "h2load", "-n", str(resources), "-H", f":authority: {BENCH_HOST}",
+                f"https://127.0.0.1:{port}/small"]
+        argv[4:4] = ["--h1", "-c", "6", "-m", "1"] if h1 else ["-c", "1", "-m", str(resources)]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=60).stdout
+        good, failed = _h2load_counts(out)
+        ok += good
+        bad += failed
+    return {"pages": pages, "requests": ok, "errors": bad}
+

@@ -19,7 +19,10 @@ HEADLINE = {
     "resumed": ("per_cpu_s", "resumed handshakes (TLS 1.3 tickets, 2 workers), per CPU-second", True),
     "keepalive-small": ("per_cpu_s", "keep-alive small responses, req per CPU-second", True),
     "keepalive-64k": ("per_cpu_s", "keep-alive 64 KiB responses, req per CPU-second", True),
+    "h2-small": ("per_cpu_s", "HTTP/2 small responses (32 conns x 10 streams), req per CPU-second", True),
+    "page-load": ("per_cpu_s", "page loads over h2 (new connection, 40 resources), per CPU-second", True),
     "idle-memory": ("kib_per_connection", "memory per idle TLS connection, KiB", False),
+    "idle-memory-h2": ("kib_per_connection", "memory per idle HTTP/2 connection, KiB", False),
 }
 
 

@@ -89,6 +89,31 @@ class Run:
 
         return self.each_system(f"keep-alive {path}", run_one)
 
+    def h2_small(self) -> dict[str, dict[str, float]]:
+        """HTTP/2: 32 connections x 10 concurrent streams, small answers."""
+
+        def run_one(system: System) -> dict[str, float]:
+            load.h2load(system.port, "/small", 32, 10, 1.0)  # warm-up
+            return self.measure(system, lambda: load.h2load(system.port, "/small", 32, 10, self.duration))
+
+        return self.each_system("h2 small (32x10)", run_one)
+
+    def page_load(self) -> dict[str, dict[str, float]]:
+        """A page: a new connection and 40 small resources, over h2 and over 6 HTTP/1.1 connections."""
+        pages = 5 if self.tiny else 40 if self.quick else 150
+
+        def run_one(system: System) -> dict[str, float]:
+            load.page_loads(system.port, 3, 40, h1=False)  # warm-up
+            h2 = self.measure(system, lambda: load.page_loads(system.port, pages, 40, h1=False))
+            h1 = self.measure(system, lambda: load.page_loads(system.port, pages, 40, h1=True))
+            return {"pages": pages, "errors": h2["errors"] + h1["errors"], "requests": h2["requests"],
+                    "proxy_cpu_s": h2["proxy_cpu_s"], "h1_proxy_cpu_s": h1["proxy_cpu_s"],
+                    "per_cpu_s": pages / h2["proxy_cpu_s"] if h2["proxy_cpu_s"] else 0.0,
+                    "h1_pages_per_cpu_s": pages / h1["proxy_cpu_s"] if h1["proxy_cpu_s"] else 0.0,
+                    "h2_cpu_over_h1": h2["proxy_cpu_s"] / h1["proxy_cpu_s"] if h1["proxy_cpu_s"] else 0.0}
+
+        return self.each_system("page load (40 resources)", run_one)
+
     def handshakes(self, key_type: str) -> dict[str, dict[str, float]]:
         def run_one(system: System) -> dict[str, float]:
             load.handshakes(system.port, self.names_file, 1.0, 8)
@@ -143,7 +168,7 @@ class Run:
 
         return run_many_names(self)
 
-    def idle_memory(self) -> dict[str, dict[str, float]]:
+    def idle_memory(self, h2: bool = False) -> dict[str, dict[str, float]]:
         count = 50 if self.tiny else 1000 if self.quick else 10000
 
         def run_one(system: System) -> dict[str, float]:
@@ -152,7 +177,7 @@ class Run:
             before = rss_kib(pids)
             holder = subprocess.Popen(
                 ["taskset", "-c", LOAD_CORE, sys.executable, "-m", "benchmarks.idle_clients", "--port",
-                 str(system.port), "--count", str(count)],
+                 str(system.port), "--count", str(count), *(["--h2"] if h2 else [])],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent,
             )
             assert holder.stdout is not None and holder.stdin is not None
@@ -166,7 +191,7 @@ class Run:
                     "rss_before_kib": before, "rss_after_kib": after,
                     "kib_per_connection": (after - before) / held if held else float("nan")}
 
-        return self.each_system("idle TLS connections", run_one)
+        return self.each_system("idle h2 connections" if h2 else "idle TLS connections", run_one)
 
     def close(self) -> None:
         self.backend.stop()
@@ -189,8 +214,8 @@ def _short(result: dict[str, float]) -> str:
     return " ".join(f"{k}={result[k]:.1f}" for k in keys if k in result)
 
 
-SCENARIOS = ["handshakes-ecdsa", "handshakes-rsa", "resumed", "keepalive-small", "keepalive-64k", "many-names",
-             "update-latency", "idle-memory"]
+SCENARIOS = ["handshakes-ecdsa", "handshakes-rsa", "resumed", "keepalive-small", "keepalive-64k", "h2-small",
+             "page-load", "many-names", "update-latency", "idle-memory", "idle-memory-h2"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,10 +255,13 @@ def main(argv: list[str] | None = None) -> int:
                 "handshakes-rsa": lambda: run.handshakes("rsa"),
                 "keepalive-small": lambda: run.keepalive("/small"),
                 "keepalive-64k": lambda: run.keepalive("/64k"),
+                "h2-small": run.h2_small,
+                "page-load": run.page_load,
                 "resumed": run.resumed,
                 "many-names": run.many_names,
                 "update-latency": run.update_latency,
                 "idle-memory": run.idle_memory,
+                "idle-memory-h2": lambda: run.idle_memory(h2=True),
             }
             for scenario in wanted:
                 print(f"{scenario}", flush=True)

@@ -229,11 +229,11 @@ class Nginx(System):
         cert, key = self.certs.pair(self.key_type)
         conf = nginx_conf(root, workers=self.workers, http_body=textwrap.dedent(f"""
               keepalive_requests 10000000;
-              upstream app {{ server 127.0.0.1:{self.backend_port}; keepalive 64; }}
+              upstream app {{ server 127.0.0.1:{self.backend_port}; keepalive 256; }}  # edge's pool_size
               ssl_protocols TLSv1.2 TLSv1.3;
               ssl_session_cache shared:SSL:10m;
               server {{
-                listen 127.0.0.1:{self.port} ssl backlog=4096;
+                listen 127.0.0.1:{self.port} ssl http2 backlog=4096;
                 server_name {BENCH_HOST};
                 ssl_certificate {cert};
                 ssl_certificate_key {key};
@@ -278,7 +278,7 @@ class Haproxy(System):
               timeout http-keep-alive 75s
               option forwardfor
             frontend fe
-              bind 127.0.0.1:{self.port} ssl crt {combined} alpn http/1.1
+              bind 127.0.0.1:{self.port} ssl crt {combined} alpn h2,http/1.1
               default_backend be
             backend be
               http-reuse always

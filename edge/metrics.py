@@ -137,6 +137,11 @@ class EdgeCollector(Collector):
             if klass:
                 requests.add_metric([f"{klass}xx"], count)
         yield requests
+        by_protocol = CounterMetricFamily("edge_requests_by_protocol", "HTTP requests answered, by HTTP version",
+                                          labels=["protocol"])
+        for version in ("1.0", "1.1", "2"):
+            by_protocol.add_metric([f"HTTP/{version}"], c.get("protocols", {}).get(version, 0))
+        yield by_protocol
         yield _histogram("edge_request_duration_seconds", "From the first byte of a request to its last answer byte",
                          DURATION_BUCKETS, c["request_buckets"], c["request_sum"])
         upstream = CounterMetricFamily("edge_upstream_errors", "Backend failures, by kind", labels=["kind"])

@@ -31,6 +31,7 @@ from edge.listeners import bind
 from edge.metrics import Counters, publish_counters, registry_for
 from edge.proxy.appstats import AppStats
 from edge.proxy.exchange import ListenerInfo, ProxyContext
+from edge.proxy.h2proto import AlpnSwitch
 from edge.proxy.not_tls import answer_not_tls
 from edge.proxy.protocol import HttpProxyProtocol
 from edge.proxy.routing import Router
@@ -167,7 +168,7 @@ class Edge:
         proxy = self.proxy
 
         def factory(info: TlsInfo) -> asyncio.BaseProtocol:
-            return HttpProxyProtocol(proxy, listener, info)
+            return AlpnSwitch(proxy, listener, info)  # HTTP/2 or HTTP/1.1, as ALPN chose
 
         return factory
 

@@ -24,13 +24,18 @@ def test_suite_runs_every_scenario_and_writes_results(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "latest.json").read_text())
     scenarios = data["scenarios"]
     assert set(scenarios) == {"handshakes-ecdsa", "handshakes-rsa", "resumed", "keepalive-small", "keepalive-64k",
-                              "many-names", "update-latency", "idle-memory"}
-    for name in ("handshakes-ecdsa", "handshakes-rsa", "resumed", "keepalive-small", "keepalive-64k"):
+                              "h2-small", "page-load", "many-names", "update-latency", "idle-memory",
+                              "idle-memory-h2"}
+    for name in ("handshakes-ecdsa", "handshakes-rsa", "resumed", "keepalive-small", "keepalive-64k", "h2-small"):
         for system in ("edge", "nginx", "haproxy"):
             figures = scenarios[name][system]
             assert figures["per_cpu_s"] > 0 and figures["errors"] == 0, (name, system, figures)
     assert scenarios["resumed"]["edge"]["resumed_share"] > 0.9
     assert scenarios["idle-memory"]["edge"]["connections"] == 50
+    assert scenarios["idle-memory-h2"]["edge"]["connections"] == 50
+    for system in ("edge", "nginx", "haproxy"):  # a few pages: too little CPU to rate in tiny mode
+        page = scenarios["page-load"][system]
+        assert page["requests"] == page["pages"] * 40 and page["errors"] == 0, (system, page)
     assert scenarios["update-latency"]["edge"]["updates"] == 3
     assert scenarios["update-latency"]["edge, 2 nodes on etcd"]["updates"] == 3  # scripts/provision.sh installs etcd
     assert scenarios["many-names"]["edge@100"]["loaded_s"] >= scenarios["many-names"]["edge@100"]["start_s"]

@@ -8,15 +8,15 @@ import logging
 from typing import TYPE_CHECKING
 
 from edge.proxy.controls import answer_head_fields, answer_page, default_body, h1_answer
+from edge.proxy.decide import CHALLENGE_PREFIX
 from edge.proxy.errors import error_response
-from edge.proxy.exchange import Exchange, log_access
+from edge.proxy.exchange import Exchange, keeps_alive, log_access
 
 if TYPE_CHECKING:
     from edge.proxy.protocol import HttpProxyProtocol
 
 log = logging.getLogger("edge.proxy.protocol")
 
-CHALLENGE_PREFIX = b"/.well-known/acme-challenge/"
 
 
 class LocalAnswers:
@@ -39,8 +39,7 @@ class LocalAnswers:
             return
         exchange.status = 200
         exchange.response_bytes = len(value)
-        keep = exchange.keep_alive and (exchange.request_done or not exchange.body_expected)
-        exchange.keep_alive = keep
+        keep = exchange.keep_alive = keeps_alive(exchange, self.shared.draining)
         self._write(
             b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: %d\r\n"
             b"Connection: %b\r\n\r\n%b" % (len(value), b"keep-alive" if keep else b"close", value)
@@ -50,14 +49,7 @@ class LocalAnswers:
     def _answer_error(self: HttpProxyProtocol, exchange: Exchange, status: int, retry_after: int = 0) -> None:
         if self.transport is None or exchange.response_done:
             return
-        keep = (
-            exchange.keep_alive
-            and status not in (400, 408, 414, 431)
-            and (exchange.request_done or not exchange.body_expected)
-            and not exchange.upgrade
-            and not self.shared.draining
-        )
-        exchange.keep_alive = keep
+        keep = exchange.keep_alive = keeps_alive(exchange, self.shared.draining, status)
         exchange.status = status
         app = exchange.app
         if app is None and not retry_after:
@@ -77,8 +69,7 @@ class LocalAnswers:
         port = self.listener.https_port
         authority = host if port == 443 else f"{host}:{port}"
         location = b"https://" + authority.encode() + exchange.target
-        keep = exchange.keep_alive and (exchange.request_done or not exchange.body_expected) and not exchange.upgrade
-        exchange.keep_alive = keep
+        keep = exchange.keep_alive = keeps_alive(exchange, self.shared.draining)
         exchange.status = 301
         self._write(
             b"HTTP/1.1 301 Moved Permanently\r\nLocation: %b\r\nContent-Length: 0\r\nConnection: %b\r\n\r\n"

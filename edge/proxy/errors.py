@@ -25,12 +25,18 @@ def phrase(status: int) -> str:
     return _PHRASES.get(status) or HTTPStatus(status).phrase
 
 
-def _page(status: int) -> bytes:
+def error_body(status: int) -> bytes:
+    """The small HTML page of an error answer (HTTP/2 sends it without a head to fill)."""
     phrase_text = phrase(status)
-    body = (
+    return (
         f"<html><head><title>{status} {phrase_text}</title></head>"
         f"<body><h1>{status} {phrase_text}</h1><hr><p>edge</p></body></html>\n"
     ).encode()
+
+
+def _page(status: int) -> bytes:
+    phrase_text = phrase(status)
+    body = error_body(status)
     head = (
         f"HTTP/1.1 {status} {phrase_text}\r\n"
         "Content-Type: text/html; charset=utf-8\r\n"

@@ -36,9 +36,11 @@ class ProxyStats:
         self.status_classes = [0] * 6  # index = status // 100
         self.duration = Histogram(DURATION_BUCKETS)
         self.upstream_errors: dict[str, int] = {}
+        self.protocols: dict[str, int] = {}  # requests by HTTP version: "1.0", "1.1", "2"
 
-    def request_done(self, status: int, seconds: float) -> None:
+    def request_done(self, status: int, seconds: float, version: str = "1.1") -> None:
         self.status_classes[status // 100 if 0 < status < 600 else 0] += 1
+        self.protocols[version] = self.protocols.get(version, 0) + 1
         self.duration.observe(seconds)
 
     def upstream_error(self, kind: str) -> None:
@@ -51,6 +53,7 @@ class ProxyStats:
             "request_buckets": list(self.duration.counts),
             "request_sum": self.duration.total,
             "upstream_errors": dict(self.upstream_errors),
+            "protocols": dict(self.protocols),
         }
 
 
@@ -164,6 +167,27 @@ def _request_header(exchange: Exchange, name: bytes) -> str:
         if n == name:
             return value.decode("latin-1")
     return ""
+
+
+# Answers after which the request stream cannot be trusted: malformed (400), too
+# slow (408), too long (414, 431). The connection closes with them.
+CLOSING_STATUSES = frozenset({400, 408, 414, 431})
+
+
+def keeps_alive(exchange: Exchange, draining: bool, status: int = 0) -> bool:
+    """Whether the connection stays open after this exchange's answer: the one
+    rule for every answer on an HTTP/1.x connection (forwarded, error, redirect,
+    challenge). Not when the client or a shutdown says so, not after a request
+    that asked to upgrade (its parser is spent), not after a status that ends
+    trust in the stream, not while the request body is still unread (reading a
+    body nobody wants costs more than a new connection)."""
+    return (
+        exchange.keep_alive
+        and not draining
+        and not exchange.upgrade
+        and status not in CLOSING_STATUSES
+        and (exchange.request_done or not exchange.body_expected)
+    )
 
 
 def log_access(exchange: Exchange, client_ip: bytes, tls_version: str, cert_source: str) -> None:

@@ -13,11 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
+from edge.config import ProxyConfig
 from edge.proxy import h1
-from edge.proxy.answers import CHALLENGE_PREFIX
-from edge.proxy.authority import request_authority
 from edge.proxy.controls import count_upstream_error, rate_wait
-from edge.proxy.errors import HttpError
+from edge.proxy.decide import Action, decide
 from edge.proxy.exchange import Exchange
 from edge.proxy.responses import STATUS_FOR
 from edge.proxy.upstream import Backend, BackendConnection, Pool, UpstreamError
@@ -78,6 +77,25 @@ class _BodyApart:
                 self.protocol.on_message_complete()
 
 
+async def obtain_connection(
+    candidates: list[Backend], config: ProxyConfig, fresh: bool = False
+) -> tuple[BackendConnection | None, str, UpstreamError | None]:
+    """A connection to the first candidate that has an idle one or accepts a new one
+    (``fresh``: never a pooled one); else the last error. Nothing was sent on a
+    refused connection, so trying the next backend is safe for any method."""
+    error: UpstreamError | None = None
+    for backend in candidates:
+        conn = None if fresh else backend.take_idle()
+        if conn is None:
+            try:
+                conn = await backend.connect(config.connect_timeout)
+            except UpstreamError as exc:
+                error = exc
+                continue
+        return conn, backend.address, None
+    return None, "", error or UpstreamError("refused", "no backend to try")
+
+
 class RequestSide:
     def _read_body_apart(self: HttpProxyProtocol, exchange: Exchange, rest: bytes) -> None:
         self.parser = httptools.HttpRequestParser(_BodyApart(self))
@@ -94,47 +112,28 @@ class RequestSide:
             if wait:
                 self._answer_error(exchange, 429, wait)
                 return
-        if exchange.method == b"CONNECT":
-            # RFC 9110 §9.3.6: CONNECT asks a forward proxy for a tunnel; edge is a gateway.
-            self._answer_error(exchange, 501)
-            return
         sni = self.tls.server_name if self.tls is not None else None
-        try:
-            authority = request_authority(
-                exchange.target, exchange.host_header, exchange.host_headers, exchange.version, sni
-            )
-        except HttpError as exc:
-            self._answer_error(exchange, exc.status)
-            return
-        host = authority.name
-        exchange.target = authority.target
-        exchange.host = host or ""
-        if self.tls is None and exchange.target.startswith(CHALLENGE_PREFIX) and self.shared.challenge is not None:
+        decision = decide(
+            self.shared.router, exchange.method, exchange.target, exchange.host_header, exchange.host_headers,
+            exchange.version, sni, plain=self.tls is None, challenges=self.shared.challenge is not None,
+        )
+        authority = decision.authority
+        if authority is not None:
+            exchange.target = authority.target
+            exchange.host = authority.name or ""
+        action = decision.action
+        if action is Action.CHALLENGE:
             self._spawn(self._answer_challenge(exchange))
             return
-        if host is None:
-            self._answer_error(exchange, 404)
+        if action is Action.REDIRECT:
+            self._redirect(exchange, exchange.host)
             return
-        router = self.shared.router
-        if sni is not None and not router.same_certificate(sni, host):
-            self._answer_error(exchange, 421)
+        exchange.app = decision.app
+        if action is not Action.FORWARD:
+            self._answer_error(exchange, decision.status or 404)
             return
-        app = router.app_for(host)
-        if app is None:
-            # Still loading the store at start: the name may not be read yet (try again soon).
-            self._answer_error(exchange, 503 if router.index.loading else 404)
-            return
-        exchange.app = app
-        if self.tls is None and app.force_https:
-            self._redirect(exchange, host)
-            return
-        if app.maintenance:
-            self._answer_error(exchange, 503)  # the backend is not contacted; challenges were answered above
-            return
-        pool = router.pool_for(app)
-        if not pool.backends:
-            self._answer_error(exchange, 503)
-            return
+        assert authority is not None and decision.pool is not None
+        pool = decision.pool
         if not exchange.request_id:
             exchange.request_id = next_request_id()
         head = h1.request_head(
@@ -182,20 +181,9 @@ class RequestSide:
     async def _forward(
         self: HttpProxyProtocol, exchange: Exchange, candidates: list[Backend], head: bytes, fresh: bool = False
     ) -> None:
-        conn: BackendConnection | None = None
-        error: UpstreamError | None = None
-        for backend in candidates:
-            conn = None if fresh else backend.take_idle()
-            if conn is None:
-                try:
-                    conn = await backend.connect(self.config.connect_timeout)
-                except UpstreamError as exc:
-                    # Nothing was sent: trying the next backend is safe for any method.
-                    error = exc
-                    conn = None
-                    continue
-            exchange.backend = backend.address
-            break
+        conn, address, error = await obtain_connection(candidates, self.config, fresh)
+        if conn is not None:
+            exchange.backend = address
         if self._closing or exchange.response_done:
             if conn is not None:
                 conn.close()

@@ -25,7 +25,7 @@ from edge.proxy import h1
 from edge.proxy.answers import LocalAnswers
 from edge.proxy.controls import count_done
 from edge.proxy.errors import HttpError
-from edge.proxy.exchange import Exchange, ListenerInfo, ProxyContext
+from edge.proxy.exchange import Exchange, ListenerInfo, ProxyContext, keeps_alive
 from edge.proxy.forwarding import RequestSide
 from edge.proxy.responses import ResponseSide
 from edge.proxy.upstream import BackendConnection, UpstreamError
@@ -347,7 +347,7 @@ class HttpProxyProtocol(ResponseSide, RequestSide, LocalAnswers, asyncio.Buffere
         exchange.response_done = True
         self._served += 1
         seconds = time.monotonic() - exchange.t0
-        self.shared.stats.request_done(exchange.status, seconds)
+        self.shared.stats.request_done(exchange.status, seconds, exchange.version)
         count_done(exchange.app, self.shared.app_stats, exchange.status, seconds)
         self._log(exchange)
         if self.queue and self.queue[0] is exchange:
@@ -355,7 +355,7 @@ class HttpProxyProtocol(ResponseSide, RequestSide, LocalAnswers, asyncio.Buffere
         if exchange.conn is not None:
             exchange.conn.close()
             exchange.conn = None
-        if not exchange.keep_alive or (exchange.body_expected and not exchange.request_done) or exchange.upgrade:
+        if not keeps_alive(exchange, draining=False):
             # Closing mid-body (an early error answer) avoids reading a body
             # nobody wants; after a refused upgrade the parser is spent.
             self._close()

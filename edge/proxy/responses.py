@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from edge.proxy import h1
 from edge.proxy.controls import count_done, count_upstream_error, with_hsts
-from edge.proxy.exchange import Exchange
+from edge.proxy.exchange import Exchange, keeps_alive
 from edge.proxy.upstream import UpstreamError
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ class ResponseSide:
         exchange.responded = True
         exchange.status = status
         exchange.retry_head = b""
-        client_keep_alive = exchange.keep_alive and not self.shared.draining and not exchange.upgrade
+        client_keep_alive = keeps_alive(exchange, self.shared.draining)
         no_body = exchange.method == b"HEAD" or status in (204, 304)
         if no_body or (content_length is not None and not chunked):
             out_chunked, out_length = False, content_length
@@ -131,7 +131,7 @@ class ResponseSide:
         exchange.response_done = True
         exchange.keep_alive = False
         seconds = time.monotonic() - exchange.t0
-        self.shared.stats.request_done(exchange.status, seconds)
+        self.shared.stats.request_done(exchange.status, seconds, exchange.version)
         count_done(exchange.app, self.shared.app_stats, exchange.status, seconds)
         self._log(exchange)
         self.queue.clear()

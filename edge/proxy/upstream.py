@@ -62,6 +62,7 @@ class BackendConnection(asyncio.BufferedProtocol):
         self.sink: ResponseSink | None = None
         self.idle_since = 0.0
         self.reused = False  # true once it served an exchange: a failure may be a stale keep-alive
+        self._paused = False  # reading paused by its owner (back-pressure)
         self._parser: httptools.HttpResponseParser | None = None
         self._head_only = False
         self._reason = b""
@@ -78,6 +79,10 @@ class BackendConnection(asyncio.BufferedProtocol):
         """Own the connection for one exchange; ``head_only`` for HEAD requests."""
         self.sink = sink
         self._head_only = head_only
+        if self._paused:
+            # The previous owner paused it (its client was slow) and let it go
+            # with its response complete in that same read: a new exchange reads.
+            self.resume_reading()
         if self._parser is None:
             # One parser serves every response of a keep-alive connection;
             # only a HEAD answer (no body despite its Content-Length) spends it.
@@ -93,10 +98,12 @@ class BackendConnection(asyncio.BufferedProtocol):
             self.transport.write(data)
 
     def pause_reading(self) -> None:
+        self._paused = True
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
+        self._paused = False
         if self.transport is not None:
             self.transport.resume_reading()
 

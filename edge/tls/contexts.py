@@ -35,7 +35,14 @@ TLS12_CIPHERS = ":".join(
         "ECDHE-RSA-CHACHA20-POLY1305",
     ]
 )
-ALPN = ["http/1.1"]
+# What the TLS listeners offer by ALPN (RFC 7301), best first. ``[proxy] http2``
+# decides whether h2 is in it (``offer_http2``, called at start before any
+# context is built; a context already cached keeps what it was built with).
+ALPN = ["h2", "http/1.1"]
+
+
+def offer_http2(enabled: bool) -> None:
+    ALPN[:] = ["h2", "http/1.1"] if enabled else ["http/1.1"]
 
 
 class ContextBuildError(RuntimeError):

@@ -57,6 +57,7 @@ def reload_certificates(cfg: Config, fixed: FixedContexts) -> None:
 
 
 def load_fixed_contexts(cfg: Config) -> FixedContexts:
+    contexts.offer_http2(cfg.proxy.http2)  # before any context is built (workers inherit it)
     platform = cfg.platform
     if platform.dev_certificates:
         message = devcert.ensure_dev_certificates(platform.domain, platform.cert, platform.key)

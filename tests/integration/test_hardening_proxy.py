@@ -220,17 +220,24 @@ def reset_after(data: bytes) -> Script:
 def test_close_delimited_body_ended_by_a_reset_is_an_abort(hedge: EdgeProcess, raw: RawBackend) -> None:
     raw.scripts["/reset"] = reset_after(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"r" * 500)
     result = hedge.curl(f"https://raw.edge.test:{hedge.https_port}/reset", "--cacert", str(hedge.dev_ca),
-                        "-o", "/dev/null")
+                        "-o", "/dev/null", "--http1.1")
     assert result.returncode == 18, (result.returncode, result.stderr)
+    # Over HTTP/2 the stream is reset (RFC 9113 §8.1): curl's 92, "stream was not closed cleanly".
+    result = hedge.curl(f"https://raw.edge.test:{hedge.https_port}/reset", "--cacert", str(hedge.dev_ca),
+                        "-o", "/dev/null", "--http2")
+    assert result.returncode == 92, (result.returncode, result.stderr)
 
 
 @pytest.mark.parametrize("path", sorted(CUT))
 def test_truncated_response_is_an_abort_for_curl(hedge: EdgeProcess, raw: RawBackend, path: str) -> None:
     raw.scripts[path] = send(CUT[path])
     result = hedge.curl(f"https://raw.edge.test:{hedge.https_port}{path}", "--cacert", str(hedge.dev_ca),
-                        "-o", "/dev/null")
+                        "-o", "/dev/null", "--http1.1")
     # 18: "transfer closed with outstanding read data remaining"
     assert result.returncode == 18, (result.returncode, result.stderr)
+    result = hedge.curl(f"https://raw.edge.test:{hedge.https_port}{path}", "--cacert", str(hedge.dev_ca),
+                        "-o", "/dev/null", "--http2")
+    assert result.returncode == 92, (result.returncode, result.stderr)  # the stream is reset
 
 
 @pytest.mark.parametrize("path", sorted(CUT))

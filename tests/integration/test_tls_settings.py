@@ -35,6 +35,8 @@ def _connect(edge: EdgeProcess, ctx: ssl.SSLContext, name: str = "demo.edge.test
 def test_tls13_and_alpn_http11(edge: EdgeProcess) -> None:
     with _connect(edge, _client(alpn=["h2", "http/1.1"])) as tls:
         assert tls.version() == "TLSv1.3"
+        assert tls.selected_alpn_protocol() == "h2"  # [proxy] http2 = true by default
+    with _connect(edge, _client(alpn=["http/1.1"])) as tls:
         assert tls.selected_alpn_protocol() == "http/1.1"
 
 
