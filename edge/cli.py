@@ -19,6 +19,7 @@ from typing import Any
 from edge import config as config_mod
 from edge import names
 from edge.operations import OperationError, Operations, Result, Upload, acme_summary
+from edge.store.appsettings import MAX_ERROR_PAGE, Hsts
 from edge.store.base import CERTS, Store, StoreError
 from edge.store.index import Index, split_bundle
 from edge.store.open import open_store
@@ -52,6 +53,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("app")
     p.add_argument("--backend", action="append", required=True, metavar="HOST:PORT")
     p.add_argument("--no-force-https", action="store_true", help="serve plain HTTP too instead of redirecting")
+    hsts = p.add_mutually_exclusive_group()
+    hsts.add_argument("--hsts", type=int, metavar="SECONDS",
+                      help="send Strict-Transport-Security: max-age=SECONDS on HTTPS answers (RFC 6797)")
+    hsts.add_argument("--no-hsts", action="store_true", help="stop sending Strict-Transport-Security")
+    p.add_argument("--hsts-subdomains", action="store_true", help="with --hsts: includeSubDomains")
+    p.add_argument("--hsts-preload", action="store_true", help="with --hsts: preload")
+    maintenance = p.add_mutually_exclusive_group()
+    maintenance.add_argument("--maintenance", action="store_true", default=None,
+                             help="answer 503 with the maintenance page; the backends are not contacted")
+    maintenance.add_argument("--no-maintenance", dest="maintenance", action="store_false", help="serve again")
+    p = command("apps-error-page", "replace the body of the 502/503/504 answers edge makes for an app")
+    p.add_argument("app")
+    p.add_argument("file", nargs="?", metavar="FILE", help="an HTML file, UTF-8, at most 64 KiB")
+    p.add_argument("--status", type=int, required=True, choices=[502, 503, 504])
+    p.add_argument("--remove", action="store_true", help="serve edge's own page again")
     p = command("apps-remove", "remove an app (its domains first)")
     p.add_argument("app")
     p = command("apps", "list apps")
@@ -202,13 +218,20 @@ async def _run(args: argparse.Namespace, cfg: config_mod.Config) -> int:
 async def _run_command(args: argparse.Namespace, cfg: config_mod.Config, ops: Operations) -> int:
     cmd = args.command
     if cmd == "apps-add":
-        result = await ops.apps_add(args.app, args.backend, force_https=not args.no_force_https)
+        hsts = _hsts(args)
+        result = await ops.apps_add(args.app, args.backend, force_https=not args.no_force_https, hsts=hsts,
+                                    maintenance=args.maintenance)
         _print_result(Result(_with_port(result.message, cfg), result.warnings))
+    elif cmd == "apps-error-page":
+        if args.remove == (args.file is not None):
+            return _fail("give FILE, or --remove", EXIT_USAGE)
+        _print_result(await ops.apps_error_page(args.app, args.status, _read_page(args.file), args.file or ""))
     elif cmd == "apps-remove":
         _print_result(await ops.apps_remove(args.app))
     elif cmd == "apps":
         rows = await ops.apps()
-        print(json.dumps(rows, indent=2) if args.json else _table(rows, ["app", "backends", "force_https", "domains"]))
+        columns = ["app", "backends", "force_https", "hsts", "maintenance", "error_pages", "domains"]
+        print(json.dumps(rows, indent=2) if args.json else _table(rows, columns))
     elif cmd == "domains-add":
         if (args.cert is None) != (args.key is None):
             return _fail("give both --cert and --key, or neither", EXIT_USAGE)
@@ -246,6 +269,28 @@ async def _run_command(args: argparse.Namespace, cfg: config_mod.Config, ops: Op
                 rows = [dict(row, acme=acme_summary(row["acme"])) for row in rows]
             print(_table(rows, columns))
     return 0
+
+
+def _hsts(args: argparse.Namespace) -> Hsts | bool | None:
+    if args.no_hsts:
+        return False
+    if args.hsts is None:
+        if args.hsts_subdomains or args.hsts_preload:
+            raise OperationError("--hsts-subdomains and --hsts-preload go with --hsts SECONDS")
+        return None
+    if args.hsts < 0:
+        raise OperationError(f"--hsts {args.hsts}: give a number of seconds, 0 or more (0 tells browsers to forget)")
+    return Hsts(args.hsts, args.hsts_subdomains, args.hsts_preload)
+
+
+def _read_page(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read(MAX_ERROR_PAGE + 1)
+    except OSError as exc:
+        raise OperationError(f"{path}: {exc.strerror}") from None
 
 
 def _csr(args: argparse.Namespace) -> int:

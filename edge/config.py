@@ -21,8 +21,11 @@ from edge import names
 from edge.acme.settings import AcmeConfig as AcmeConfig  # [acme] lives with the ACME code
 from edge.acme.settings import CaEndpoint as CaEndpoint
 from edge.acme.settings import parse_acme
+from edge.limits import LimitsConfig as LimitsConfig  # [limits] lives with the limits
+from edge.limits import parse_limits
 from edge.toml_tables import ConfigError as ConfigError  # raised by every parser here, caught by callers
 from edge.toml_tables import Source, Table, join
+from edge.trust import TrustedProxies, trusted_key
 
 DEFAULT_CONFIG = Path("config/edge.toml")
 
@@ -57,6 +60,8 @@ class ServerConfig:
     admin_hosts: tuple[str, ...] = ()  # Host names allowed besides its address (DNS rebinding)
     metrics: Address | None = None  # /metrics and /healthz without a token, for scrapers and probes
     workers: int = 1
+    proxy_protocol: bool = False  # every connection starts with a PROXY v1/v2 header (edge.tls.proxyproto)
+    trusted_proxies: TrustedProxies = field(default_factory=TrustedProxies)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +133,8 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    metrics_per_app: bool = True  # [metrics] per_app: the edge_app_* series
 
 
 # --- parsing helpers -------------------------------------------------------------
@@ -184,6 +191,9 @@ def restart_needed(old: Config, new: Config) -> list[str]:
         ("[store]", old.store, new.store),
         ("[platform] domain", old.platform.domain, new.platform.domain),
         ("[acme] enabled", old.acme.enabled, new.acme.enabled),
+        ("[server] proxy_protocol", old.server.proxy_protocol, new.server.proxy_protocol),
+        ("[server] trusted_proxies", old.server.trusted_proxies, new.server.trusted_proxies),
+        ("[limits]", old.limits, new.limits),
         ("[proxy] http2", old.proxy.http2, new.proxy.http2),  # ALPN is set when contexts are built
     )
     return [what for what, before, after in pairs if before != after]
@@ -193,7 +203,7 @@ def live(old: Config, new: Config) -> Config:
     """The configuration a reload runs with: ``new``, but what needs a restart
     stays as it runs until then."""
     platform = dataclasses.replace(new.platform, domain=old.platform.domain)
-    return dataclasses.replace(new, server=old.server, store=old.store, platform=platform)
+    return dataclasses.replace(new, server=old.server, store=old.store, platform=platform, limits=old.limits)
 
 
 def load(path: Path) -> Config:
@@ -217,7 +227,7 @@ def parse(text: str, path: Path) -> Config:
         raise ConfigError(f"{where}: invalid TOML: {str(exc).split(' (at line')[0]}") from None
     src = Source(path, text)
     base = path.parent.resolve()
-    known = {"server", "platform", "store", "acme", "tls", "proxy", "log"}
+    known = {"server", "platform", "store", "acme", "tls", "proxy", "log", "limits", "metrics"}
     for name, value in data.items():
         if name not in known:
             raise src.error(name, None, f"unknown section; expected one of {', '.join(sorted(known))}")
@@ -228,17 +238,22 @@ def parse(text: str, path: Path) -> Config:
         return Table(src, name, data.get(name, {}))
 
     server = _read(table("server"), _server)
+    if server.proxy_protocol and not server.trusted_proxies:
+        raise src.error("server", "trusted_proxies", "proxy_protocol = true needs the addresses allowed to send "
+                        'PROXY headers (e.g. trusted_proxies = ["10.0.0.0/8"])')
     platform = _read(table("platform"), lambda t: _platform(t, base))
     store = _read(table("store"), lambda t: _store(t, base))
     acme = _read(table("acme"), lambda t: parse_acme(t, base, server.http, server.https))
     tls = _read(table("tls"), lambda t: _tls(t, base))
     proxy = _read(table("proxy"), _proxy)
     log = _read(table("log"), lambda t: _log(t, base))
+    limits = _read(table("limits"), parse_limits)
+    per_app = _read(table("metrics"), lambda t: bool(t.get("per_app", bool, True)))
     if server.admin and not server.admin.is_loopback and not server.admin_token:
         raise src.error(
             "server", "admin", "the admin API is bound beyond loopback; set admin_token (or EDGE_ADMIN_TOKEN) too"
         )
-    return Config(path, server, platform, store, acme, tls, proxy, log)
+    return Config(path, server, platform, store, acme, tls, proxy, log, limits, per_app)
 
 
 # --- one parser per section: each reads its table and returns its settings ---------
@@ -269,6 +284,8 @@ def _server(t: Table) -> ServerConfig:
         admin_hosts=_host_names(t, "admin_hosts"),
         metrics=_optional_address(t, "metrics", ""),
         workers=workers,
+        proxy_protocol=t.get("proxy_protocol", bool, False),
+        trusted_proxies=trusted_key(t),
     )
 
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from edge.appmetrics import control_families
 from edge.proxy.exchange import DURATION_BUCKETS
 from edge.records import SOURCES
 from edge.tls.stats import HANDSHAKE_BUCKETS
@@ -173,6 +174,7 @@ class EdgeCollector(Collector):
             yield from _acme_renewals(edge.acme.renewal_gauges())
         yield GaugeMetricFamily("edge_workers_reporting", "Processes whose counters are summed here",
                                 value=c["processes"])
+        yield from control_families(c)  # issue #14: accept-time controls, per-app series
 
 
 def _acme_renewals(gauges: dict[str, float]) -> Iterator[GaugeMetricFamily]:

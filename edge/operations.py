@@ -13,9 +13,11 @@ import time
 from dataclasses import dataclass
 
 from edge import names, records
+from edge.appops import AppSettingsOps, merged_record
 from edge.config import Config, parse_address
 from edge.records import KEY_TYPES, SOURCES, CertSource
 from edge.store import base
+from edge.store.appsettings import Hsts
 from edge.store.base import Store
 from edge.store.index import CertMeta, EntryError, Index, parse_cert, parse_domain
 from edge.tls import bundle as bundles
@@ -114,7 +116,7 @@ class Result:
     warnings: tuple[str, ...] = ()
 
 
-class Operations:
+class Operations(AppSettingsOps):
     def __init__(self, config: Config, store: Store) -> None:
         self.config = config
         self.store = store
@@ -128,7 +130,9 @@ class Operations:
         return index
 
     # --- apps ---------------------------------------------------------------------------
-    async def apps_add(self, name: str, backends: list[str], force_https: bool = True) -> Result:
+    async def apps_add(self, name: str, backends: list[str], force_https: bool = True, *,
+                       hsts: Hsts | bool | None = None, maintenance: bool | None = None) -> Result:
+        """Add or update an app; ``hsts``/``maintenance`` None keep what the app had (``appops``)."""
         if not APP_NAME.match(name):
             raise OperationError(
                 f"app name {name!r} is invalid: use 1-63 lower-case letters, digits and hyphens, "
@@ -146,10 +150,13 @@ class Operations:
                 raise OperationError(f"backend {raw!r} has port 0; give the port the app listens on")
             clean.append(str(address))
         async with self.store.write_lock():
-            existed = await self.store.get(base.app_key(name)) is not None
-            await self.store.put(base.app_key(name), records.encode_app(clean, force_https))
-        verb = "updated" if existed else "added"
-        return Result(f"app {name} {verb}: https://{name}.{self.platform_domain} -> {', '.join(clean)}")
+            old = await self.store.get(base.app_key(name))
+            record = merged_record(old, {"backends": clean, "force_https": force_https}, hsts, maintenance)
+            await self.store.put(base.app_key(name), records.encode_app(clean, force_https, record))
+        verb = "updated" if old is not None else "added"
+        note = " (in maintenance: answering 503)" if record.get("maintenance") else ""
+        return Result(f"app {name} {verb}: https://{name}.{self.platform_domain} -> {', '.join(clean)}{note}",
+                      tuple(hsts.warnings()) if isinstance(hsts, Hsts) else ())
 
     async def apps_remove(self, name: str) -> Result:
         async with self.store.write_lock():
@@ -174,6 +181,9 @@ class Operations:
                 "app": app.name,
                 "backends": list(app.backends),
                 "force_https": app.force_https,
+                "hsts": app.hsts.decode() or None,
+                "maintenance": app.maintenance,
+                "error_pages": [status for status, _ in app.error_pages],
                 "domains": sorted(d for d, a in index.domains.items() if a == app.name),
             }
             for app in sorted(index.apps.values(), key=lambda a: a.name)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 
@@ -76,6 +76,8 @@ def encode_domain(app: str) -> bytes:
     return json.dumps({"app": app}).encode() + b"\n"
 
 
-def encode_app(backends: Iterable[str], force_https: bool) -> bytes:
-    """``apps/<name>``: its backends and whether plain HTTP is redirected."""
-    return json.dumps({"backends": list(backends), "force_https": force_https}, indent=1).encode() + b"\n"
+def encode_app(backends: Iterable[str], force_https: bool, settings: Mapping[str, object] | None = None) -> bytes:
+    """``apps/<name>``: its backends, whether plain HTTP is redirected, and its
+    other settings (``hsts``, ``maintenance``, ``error_pages``: edge.store.appsettings)."""
+    record = {**(settings or {}), "backends": list(backends), "force_https": force_https}
+    return json.dumps(record, indent=1).encode() + b"\n"

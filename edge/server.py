@@ -23,10 +23,13 @@ from typing import TYPE_CHECKING, Protocol
 
 from edge import config as config_mod
 from edge import logs
+from edge.appmetrics import control_counters
 from edge.config import Config
 from edge.errors import StartupError
+from edge.limits import RateLimiter
 from edge.listeners import bind
 from edge.metrics import Counters, publish_counters, registry_for
+from edge.proxy.appstats import AppStats
 from edge.proxy.exchange import ListenerInfo, ProxyContext
 from edge.proxy.h2proto import AlpnSwitch
 from edge.proxy.not_tls import answer_not_tls
@@ -39,6 +42,7 @@ from edge.store.open import open_store
 from edge.tls.acceptor import TlsAcceptor, TlsInfo
 from edge.tls.contexts import ContextCache
 from edge.tls.fixed import FixedContexts, load_fixed_contexts, reload_certificates
+from edge.tls.gate import Gate, Peer
 from edge.tls.intake import PlainListener
 from edge.tls.loader import ContextLoader
 from edge.tls.selector import Selector
@@ -95,7 +99,10 @@ class Edge:
             config=config.proxy,
             access_log=config.log.access_log,
             challenge=lambda token: self.store.get(challenge_key(token)),
+            app_stats=AppStats(config.metrics_per_app),
+            rate=RateLimiter.from_config(config.limits),
         )
+        self.gate = Gate.from_config(config)  # PROXY headers, connection limits: every listener of this process
         self.follower = StoreFollower(self.store, self.index, on_cert=self.loader.remember)
         self.acceptor = TlsAcceptor(
             listener_context=self.fixed.default,
@@ -106,6 +113,7 @@ class Edge:
             challenge_certificate=lambda domain: self.store.get(tls_alpn_key(domain)),
             fetch_name=self.follower.fetch_name,
             not_tls=answer_not_tls,
+            gate=self.gate,
         )
         self.acme: AcmeManager | None = None  # this node's, when it runs one
         self.https_sockets: list[socket.socket] = []
@@ -135,7 +143,7 @@ class Edge:
             sock = bind(address, self.reuse_port)
             listener = ListenerInfo(b"http", str(sock.getsockname()[1]).encode(), https_port)
             # Not loop.create_server: see PlainListener (the descriptor limit).
-            self.http_servers.append(PlainListener(sock, self._http_protocol_factory(listener)))
+            self.http_servers.append(PlainListener(sock, self._http_protocol_factory(listener), self.gate))
         if self.serve_admin:  # one process per node cleans up
             self._tasks.append(loop.create_task(self._recover_store()))
         if cfg.acme.enabled and self.serve_admin:
@@ -164,9 +172,9 @@ class Edge:
 
         return factory
 
-    def _http_protocol_factory(self, listener: ListenerInfo) -> Callable[[], asyncio.BaseProtocol]:
+    def _http_protocol_factory(self, listener: ListenerInfo) -> Callable[[Peer | None], asyncio.BaseProtocol]:
         proxy = self.proxy
-        return lambda: HttpProxyProtocol(proxy, listener, None)
+        return lambda peer: HttpProxyProtocol(proxy, listener, None, peer)
 
     async def _start_http_apis(self) -> None:
         """The admin API and the probes' listener, on the process that serves them."""
@@ -224,6 +232,7 @@ class Edge:
             **self.cache.counters(),
             "open_connections": len(self.proxy.connections),
             "reloads": self.follower.reloads,
+            **control_counters(self.gate, self.proxy, self.index.apps),  # issue #14
         }
 
     @property
@@ -313,6 +322,7 @@ class Edge:
         self.acceptor.close_pending()
         for server in self.http_servers:
             server.close()
+        self.gate.close_all()
         self.proxy.draining = True
         for connection in list(self.proxy.connections):
             connection.drain()

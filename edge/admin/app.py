@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from edge.operations import NotFoundError, OperationError, Operations, Result, Upload
+from edge.store.appsettings import Hsts, parse_hsts
 from edge.store.base import StoreError
 
 OPENAPI = Path(__file__).with_name("openapi.json")
@@ -64,6 +65,18 @@ async def _body(request: web.Request) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise OperationError("the body must be a JSON object")
     return data
+
+
+def _hsts(data: dict[str, Any]) -> Hsts | bool | None:
+    """``"hsts"``: absent keeps the app's, null drops it, an object sets it."""
+    if "hsts" not in data:
+        return None
+    if data["hsts"] is None:
+        return False
+    try:
+        return parse_hsts(data["hsts"])
+    except ValueError as exc:
+        raise OperationError(str(exc)) from None
 
 
 def _upload(data: dict[str, Any]) -> Upload | None:
@@ -210,9 +223,24 @@ def make_app(edge: Node, ops: Operations, registry: CollectorRegistry, token: st
         if not isinstance(data.get("app"), str) or not isinstance(backends, list):
             raise OperationError('give "app" (a name) and "backends" (a list of "host:port")')
         force_https = data.get("force_https", True)
-        if not isinstance(force_https, bool):
-            raise OperationError('"force_https" must be true or false')
-        return _result(await ops.apps_add(data["app"], [str(b) for b in backends], force_https), 201)
+        maintenance = data.get("maintenance")
+        if not isinstance(force_https, bool) or not isinstance(maintenance, bool | None):
+            raise OperationError('"force_https" and "maintenance" must be true or false')
+        result = await ops.apps_add(data["app"], [str(b) for b in backends], force_https, hsts=_hsts(data),
+                                    maintenance=maintenance)
+        return _result(result, 201)
+
+    async def error_page(request: web.Request) -> web.Response:
+        status = request.match_info["status"]
+        if not status.isdigit():
+            raise OperationError("the status is 502, 503 or 504")
+        html = None
+        if request.method == "PUT":
+            html = (await _body(request)).get("html")
+            if not isinstance(html, str):
+                raise OperationError('give "html": the page, a string')
+        page = html.encode() if html is not None else None
+        return _result(await ops.apps_error_page(request.match_info["app"], int(status), page, '"html"'))
 
     async def apps_remove(request: web.Request) -> web.Response:
         return _result(await ops.apps_remove(request.match_info["app"]))
@@ -249,6 +277,8 @@ def make_app(edge: Node, ops: Operations, registry: CollectorRegistry, token: st
     app.router.add_get("/v1/apps", apps_list)
     app.router.add_post("/v1/apps", apps_add)
     app.router.add_delete("/v1/apps/{app}", apps_remove)
+    app.router.add_put("/v1/apps/{app}/error-pages/{status}", error_page)
+    app.router.add_delete("/v1/apps/{app}/error-pages/{status}", error_page)
     app.router.add_get("/v1/domains", domains_list)
     app.router.add_post("/v1/domains", domains_add)
     app.router.add_put("/v1/domains/{domain}/certificate", certificate_put)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from edge.proxy.controls import answer_head_fields, answer_page, default_body, h1_answer
 from edge.proxy.decide import CHALLENGE_PREFIX
 from edge.proxy.errors import error_response
 from edge.proxy.exchange import Exchange, keeps_alive, log_access
@@ -45,12 +46,22 @@ class LocalAnswers:
         )
         self._finish(exchange)
 
-    def _answer_error(self: HttpProxyProtocol, exchange: Exchange, status: int) -> None:
+    def _answer_error(self: HttpProxyProtocol, exchange: Exchange, status: int, retry_after: int = 0) -> None:
         if self.transport is None or exchange.response_done:
             return
         keep = exchange.keep_alive = keeps_alive(exchange, self.shared.draining, status)
         exchange.status = status
-        self._write(error_response(status, keep))
+        app = exchange.app
+        if app is None and not retry_after:
+            self._write(error_response(status, keep))
+        else:
+            # Issue #14: the app's own page (or maintenance), HSTS on HTTPS, Retry-After.
+            page, retry = answer_page(app, status)
+            fields = answer_head_fields(app, status, self.tls is not None, retry_after or retry)
+            if page is None and not fields:
+                self._write(error_response(status, keep))
+            else:
+                self._write(h1_answer(status, keep, page or default_body(status), fields))
         self._finish(exchange)
 
     def _redirect(self: HttpProxyProtocol, exchange: Exchange, host: str) -> None:

@@ -16,6 +16,7 @@ from edge.proxy.authority import Authority, request_authority
 from edge.proxy.errors import HttpError
 from edge.proxy.routing import Router
 from edge.proxy.upstream import Pool
+from edge.store.index import App
 
 CHALLENGE_PREFIX = b"/.well-known/acme-challenge/"
 
@@ -32,14 +33,15 @@ class Decision(NamedTuple):
     status: int = 0
     authority: Authority | None = None
     pool: Pool | None = None
+    app: App | None = None  # the app routed to, once known (per-app settings and series, issue #14)
 
     @property
     def host(self) -> str:
         return (self.authority.name or "") if self.authority is not None else ""
 
 
-def _answer(status: int, authority: Authority | None = None) -> Decision:
-    return Decision(Action.ANSWER, status, authority)
+def _answer(status: int, authority: Authority | None = None, app: App | None = None) -> Decision:
+    return Decision(Action.ANSWER, status, authority, None, app)
 
 
 def decide(
@@ -75,8 +77,12 @@ def decide(
         # Still loading the store at start: the name may not be read yet (try again soon).
         return _answer(503 if router.index.loading else 404, authority)
     if plain and app.force_https:
-        return Decision(Action.REDIRECT, 301, authority)
+        return Decision(Action.REDIRECT, 301, authority, None, app)
+    if app.maintenance:
+        # Issue #14: 503 with the maintenance page, the backend untouched (ACME
+        # challenges were answered above, before any app is looked up).
+        return _answer(503, authority, app)
     pool = router.pool_for(app)
     if not pool.backends:
-        return _answer(503, authority)
-    return Decision(Action.FORWARD, 0, authority, pool)
+        return _answer(503, authority, app)
+    return Decision(Action.FORWARD, 0, authority, pool, app)

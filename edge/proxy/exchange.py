@@ -11,8 +11,12 @@ from typing import Any
 
 from edge.config import Config, ProxyConfig
 from edge.histogram import Histogram
+from edge.limits import RateLimiter
+from edge.proxy.appstats import DURATION_BUCKETS as DURATION_BUCKETS  # re-exported: metrics reads it here
+from edge.proxy.appstats import AppStats
 from edge.proxy.routing import Router
 from edge.proxy.upstream import BackendConnection
+from edge.store.index import App
 
 access_log = logging.getLogger("edge.access")
 
@@ -22,10 +26,6 @@ class ListenerInfo:
     scheme: bytes  # b"https" or b"http"
     port: bytes  # the listener's port, for X-Forwarded-Port
     https_port: int  # where redirects to https point
-
-
-# Request duration buckets, seconds (Prometheus histogram upper bounds).
-DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class ProxyStats:
@@ -70,17 +70,22 @@ class ProxyContext:
     connections: set = field(default_factory=set)  # open HttpProxyProtocol objects
     tasks: set = field(default_factory=set)  # forwarding tasks in flight (strong references)
     draining: bool = False  # shutting down: finish what is in flight, take nothing new
+    # Issue #14: per-app series ([metrics] per_app) and requests per address ([limits]); None: off.
+    app_stats: AppStats = field(default_factory=AppStats)
+    rate: RateLimiter | None = None
 
     def reconfigure(self, config: Config) -> None:
         """A reload: new connections take the new timeouts and limits."""
         self.config = config.proxy
         self.access_log = config.log.access_log
+        self.app_stats.enabled = config.metrics_per_app
 
 
 class Exchange:
     """One request and its response."""
 
     __slots__ = (
+        "app",
         "backend",
         "body",
         "body_apart",
@@ -143,6 +148,7 @@ class Exchange:
         self.status = 0
         self.response_bytes = 0
         self.host = ""
+        self.app: App | None = None  # the app routed to, once known (per-app controls and series)
         self.backend = ""
         self.request_id = b""
         # Noted while the head is parsed, so the head is walked once.

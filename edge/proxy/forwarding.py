@@ -15,6 +15,7 @@ import httptools
 
 from edge.config import ProxyConfig
 from edge.proxy import h1
+from edge.proxy.controls import count_upstream_error, rate_wait
 from edge.proxy.decide import Action, decide
 from edge.proxy.exchange import Exchange
 from edge.proxy.responses import STATUS_FOR
@@ -106,6 +107,11 @@ class RequestSide:
 
     def _start(self: HttpProxyProtocol, exchange: Exchange) -> None:
         exchange.started = True
+        if self.shared.rate is not None:
+            wait = rate_wait(self.shared.rate, self.peer, self.client_ip)
+            if wait:
+                self._answer_error(exchange, 429, wait)
+                return
         sni = self.tls.server_name if self.tls is not None else None
         decision = decide(
             self.shared.router, exchange.method, exchange.target, exchange.host_header, exchange.host_headers,
@@ -122,6 +128,7 @@ class RequestSide:
         if action is Action.REDIRECT:
             self._redirect(exchange, exchange.host)
             return
+        exchange.app = decision.app
         if action is not Action.FORWARD:
             self._answer_error(exchange, decision.status or 404)
             return
@@ -142,6 +149,7 @@ class RequestSide:
             chunked=exchange.chunked,
             upgrade=exchange.upgrade_to,
             has_connection=exchange.has_connection,
+            trusted=self.peer is not None and self.peer.trusted,
         )
         # Idempotent requests without a body may be sent again on a fresh
         # connection when a reused one turns out dead (RFC 9110 §9.2.2).
@@ -184,6 +192,7 @@ class RequestSide:
             assert error is not None
             log.info("upstream %s: %s", error.kind, error)
             self.shared.stats.upstream_error(error.kind)
+            count_upstream_error(exchange.app, self.shared.app_stats, error.kind)
             self._answer_error(exchange, STATUS_FOR.get(error.kind, 502))
             return
         self._attach(exchange, conn, head)

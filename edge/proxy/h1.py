@@ -37,6 +37,11 @@ _SET_BY_EDGE = frozenset(
     {b"host", b"x-request-id", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-port", b"content-length"}
 )
 _NOT_FORWARDED = HOP_BY_HOP | _SET_BY_EDGE
+# From a client outside [server] trusted_proxies, what claims to name another
+# client is dropped as well (RFC 7239 §8.1: a proxy should strip what it cannot
+# vouch for), so the backend's first X-Forwarded-For address is edge's word.
+_CLIENT_CLAIMS = frozenset({b"forwarded", b"x-real-ip"})
+_NOT_FORWARDED_UNTRUSTED = _NOT_FORWARDED | _CLIENT_CLAIMS
 # Upgrade protocols edge never switches to: another HTTP version on the same
 # connection (h2c, RFC 7540 §3.2; "HTTP/2.0", RFC 9110 §7.8) would let the
 # client talk to the backend past every rule of edge. "h2" is TLS-only (RFC
@@ -123,8 +128,13 @@ def request_head(
     chunked: bool,
     upgrade: bytes | None = None,
     has_connection: bool = True,
+    trusted: bool = False,
 ) -> bytes:
     """The request head sent to the backend (always HTTP/1.1 keep-alive).
+
+    ``trusted``: the client is in ``[server] trusted_proxies`` (SPEC §5): its
+    X-Forwarded-For is appended to and its Forwarded and X-Real-IP kept; from
+    any other client they are dropped and X-Forwarded-For is its address alone.
 
     ``host``: the authority edge routed by (RFC 9112 §3.2.2), always written.
     ``request_id``: the X-Request-ID, the client's or a new one, always written.
@@ -132,17 +142,19 @@ def request_head(
     Upgrade and Connection are then kept so the backend can answer 101.
     ``has_connection=False`` tells there is no Connection field to read.
     """
-    skip = _NOT_FORWARDED | connection_tokens(headers) if has_connection else _NOT_FORWARDED
+    skip = _NOT_FORWARDED if trusted else _NOT_FORWARDED_UNTRUSTED
+    if has_connection:
+        skip = skip | connection_tokens(headers)
     out = [method, b" ", target, b" HTTP/1.1\r\n"]
     forwarded_for = b""
     for name, value in headers:
         if name in skip:
-            if name == b"x-forwarded-for":
+            if trusted and name == b"x-forwarded-for":
                 forwarded_for = forwarded_for + b", " + value if forwarded_for else value
             continue
         out += (name, b": ", value, b"\r\n")
     out += (b"host: ", host, b"\r\n")
-    # Appended, as nginx's $proxy_add_x_forwarded_for does.
+    # From a trusted proxy appended, as nginx's $proxy_add_x_forwarded_for does.
     out += (
         b"x-forwarded-for: ",
         forwarded_for + b", " + client_ip if forwarded_for else client_ip,

@@ -46,6 +46,7 @@ class H2ProxyProtocol(asyncio.BufferedProtocol):
         self.config = shared.config
         self.listener = listener
         self.tls = tls
+        self.peer = tls.peer if tls is not None else None  # the client, when a control named it (edge.tls.gate)
         self.h2 = H2Connection(h2_settings(shared))
         self.exchanges: dict[int, H2Exchange] = {}
         self.transport: asyncio.Transport | None = None
@@ -64,8 +65,11 @@ class H2ProxyProtocol(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self._loop = asyncio.get_running_loop()
-        peer = transport.get_extra_info("peername")
-        self.client_ip = str(peer[0]).encode() if peer else b""
+        if self.peer is not None:
+            self.client_ip = self.peer.ip
+        else:
+            peername = transport.get_extra_info("peername")
+            self.client_ip = str(peername[0]).encode() if peername else b""
         sslobj = transport.get_extra_info("ssl_object")
         self.tls_version = (sslobj.version() or "") if sslobj is not None else ""
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
@@ -80,6 +84,8 @@ class H2ProxyProtocol(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         self.shared.connections.discard(self)
+        if self.peer is not None and self.peer.slot is not None:
+            self.peer.slot.release()  # [limits]: the connection's place frees now
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

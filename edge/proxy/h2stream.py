@@ -23,12 +23,21 @@ from typing import TYPE_CHECKING
 from edge.h2.errors import ErrorCode
 from edge.h2.headers import Request
 from edge.proxy import h1
+from edge.proxy.controls import (
+    answer_head_fields,
+    answer_page,
+    count_done,
+    count_upstream_error,
+    rate_wait,
+    with_hsts,
+)
 from edge.proxy.decide import Action, decide
 from edge.proxy.errors import error_body
 from edge.proxy.exchange import log_access
 from edge.proxy.forwarding import IDEMPOTENT, next_request_id, obtain_connection
 from edge.proxy.responses import STATUS_FOR
 from edge.proxy.upstream import BackendConnection, Pool, UpstreamError
+from edge.store.index import App
 
 if TYPE_CHECKING:
     from edge.proxy.h2proto import H2ProxyProtocol
@@ -57,6 +66,7 @@ class H2Exchange:
     """A stream's request and response; what ``log_access`` reads too."""
 
     __slots__ = (
+        "app",  # issue #14: the app routed to
         "backend", "backend_full", "body", "buffered", "chunked", "conn", "deadline", "headers", "host", "method",
         "paused", "phase", "proto", "request", "request_done", "request_id", "response_bytes", "retry_head", "sid",
         "status", "t0", "target", "unacked",
@@ -73,6 +83,7 @@ class H2Exchange:
         self.request = request
         self.request_done = end_stream
         self.host = ""
+        self.app: App | None = None  # the app routed to (per-app settings and series)
         self.backend = ""
         self.request_id = b""
         self.status = 0
@@ -102,11 +113,17 @@ class H2Exchange:
             self.answer(400)  # RFC 9113 §8.3.1: origin-form, or * for OPTIONS
             return
         authority = request.authority or request.host
+        if proto.shared.rate is not None:
+            wait = rate_wait(proto.shared.rate, proto.peer, proto.client_ip)
+            if wait:
+                self.answer(429, wait)
+                return
         sni = proto.tls.server_name if proto.tls is not None else None
         hosts = 1 if authority is not None else 0
         decision = decide(proto.shared.router, self.method, request.path, authority, hosts, "1.1", sni, plain=False)
         if decision.authority is not None:
             self.host = decision.host
+        self.app = decision.app
         if decision.action is not Action.FORWARD:
             self.answer(decision.status or 404)
             return
@@ -118,6 +135,7 @@ class H2Exchange:
             self.method, decision.authority.target, self.headers, host=decision.authority.host,
             client_ip=proto.client_ip, proto=proto.listener.scheme, port=proto.listener.port,
             request_id=self.request_id, content_length=length, chunked=self.chunked, has_connection=False,
+            trusted=proto.peer is not None and proto.peer.trusted,
         )
         if self.method in IDEMPOTENT and self.request_done:
             self.retry_head = head
@@ -210,6 +228,8 @@ class H2Exchange:
         self.retry_head = b""
         no_body = self.method == b"HEAD" or status in (204, 304)
         length = content_length if (no_body or not chunked) else None
+        if self.app is not None and self.app.hsts:
+            headers = with_hsts(headers, self.app)  # HTTP/2 is TLS only here: always HTTPS
         self.proto.h2.send_headers(self.sid, _response_fields(status, headers, length), end_stream=no_body)
         if no_body:
             self.finish(ended=True)
@@ -243,6 +263,7 @@ class H2Exchange:
         if self.phase is Phase.RESPONDING:
             log.info("upstream %s mid-response: %s", error.kind, error)
             self.proto.shared.stats.upstream_error(error.kind)
+            count_upstream_error(self.app, self.proto.shared.app_stats, error.kind)
             self.abort(ErrorCode.INTERNAL_ERROR)  # the client must see the response cut short
             return
         if error.kind == "reset" and self.retry_head:
@@ -259,6 +280,7 @@ class H2Exchange:
     def upstream_error(self, error: UpstreamError) -> None:
         log.info("upstream %s: %s", error.kind, error)
         self.proto.shared.stats.upstream_error(error.kind)
+        count_upstream_error(self.app, self.proto.shared.app_stats, error.kind)
         self.answer(STATUS_FOR.get(error.kind, 502))
 
     def batch_begin(self) -> None:
@@ -296,8 +318,9 @@ class H2Exchange:
             self.abort(ErrorCode.CANCEL)
 
     # --- ends ---------------------------------------------------------------------------
-    def answer(self, status: int) -> None:
-        """An answer edge writes itself (errors), as a small HTML page."""
+    def answer(self, status: int, retry_after: int = 0) -> None:
+        """An answer edge writes itself (errors), as a small HTML page (the
+        app's own for 502-504, the maintenance page; issue #14)."""
         if self.phase in (Phase.RESPONDING, Phase.DONE, Phase.ABORTED) or self.sid not in self.proto.h2.streams:
             return
         if self.conn is not None:
@@ -305,10 +328,13 @@ class H2Exchange:
             self.conn = None
         self.phase = Phase.RESPONDING
         self.status = status
-        body = error_body(status)
+        page, retry = answer_page(self.app, status)
+        body = page or error_body(status)
         self.response_bytes = len(body)
         fields = [(b":status", b"%d" % status), (b"content-type", b"text/html; charset=utf-8"),
                   (b"content-length", b"%d" % len(body)), (b"cache-control", b"no-store")]
+        if self.app is not None or retry_after:
+            fields += answer_head_fields(self.app, status, True, retry_after or retry)
         h2 = self.proto.h2
         h2.send_headers(self.sid, fields)
         h2.send_data(self.sid, b"" if self.method == b"HEAD" else body, end_stream=True)
@@ -340,7 +366,9 @@ class H2Exchange:
         if ended:
             self.phase = Phase.DONE
         proto = self.proto
-        proto.shared.stats.request_done(self.status or 499, time.monotonic() - self.t0, "2")
+        seconds = time.monotonic() - self.t0
+        proto.shared.stats.request_done(self.status or 499, seconds, "2")
+        count_done(self.app, proto.shared.app_stats, self.status or 499, seconds)
         if proto.shared.access_log:
             source = proto.tls.source.value if proto.tls else ""
             log_access(self, proto.client_ip, proto.tls_version, source)  # type: ignore[arg-type]

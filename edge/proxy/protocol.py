@@ -23,12 +23,14 @@ import httptools
 
 from edge.proxy import h1
 from edge.proxy.answers import LocalAnswers
+from edge.proxy.controls import count_done
 from edge.proxy.errors import HttpError
 from edge.proxy.exchange import Exchange, ListenerInfo, ProxyContext, keeps_alive
 from edge.proxy.forwarding import RequestSide
 from edge.proxy.responses import ResponseSide
 from edge.proxy.upstream import BackendConnection, UpstreamError
 from edge.tls.acceptor import TlsInfo
+from edge.tls.gate import Peer
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +55,14 @@ _READ_BUFFER = memoryview(bytearray(64 * 1024))
 
 
 class HttpProxyProtocol(ResponseSide, RequestSide, LocalAnswers, asyncio.BufferedProtocol):
-    def __init__(self, shared: ProxyContext, listener: ListenerInfo, tls: TlsInfo | None) -> None:
+    def __init__(self, shared: ProxyContext, listener: ListenerInfo, tls: TlsInfo | None,
+                 peer: Peer | None = None) -> None:
         self.shared = shared  # what every connection of this process shares (not an SSLContext)
         self.config = shared.config
         self.listener = listener
         self.tls = tls
+        # The client when a control named it (PROXY header, limits); None: the socket's peer.
+        self.peer = peer if peer is not None or tls is None else tls.peer
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.queue: deque[Exchange] = deque()
@@ -84,8 +89,11 @@ class HttpProxyProtocol(ResponseSide, RequestSide, LocalAnswers, asyncio.Buffere
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self._loop = asyncio.get_running_loop()
-        peer = transport.get_extra_info("peername")
-        self.client_ip = str(peer[0]).encode() if peer else b""
+        if self.peer is not None:
+            self.client_ip = self.peer.ip
+        else:
+            peername = transport.get_extra_info("peername")
+            self.client_ip = str(peername[0]).encode() if peername else b""
         if self.tls is not None:
             sslobj = transport.get_extra_info("ssl_object")
             self.tls_version = (sslobj.version() or "") if sslobj is not None else ""
@@ -99,6 +107,8 @@ class HttpProxyProtocol(ResponseSide, RequestSide, LocalAnswers, asyncio.Buffere
         self._closing = True
         self._cancel_timer()
         self.shared.connections.discard(self)
+        if self.peer is not None and self.peer.slot is not None:
+            self.peer.slot.release()  # [limits]: the connection's place frees now, not at collection
         for exchange in self.queue:
             if exchange.conn is not None:
                 exchange.conn.close()  # the client is gone: nobody to answer
@@ -336,7 +346,9 @@ class HttpProxyProtocol(ResponseSide, RequestSide, LocalAnswers, asyncio.Buffere
     def _finish(self, exchange: Exchange) -> None:
         exchange.response_done = True
         self._served += 1
-        self.shared.stats.request_done(exchange.status, time.monotonic() - exchange.t0, exchange.version)
+        seconds = time.monotonic() - exchange.t0
+        self.shared.stats.request_done(exchange.status, seconds, exchange.version)
+        count_done(exchange.app, self.shared.app_stats, exchange.status, seconds)
         self._log(exchange)
         if self.queue and self.queue[0] is exchange:
             self.queue.popleft()

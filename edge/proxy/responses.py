@@ -10,6 +10,7 @@ import time
 from typing import TYPE_CHECKING
 
 from edge.proxy import h1
+from edge.proxy.controls import count_done, count_upstream_error, with_hsts
 from edge.proxy.exchange import Exchange, keeps_alive
 from edge.proxy.upstream import UpstreamError
 
@@ -65,6 +66,8 @@ class ResponseSide:
         exchange.keep_alive = client_keep_alive
         exchange.content_length_out = out_length
         self._response_chunked = out_chunked
+        if self.tls is not None and exchange.app is not None and exchange.app.hsts:
+            headers = with_hsts(headers, exchange.app)
         self._write(
             h1.response_head(status, reason, headers, content_length=out_length,
                              chunked=out_chunked, keep_alive=client_keep_alive)
@@ -113,6 +116,7 @@ class ResponseSide:
                 return
         log.info("upstream %s: %s", error.kind, error)
         self.shared.stats.upstream_error(error.kind)
+        count_upstream_error(exchange.app, self.shared.app_stats, error.kind)
         self._answer_error(exchange, STATUS_FOR.get(error.kind, 502))
 
     def _abort_response(self: HttpProxyProtocol, exchange: Exchange, error: UpstreamError) -> None:
@@ -123,9 +127,12 @@ class ResponseSide:
         is aborted (RST, and no TLS close_notify: RFC 8446 §6.1)."""
         log.info("upstream %s mid-response: %s", error.kind, error)
         self.shared.stats.upstream_error(error.kind)
+        count_upstream_error(exchange.app, self.shared.app_stats, error.kind)
         exchange.response_done = True
         exchange.keep_alive = False
-        self.shared.stats.request_done(exchange.status, time.monotonic() - exchange.t0, exchange.version)
+        seconds = time.monotonic() - exchange.t0
+        self.shared.stats.request_done(exchange.status, seconds, exchange.version)
+        count_done(exchange.app, self.shared.app_stats, exchange.status, seconds)
         self._log(exchange)
         self.queue.clear()
         if self._response_chunked or exchange.content_length_out is not None:
@@ -146,6 +153,7 @@ class ResponseSide:
             conn.close()
         log.info("backend %s answered 101 to a request that asked for no such upgrade", exchange.backend)
         self.shared.stats.upstream_error("protocol")
+        count_upstream_error(exchange.app, self.shared.app_stats, "protocol")
         self._answer_error(exchange, 502)
 
     def upstream_pause(self: HttpProxyProtocol) -> None:

@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass
 
 from edge.records import KEY_TYPES, SOURCES
+from edge.store.appsettings import parse_error_pages, parse_hsts
 from edge.store.base import APPS, CERTS, DOMAINS, Event, EventKind, cert_key, parse_cert_key
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,16 @@ class App:
     name: str
     backends: tuple[str, ...]
     force_https: bool = True
+    # Per-app settings (edge.store.appsettings), prepared for the data path:
+    hsts: bytes = b""  # the Strict-Transport-Security value for HTTPS answers; b"": none
+    maintenance: bool = False  # answer 503 with the maintenance page, the backend untouched
+    error_pages: tuple[tuple[int, bytes], ...] = ()  # (status, HTML) replacing edge's own bodies
+
+    def error_page(self, status: int) -> bytes | None:
+        for code, html in self.error_pages:
+            if code == status:
+                return html
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,9 +128,12 @@ def parse_app(name: str, value: bytes) -> App:
         data = json.loads(value)
         backends = tuple(str(b) for b in data["backends"])
         force_https = bool(data.get("force_https", True))
-    except (ValueError, KeyError, TypeError) as exc:
+        hsts = parse_hsts(data.get("hsts"))
+        pages = parse_error_pages(data.get("error_pages"))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise EntryError(f"not an app record ({exc.__class__.__name__}: {exc})") from None
-    return App(name, backends, force_https)
+    return App(name, backends, force_https, hsts.field_value() if hsts else b"", bool(data.get("maintenance")),
+               pages)
 
 
 def parse_domain(value: bytes) -> str:

@@ -33,6 +33,7 @@ from edge import names
 from edge.store.base import StoreError
 from edge.tls import clienthello, contexts, handover
 from edge.tls.contexts import ContextBuildError, ContextCache
+from edge.tls.gate import Gate, Peer
 from edge.tls.handover import alert
 from edge.tls.intake import AcceptLoop, HelloReader, close_gently
 from edge.tls.selector import Choice, Selector, Source
@@ -86,6 +87,7 @@ class TlsAcceptor:
         challenge_certificate: Callable[[str], Awaitable[bytes | None]] | None = None,
         fetch_name: Callable[[str], Awaitable[None]] | None = None,
         not_tls: Callable[[bytes], bytes] | None = None,
+        gate: Gate | None = None,
     ) -> None:
         # The listener context holds the default certificate (no SNI, unknown names).
         self.listener_context = listener_context
@@ -101,6 +103,8 @@ class TlsAcceptor:
         # the bytes received). The HTTP layer decides; this one knows no HTTP.
         self.not_tls = not_tls
         self._index = selector.index
+        # PROXY headers and connection limits, before the ClientHello (edge.tls.gate).
+        self.gate = gate if gate is not None and gate.active else None
         self.stats = HandshakeStats()
         self._listeners: list[AcceptLoop] = []
         self._readers: list[HelloReader] = []
@@ -118,11 +122,12 @@ class TlsAcceptor:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, max(1, int(self.handshake_timeout)))
         reader = HelloReader(
             self.handshake_timeout,
-            lambda conn, hello, deadline: self._start(conn, protocol_factory, hello, deadline),
+            lambda conn, hello, deadline, peer: self._start(conn, protocol_factory, hello, deadline, peer),
             self._refused,
         )
         self._readers.append(reader)
-        self._listeners.append(AcceptLoop(sock, lambda conn: self._accepted(conn, reader)))
+        limits = self.gate.limits if self.gate is not None else None
+        self._listeners.append(AcceptLoop(sock, lambda conn, address: self._accepted(conn, address, reader), limits))
 
     def stop_listening(self) -> None:
         for listener in self._listeners:
@@ -131,16 +136,20 @@ class TlsAcceptor:
 
     def close_pending(self) -> None:
         """Drop connections still before or inside their handshake (shutdown)."""
+        if self.gate is not None:
+            self.gate.close_all()
         for reader in self._readers:
             reader.close_all()
         for task in list(self._tasks):
             task.cancel()
 
-    @staticmethod
-    def _accepted(sock: socket.socket, reader: HelloReader) -> None:
+    def _accepted(self, sock: socket.socket, address: tuple, reader: HelloReader) -> None:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        reader.add(sock)
+        if self.gate is None:
+            reader.add(sock)
+        else:
+            self.gate.admit(sock, address, reader.add)
 
     def _refused(self, sock: socket.socket, data: bytes, why: str | clienthello.NotClientHello) -> None:
         if why == "timeout":
@@ -158,14 +167,14 @@ class TlsAcceptor:
 
     # --- selection -----------------------------------------------------------------
     def _start(self, sock: socket.socket, factory: ProtocolFactory, hello: clienthello.ClientHello,
-               deadline: float, fetched: bool = False) -> None:
+               deadline: float, peer: Peer | None, fetched: bool = False) -> None:
         name = server_name(hello.server_name)
         if is_acme_validation(hello):
             self._spawn(self._acme_tls(sock, name, deadline))
             return
         if (self._index.loading and not fetched and name is not None and self.fetch_name is not None
                 and name not in self._index.fetched):
-            self._spawn(self._fetch_then_start(sock, factory, hello, name, deadline))
+            self._spawn(self._fetch_then_start(sock, factory, hello, name, deadline, peer))
             return
         choice = self.selector.select(name)
         if choice is not None and name is not None and choice.source is Source.DEFAULT:
@@ -182,21 +191,22 @@ class TlsAcceptor:
             ctx = self.cache.get_nowait(choice.cache_key)
         if ctx is None:
             # A cold name: build its context off the loop, then hand over.
-            self._spawn(self._cold(sock, factory, name, hello, choice, deadline))
+            self._spawn(self._cold(sock, factory, name, hello, choice, deadline, peer))
             return
-        self._handover(sock, factory, name, hello, choice, ctx, deadline)
+        self._handover(sock, factory, name, hello, choice, ctx, deadline, peer)
 
     def _left(self, deadline: float) -> float:
         return deadline - asyncio.get_running_loop().time()
 
     async def _fetch_then_start(self, sock: socket.socket, factory: ProtocolFactory,
-                                hello: clienthello.ClientHello, name: str, deadline: float) -> None:
+                                hello: clienthello.ClientHello, name: str, deadline: float,
+                                peer: Peer | None) -> None:
         assert self.fetch_name is not None
         try:
             await asyncio.wait_for(self.fetch_name(name), max(0.0, self._left(deadline)))
         except (StoreError, OSError, TimeoutError) as exc:
             log.error("reading %s from the store failed: %s; selecting from what is loaded", name, exc)
-        self._start(sock, factory, hello, deadline, fetched=True)
+        self._start(sock, factory, hello, deadline, peer, fetched=True)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
@@ -239,7 +249,7 @@ class TlsAcceptor:
         log.info("TLS-ALPN-01 validation certificate served for %s", name)
 
     async def _cold(self, sock: socket.socket, factory: ProtocolFactory, name: str | None,
-                    hello: clienthello.ClientHello, choice: Choice, deadline: float) -> None:
+                    hello: clienthello.ClientHello, choice: Choice, deadline: float, peer: Peer | None) -> None:
         try:
             ctx = await asyncio.wait_for(self.cache.get(choice.cache_key), max(0.0, self._left(deadline)))
         except (ContextBuildError, StoreError, OSError, TimeoutError, ValueError) as exc:
@@ -253,11 +263,12 @@ class TlsAcceptor:
                 close_gently(sock, alert(handover.INTERNAL_ERROR))
                 return
             ctx = self.listener_context
-        self._handover(sock, factory, name, hello, choice, ctx, deadline)
+        self._handover(sock, factory, name, hello, choice, ctx, deadline, peer)
 
     # --- handshake -----------------------------------------------------------------
     def _handover(self, sock: socket.socket, factory: ProtocolFactory, name: str | None,
-                  hello: clienthello.ClientHello, choice: Choice, ctx: ssl.SSLContext, deadline: float) -> None:
+                  hello: clienthello.ClientHello, choice: Choice, ctx: ssl.SSLContext, deadline: float,
+                  peer: Peer | None = None) -> None:
         """Start the TLS handshake with ``ctx``'s certificate, in what is left of the budget.
 
         No coroutine of ours wraps it: the hot path is one task (uvloop's
@@ -268,7 +279,7 @@ class TlsAcceptor:
             self.stats.fail("timeout")
             close_gently(sock)
             return
-        info = TlsInfo(name, choice.source, hello.alpn)
+        info = TlsInfo(name, choice.source, hello.alpn, peer)
         task = handover.start_tls(sock, lambda: factory(info), self.listener_context, ctx, left)
         self._tasks.add(task)
         started = asyncio.get_running_loop().time()

@@ -25,7 +25,9 @@ import logging
 import socket
 from collections.abc import Callable
 
+from edge.limits import ConnectionLimits
 from edge.tls import clienthello
+from edge.tls.gate import Gate, Peer
 
 log = logging.getLogger(__name__)
 
@@ -44,30 +46,46 @@ _BATCH = 64  # accepts per wake-up, so one busy listener cannot starve the loop
 
 
 class AcceptLoop:
-    """Accept connections on one listening socket and pass each on."""
+    """Accept connections on one listening socket and pass each on, with its peer address.
 
-    def __init__(self, sock: socket.socket, on_socket: Callable[[socket.socket], None]) -> None:
+    At ``[limits] max_connections`` open connections it stops accepting until
+    one closes: new clients wait in the listen backlog (as nginx's
+    ``worker_connections`` and HAProxy's ``maxconn`` make them), rather than
+    being accepted and dropped."""
+
+    def __init__(self, sock: socket.socket, on_socket: Callable[[socket.socket, tuple], None],
+                 limits: ConnectionLimits | None = None) -> None:
         self.sock = sock
         self.on_socket = on_socket
+        self.limits = limits if limits is not None and limits.max else None
         self._loop = asyncio.get_running_loop()
         self._pause = PAUSE_FIRST
         self._resume: asyncio.TimerHandle | None = None
+        self._held = False  # not accepting until a connection closes (max_connections)
+        self._closed = False
         self._unlogged = 0
         self._logged_at = -LOG_EVERY
         self._loop.add_reader(sock.fileno(), self._ready)
 
     def close(self) -> None:
+        self._closed = True
         if self._resume is not None:
             self._resume.cancel()
             self._resume = None
-        else:
+        elif not self._held:
             self._loop.remove_reader(self.sock.fileno())
         self.sock.close()
 
     def _ready(self) -> None:
+        limits = self.limits
         for _ in range(_BATCH):
+            if limits is not None and limits.full():
+                self._loop.remove_reader(self.sock.fileno())
+                self._held = True
+                limits.when_room(self._room)
+                return
             try:
-                conn, _addr = self.sock.accept()
+                conn, addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 self._pause = PAUSE_FIRST
                 return
@@ -80,7 +98,12 @@ class AcceptLoop:
                 # at once, or the loop spins.
                 self._stop_for_a_while(exc)
                 return
-            self.on_socket(conn)
+            self.on_socket(conn, addr)
+
+    def _room(self) -> None:
+        if self._held and not self._closed:
+            self._held = False
+            self._loop.add_reader(self.sock.fileno(), self._ready)
 
     def _stop_for_a_while(self, exc: OSError) -> None:
         self._loop.remove_reader(self.sock.fileno())
@@ -109,18 +132,27 @@ class PlainListener:
     uvloop closes the listening server for good. Here they wait in the
     backlog until descriptors free up. Knows nothing of HTTP."""
 
-    def __init__(self, sock: socket.socket, protocol_factory: Callable[[], asyncio.BaseProtocol]) -> None:
+    def __init__(self, sock: socket.socket, protocol_factory: Callable[[Peer | None], asyncio.BaseProtocol],
+                 gate: Gate | None = None) -> None:
         self.sockets = [sock]
         self._factory = protocol_factory
+        self._gate = gate if gate is not None and gate.active else None
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task] = set()
         sock.setblocking(False)
-        self._accept = AcceptLoop(sock, self._accepted)
+        self._accept = AcceptLoop(sock, self._accepted, gate.limits if gate is not None else None)
 
-    def _accepted(self, conn: socket.socket) -> None:
+    def _accepted(self, conn: socket.socket, address: tuple) -> None:
         conn.setblocking(False)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        task = self._loop.create_task(self._loop.connect_accepted_socket(self._factory, conn))
+        if self._gate is None:
+            self._connect(conn, None, None)
+        else:
+            self._gate.admit(conn, address, self._connect)
+
+    def _connect(self, conn: socket.socket, peer: Peer | None, _deadline: float | None) -> None:
+        factory = self._factory
+        task = self._loop.create_task(self._loop.connect_accepted_socket(lambda: factory(peer), conn))
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
@@ -164,10 +196,12 @@ def close_gently(sock: socket.socket, last_words: bytes = b"") -> None:
 
 
 class _Pending:
-    __slots__ = ("deadline", "lowat", "reading", "sock", "timer")
+    __slots__ = ("deadline", "lowat", "peer", "reading", "sock", "timer")
 
-    def __init__(self, sock: socket.socket, deadline: float, timer: asyncio.TimerHandle) -> None:
+    def __init__(self, sock: socket.socket, deadline: float, timer: asyncio.TimerHandle,
+                 peer: Peer | None) -> None:
         self.sock = sock
+        self.peer = peer
         self.deadline = deadline
         self.timer = timer
         self.lowat = 1
@@ -180,21 +214,23 @@ class HelloReader:
     def __init__(
         self,
         timeout: float,
-        on_hello: Callable[[socket.socket, clienthello.ClientHello, float], None],
+        on_hello: Callable[[socket.socket, clienthello.ClientHello, float, Peer | None], None],
         on_refused: Callable[[socket.socket, bytes, str | clienthello.NotClientHello], None],
     ) -> None:
         self.timeout = timeout
-        # on_hello(sock, hello, deadline); on_refused(sock, peeked bytes, why):
+        # on_hello(sock, hello, deadline, peer); on_refused(sock, peeked bytes, why):
         # why is "timeout", "closed" or what the parser found wrong.
         self.on_hello = on_hello
         self.on_refused = on_refused
         self._pending: dict[int, _Pending] = {}
         self._loop = asyncio.get_running_loop()
 
-    def add(self, sock: socket.socket) -> None:
-        deadline = self._loop.time() + self.timeout
+    def add(self, sock: socket.socket, peer: Peer | None = None, deadline: float | None = None) -> None:
+        """Wait for ``sock``'s ClientHello until ``deadline`` (default: the timeout from now)."""
+        if deadline is None:
+            deadline = self._loop.time() + self.timeout
         fd = sock.fileno()
-        pending = _Pending(sock, deadline, self._loop.call_at(deadline, self._expired, fd))
+        pending = _Pending(sock, deadline, self._loop.call_at(deadline, self._expired, fd), peer)
         self._pending[fd] = pending
         self._try(fd)
 
@@ -246,7 +282,7 @@ class HelloReader:
             # Back to the default before the TLS stack reads: a low-water mark
             # would delay its wake-ups too.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
-        self.on_hello(sock, hello, pending.deadline)
+        self.on_hello(sock, hello, pending.deadline, pending.peer)
 
     def _wait(self, fd: int, pending: _Pending, need: int) -> None:
         if need != pending.lowat:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge.histogram import Histogram
+from edge.tls.gate import Peer
 from edge.tls.selector import Source
 
 HANDSHAKE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -18,6 +19,7 @@ class TlsInfo:
     server_name: str | None  # canonical SNI name, None when absent or invalid
     source: Source
     alpn: tuple[bytes, ...]
+    peer: Peer | None = None  # the client, when a control needed it known (edge.tls.gate)
 
 
 class HandshakeStats:

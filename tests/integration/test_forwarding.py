@@ -35,7 +35,7 @@ def test_forwarding_headers(edge: EdgeProcess) -> None:
     echo = json.loads(data)
     headers = dict(echo["headers"])
     assert echo["path"] == "/h?x=1"
-    assert headers["x-forwarded-for"] == "203.0.113.9, 127.0.0.1"
+    assert headers["x-forwarded-for"] == "127.0.0.1"  # not a trusted proxy: replaced (SPEC §5)
     assert headers["x-forwarded-proto"] == "https"
     assert headers["x-forwarded-port"] == str(edge.https_port)
     assert len(headers["x-request-id"]) == 32

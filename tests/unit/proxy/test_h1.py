@@ -43,7 +43,7 @@ def test_request_head_rewrites_forwarding_headers():
          (b"keep-alive", b"timeout=5"), (b"x-forwarded-for", b"10.0.0.1"), (b"x-forwarded-proto", b"spoof"),
          (b"content-length", b"3"), (b"accept", b"*/*")],
         host=b"www.example.com", client_ip=b"127.0.0.9", proto=b"https", port=b"443",
-        request_id=b"rid", content_length=3, chunked=False,
+        request_id=b"rid", content_length=3, chunked=False, trusted=True,
     )
     text = head.decode()
     assert text.startswith("POST /p?q=1 HTTP/1.1\r\n")
@@ -54,6 +54,22 @@ def test_request_head_rewrites_forwarding_headers():
     assert "x-request-id: rid\r\n" in text
     assert text.count("content-length: 3") == 1
     assert text.endswith("\r\n\r\n")
+
+
+CLAIMS = [(b"x-forwarded-for", b"6.6.6.6"), (b"forwarded", b"for=6.6.6.6"), (b"x-real-ip", b"6.6.6.6"),
+          (b"X-Forwarded-For".lower(), b"7.7.7.7")]
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_forwarded_for_replaced_from_untrusted_appended_from_trusted(trusted: bool):
+    # SPEC §5 and issue #14: apps must be able to trust the first address.
+    head = h1.request_head(b"GET", b"/", CLAIMS, host=b"h", client_ip=b"192.0.2.1", proto=b"https", port=b"443",
+                           request_id=b"r", content_length=None, chunked=False, trusted=trusted).decode()
+    if trusted:
+        assert "x-forwarded-for: 6.6.6.6, 7.7.7.7, 192.0.2.1\r\n" in head
+        assert "forwarded: for=6.6.6.6\r\n" in head and "x-real-ip: 6.6.6.6\r\n" in head
+    else:
+        assert "x-forwarded-for: 192.0.2.1\r\n" in head and "6.6.6.6" not in head and "7.7.7.7" not in head
 
 
 def test_request_id_and_host_written_once_by_edge():
