@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 from edge.config import LogConfig
-from edge.proxy import exchange
 
 
 class _TextFormatter(logging.Formatter):
@@ -58,7 +57,6 @@ def setup(config: LogConfig) -> logging.Handler:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    exchange.ACCESS_FORMAT = config.access_format
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -98,6 +98,7 @@ class Edge:
             router=self.router,
             config=config.proxy,
             access_log=config.log.access_log,
+            access_format=config.log.access_format,
             challenge=lambda token: self.store.get(challenge_key(token)),
             app_stats=AppStats(config.metrics_per_app),
             rate=RateLimiter.from_config(config.limits),

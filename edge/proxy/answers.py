@@ -22,7 +22,8 @@ log = logging.getLogger("edge.proxy.protocol")
 class LocalAnswers:
     def _log(self: HttpProxyProtocol, exchange: Exchange) -> None:
         if self.shared.access_log:
-            log_access(exchange, self.client_ip, self.tls_version, self.tls.source.value if self.tls else "")
+            source = self.tls.source.value if self.tls else ""
+            log_access(exchange, self.client_ip, self.tls_version, source, self.shared.access_format)
 
     async def _answer_challenge(self: HttpProxyProtocol, exchange: Exchange) -> None:
         token = exchange.target[len(CHALLENGE_PREFIX) :].split(b"?", 1)[0].decode("latin-1")

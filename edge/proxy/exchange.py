@@ -64,6 +64,7 @@ class ProxyContext:
     router: Router
     config: ProxyConfig
     access_log: bool = False
+    access_format: str = "json"  # [log] access_format: "json" or "combined"
     # Looks up an ACME HTTP-01 key authorization by token (RFC 8555 §8.3).
     challenge: Callable[[str], Awaitable[bytes | None]] | None = None
     stats: ProxyStats = field(default_factory=ProxyStats)
@@ -78,6 +79,7 @@ class ProxyContext:
         """A reload: new connections take the new timeouts and limits."""
         self.config = config.proxy
         self.access_log = config.log.access_log
+        self.access_format = config.log.access_format
         self.app_stats.enabled = config.metrics_per_app
 
 
@@ -158,10 +160,6 @@ class Exchange:
         self.host_headers = 0
 
 
-# "json" or "combined" ([log] access_format); set by edge.logs.setup.
-ACCESS_FORMAT = "json"
-
-
 def _request_header(exchange: Exchange, name: bytes) -> str:
     for n, value in exchange.headers:
         if n == name:
@@ -190,10 +188,10 @@ def keeps_alive(exchange: Exchange, draining: bool, status: int = 0) -> bool:
     )
 
 
-def log_access(exchange: Exchange, client_ip: bytes, tls_version: str, cert_source: str) -> None:
+def log_access(exchange: Exchange, client_ip: bytes, tls_version: str, cert_source: str, fmt: str) -> None:
     """One line per request (SPEC §5); never bodies or keys, and of the
     headers only User-Agent and Referer (what log tools expect)."""
-    if ACCESS_FORMAT == "combined":
+    if fmt == "combined":
         access_log.info(_combined(exchange, client_ip))
         return
     access_log.info(

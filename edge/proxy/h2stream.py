@@ -371,7 +371,8 @@ class H2Exchange:
         count_done(self.app, proto.shared.app_stats, self.status or 499, seconds)
         if proto.shared.access_log:
             source = proto.tls.source.value if proto.tls else ""
-            log_access(self, proto.client_ip, proto.tls_version, source)  # type: ignore[arg-type]
+            log_access(self, proto.client_ip, proto.tls_version, source,  # type: ignore[arg-type]
+                       proto.shared.access_format)
         proto.exchange_done(self)
 
 
