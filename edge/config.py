@@ -75,6 +75,13 @@ class StoreConfig:
     path: Path = Path("var/store")
     etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
     etcd_prefix: str = "/edge/"
+    # The host's local copy of the index (LMDB; holds private keys): None is
+    # ``index`` next to ``path`` (var/index beside var/store).
+    index_path: Path | None = None
+
+    @property
+    def index_dir(self) -> Path:
+        return self.index_path if self.index_path is not None else self.path.parent / "index"
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,6 +319,7 @@ def parse(text: str, path: Path) -> Config:
         path=t.path("path", ds.path, base) or _join(base, ds.path),
         etcd_endpoints=tuple(str(e) for e in t_etcd.get("endpoints", list, list(ds.etcd_endpoints))),
         etcd_prefix=t_etcd.get("prefix", str, ds.etcd_prefix),
+        index_path=t.path("index_path", None, base),
     )
     t_etcd.done()
     t.done()

@@ -135,6 +135,11 @@ class EdgeCollector(Collector):
         yield GaugeMetricFamily("edge_store_loading",
                                 "1 while the store loads in the background after start (names fetched on demand)",
                                 value=int(edge.index.loading))
+        since = edge.follower.stale_since
+        yield GaugeMetricFamily("edge_store_stale_seconds",
+                                "Seconds since what is served was last known in step with the store "
+                                "(unreachable, or catching up from the local copy); 0 when following it",
+                                value=0.0 if since is None else max(0.0, time.time() - since))
         yield GaugeMetricFamily("edge_store_entries_skipped", "Store entries that do not parse (see edge check)",
                                 value=len(edge.index.errors))
         orders = CounterMetricFamily("edge_acme_orders", "ACME orders by result (this node's manager)",

@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import signal
 import socket
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,7 +32,8 @@ from edge.proxy.routing import Router
 from edge.store.base import Store, StoreError, challenge_key, parse_cert_key, tls_alpn_key
 from edge.store.follower import FollowError, StoreFollower
 from edge.store.index import Index
-from edge.store.open import open_store
+from edge.store.localcopy import CopyWriter, LocalCopy
+from edge.store.open import open_copy, open_store
 from edge.tls.acceptor import TlsAcceptor, TlsInfo
 from edge.tls.contexts import ContextCache
 from edge.tls.fixed import FixedContexts, load_fixed_contexts, reload_certificates
@@ -83,6 +85,8 @@ class Edge:
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _stopping: bool = False
     follower: StoreFollower = field(init=False)
+    copy: LocalCopy | None = None
+    copy_writer: CopyWriter | None = None
 
     def __post_init__(self) -> None:
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="edge-tls")
@@ -95,12 +99,17 @@ class Edge:
         platform_ctx, default_ctx = fixed.platform, fixed.default
 
         self.store = open_store(cfg)
+        # A worker opens the copy its supervisor prepared; one process per host
+        # (the only one, or the first worker) writes it.
+        self.copy = open_copy(cfg, rebuild=not self.reuse_port)
+        if self.copy is not None and self.serve_admin:
+            self.copy_writer = CopyWriter(self.copy)
         self.index = Index()
         self.selector = Selector(
             self.index, platform.domain, platform.strict_sni, default_is_platform=default_ctx is platform_ctx
         )
         self.loader = ContextLoader(self.store, self.executor, lambda: self.config.tls.min_version,
-                                    keep=min(cfg.tls.context_cache_size, 4096))
+                                    keep=min(cfg.tls.context_cache_size, 4096), copy=self.copy)
         self.cache = ContextCache(cfg.tls.context_cache_size, self.loader.load)
         self.router = Router(self.index, self.selector, platform.domain, cfg.proxy.pool_size)
         self.proxy = ProxyContext(
@@ -109,7 +118,8 @@ class Edge:
             access_log=cfg.log.access_log,
             challenge=lambda token: self.store.get(challenge_key(token)),
         )
-        self.follower = StoreFollower(self.store, self.index, on_cert=self.loader.remember)
+        self.follower = StoreFollower(self.store, self.index, on_cert=self.loader.remember,
+                                      copy=self.copy, writer=self.copy_writer)
         try:
             await self.follower.start()
         except FollowError as exc:
@@ -202,11 +212,24 @@ class Edge:
             problems.append("TLS listeners closed")
         if self.follower.stopped():
             problems.append("the store follower stopped")
-        try:
-            problems += await self.store.check()
-        except StoreError as exc:
-            problems.append(f"store: {exc}")
+        if self.copy is None:  # with a local copy, an unreachable store changes nothing served
+            problems += await self.store_problems()
         return problems
+
+    async def store_problems(self) -> list[str]:
+        try:
+            return await self.store.check()
+        except StoreError as exc:
+            return [f"store: {exc}"]
+
+    def store_state(self) -> dict[str, object]:
+        """For /healthz: where what is served comes from, and since when it may be stale."""
+        since = self.follower.stale_since
+        state = "loading" if self.index.loading else "loaded"
+        if since is not None:
+            state = "stale copy"
+        return {"store": state, "stale_since": None if since is None else
+                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))}
 
     def bound_https(self) -> list[str]:
         return [f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in self.https_sockets]
@@ -338,6 +361,10 @@ class Edge:
                 await runner.cleanup()
         with contextlib.suppress(Exception):
             await self.store.close()
+        if self.copy_writer is not None:
+            self.copy_writer.close()  # queued writes land before exit
+        if self.copy is not None:
+            self.copy.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self._stopped.set()
 

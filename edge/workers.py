@@ -24,6 +24,7 @@ import time
 from edge import logs
 from edge.config import Address, Config
 from edge.server import FixedContexts, StartupError, load_fixed_contexts, serve
+from edge.store.open import open_copy
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,11 @@ def supervise(config: Config) -> int:
     )
     config = dataclasses.replace(config, server=server)
     fixed = load_fixed_contexts(config)
+    # Check (and rebuild, if damaged) the host's local copy once, before any
+    # worker opens it; closed before forking: an LMDB handle must not cross a fork.
+    prepared = open_copy(config, rebuild=True)
+    if prepared is not None:
+        prepared.close()
     # Workers publish their counters here; the one serving /metrics sums them.
     metrics_dir = tempfile.mkdtemp(prefix="edge-metrics-")
     os.environ["EDGE_METRICS_DIR"] = metrics_dir

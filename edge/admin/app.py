@@ -148,9 +148,13 @@ def _probes(edge: Edge) -> tuple[Handler, Handler]:
             return web.json_response({"status": "unhealthy", "reasons": problems, "corrupted": corrupted},
                                      status=503)
         # "loading": serving already, every name answered (fetched on demand) while the index fills.
+        # "stale copy": serving what the store held when last seen (unreachable, or catching up
+        # after a start from the local copy); healthy: nothing served is wrong, only maybe old.
+        store = edge.store_state()
+        if store["stale_since"] is not None:
+            store["store_problems"] = await edge.store_problems()
         return web.json_response({"status": "ok", "https": edge.bound_https(), "http": edge.bound_http(),
-                                  "store": "loading" if edge.index.loading else "loaded",
-                                  "corrupted": corrupted})
+                                  **store, "corrupted": corrupted})
 
     async def metrics(_request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})

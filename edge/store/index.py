@@ -193,10 +193,13 @@ class Index:
         self.fetched = set()
         self.changes += 1
 
-    def apply_loaded(self, key: str, value: bytes) -> None:
-        """An entry read by the initial load or a fetch: skipped if the watch has a newer one."""
-        if key not in self._touched:
-            self.apply(Event(EventKind.PUT, key, value, 0))
+    def apply_loaded(self, key: str, value: bytes) -> bool:
+        """An entry read by the initial load or a fetch: skipped if the watch has a newer one.
+        True when the index took this version (the local copy keeps it too)."""
+        if key in self._touched:
+            return False
+        self.apply(Event(EventKind.PUT, key, value, 0))
+        return key not in self.errors
 
     def apply_put(self, key: str, value: bytes) -> None:
         self.apply(Event(EventKind.PUT, key, value, 0))

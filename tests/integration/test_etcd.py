@@ -58,6 +58,9 @@ def test_etcd_restart_loses_no_update(two_nodes, etcd: Etcd, backend: str) -> No
 def test_frozen_node_reloads_after_compaction(two_nodes, etcd: Etcd, backend: str) -> None:
     a, b = two_nodes
     assert b.proc is not None
+    # Frozen once it follows the watch (frozen during its first load, it would
+    # read the store afresh on waking, with nothing to resume).
+    wait_for(lambda: b"store loaded" in bytes(b.log), timeout=10)
     os.kill(b.proc.pid, signal.SIGSTOP)
     try:
         for i in range(5):

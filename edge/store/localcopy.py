@@ -1,0 +1,267 @@
+"""The host's local copy of what the store held when last seen (LMDB).
+
+Why it exists: serving must not depend on the store being reachable (a
+bundle read from etcd at handshake time fails while etcd is down), and a
+restart should not have to re-read the whole store before every name is
+known. The copy holds the entries that decide what is served (``apps/``,
+``domains/``, ``certs/``, bundles with their keys) and the store revision
+they reflect.
+
+Why LMDB: a copy-on-write B+tree in one memory-mapped file. A transaction
+commits by switching a meta page, so a process killed at any moment leaves
+the state before or after a change, never a torn one; readers in every
+process see one consistent snapshot without locks and read values without
+copying them onto the Python heap until asked.
+
+One process per host writes (``CopyWriter``: every write runs on one thread,
+in order, off the event loop); every process reads. Files are 0600 in a
+0700 directory: the copy holds private keys.
+
+A damaged file (truncated: reading past its end would kill the process with
+SIGBUS), a file that is not LMDB, or a copy of another store or format is
+removed and rebuilt from the store, with one log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import struct
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import lmdb
+
+from edge.store.base import APPS, CERTS, DOMAINS
+
+log = logging.getLogger(__name__)
+
+FORMAT = b"edge-index-1"
+PREFIXES = (APPS, DOMAINS, CERTS)
+MAP_SIZE = 64 << 30  # address space only: the file grows with what it holds (~5 GB at a million bundles)
+_REVISION = b"revision"
+_WRITTEN = b"written"  # wall-clock time the copy was last known to match the store
+
+
+def copied(key: str) -> bool:
+    """Is ``key`` one of the entries the copy keeps (those that decide what is served)?"""
+    return key.startswith(PREFIXES)
+
+
+class LocalCopy:
+    """Read access to the copy (every process) and the write primitives (the writer's thread)."""
+
+    def __init__(self, path: Path, identity: str, *, rebuild: bool = False) -> None:
+        """Open the copy at ``path``. ``rebuild``: the process that prepares the
+        copy (before any reader opens it) replaces a damaged one; a reader
+        raises ``lmdb.Error`` and does without."""
+        self.path = path
+        self.identity = identity.encode()
+        self.env = _open_checked(path, self.identity, rebuild)
+        self.entries = self.env.open_db(b"entries")
+        self.meta = self.env.open_db(b"meta")
+
+    # --- reading (any process, any thread) ---------------------------------------------------
+    def state(self) -> tuple[int, float, int]:
+        """(revision, written at, entries) of the last committed change."""
+        with self.env.begin() as txn:
+            revision = _unpack(txn.get(_REVISION, db=self.meta), "<q", 0)
+            written = _unpack(txn.get(_WRITTEN, db=self.meta), "<d", 0.0)
+            count = txn.stat(self.entries)["entries"]
+        return int(revision), float(written), int(count)
+
+    def get(self, key: str) -> bytes | None:
+        with self.env.begin(db=self.entries) as txn:
+            return txn.get(key.encode())
+
+    def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        with self.env.begin(db=self.entries) as txn:
+            return {k: v for k in keys if (v := txn.get(k.encode())) is not None}
+
+    def items(self, prefix: str = "") -> Iterator[tuple[str, bytes]]:
+        """Every entry under ``prefix``, from one consistent snapshot; the
+        first item is ``("", revision as bytes)`` so a reader knows which
+        store revision the entries reflect."""
+        with self.env.begin(db=self.entries, buffers=True) as txn:
+            yield "", struct.pack("<q", _unpack(txn.get(_REVISION, db=self.meta), "<q", 0))
+            cursor = txn.cursor()
+            start = prefix.encode()
+            if not cursor.set_range(start):
+                return
+            for key, value in cursor:
+                if not bytes(key).startswith(start):
+                    return
+                yield bytes(key).decode(), bytes(value)
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def _unpack(raw: bytes | None, fmt: str, default: float) -> float:
+    return struct.unpack(fmt, raw)[0] if raw is not None and len(raw) == struct.calcsize(fmt) else default
+
+
+def _open_checked(path: Path, identity: bytes, rebuild: bool) -> lmdb.Environment:
+    """Open the copy; a damaged or foreign one is removed and a new one made."""
+    env = None
+    try:
+        env = _open(path)
+        problem = _problem(env, path, identity)
+    except (lmdb.Error, OSError) as exc:
+        problem = f"is not a readable LMDB file ({exc})"
+    if problem is None and env is not None:
+        return env
+    if env is not None:
+        env.close()
+    if not rebuild:
+        raise lmdb.Error(f"local copy {path} {problem}")
+    log.error("local copy %s %s: removed, it is rebuilt from the store", path, problem)
+    shutil.rmtree(path, ignore_errors=True)
+    env = _open(path)
+    _stamp(env, identity)
+    return env
+
+
+def _open(path: Path) -> lmdb.Environment:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    old = os.umask(0o077)  # data.mdb and lock.mdb 0600: the copy holds private keys
+    try:
+        return lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=4, subdir=True,
+                         metasync=False, readahead=False, lock=True)
+    finally:
+        os.umask(old)
+
+
+def _problem(env: lmdb.Environment, path: Path, identity: bytes) -> str | None:
+    data = path / "data.mdb"
+    info, stat = env.info(), env.stat()
+    if data.stat().st_size < (info["last_pgno"] + 1) * stat["psize"]:
+        return "is truncated"
+    meta = env.open_db(b"meta")
+    with env.begin(db=meta) as txn:
+        fmt, owner = txn.get(b"format"), txn.get(b"store")
+    if fmt is None and owner is None and stat["entries"] <= 1:  # a new, empty file
+        _stamp(env, identity)
+        return None
+    if fmt != FORMAT:
+        return f"has another format ({fmt!r})"
+    if owner != identity:
+        return f"is a copy of another store ({owner!r})"
+    return None
+
+
+def _stamp(env: lmdb.Environment, identity: bytes) -> None:
+    with env.begin(write=True) as txn:
+        meta = env.open_db(b"meta", txn=txn)
+        txn.put(b"format", FORMAT, db=meta)
+        txn.put(b"store", identity, db=meta)
+
+
+class CopyWriter:
+    """The one writer of a host's copy. Writes are queued to one thread, so
+    they apply in the order they were asked for and never block the event loop.
+
+    A full load (``begin_full`` … ``end_full``) is one transaction: until it
+    commits, readers (and a restart after a crash) see the previous copy.
+    Changes asked for meanwhile go into the same transaction, in order.
+    """
+
+    def __init__(self, copy: LocalCopy) -> None:
+        self.copy = copy
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-copy")
+        self._full: lmdb.Transaction | None = None
+        self._seen: set[bytes] | None = None
+        self.failures = 0
+
+    def _run(self, job, *args: object) -> None:  # type: ignore[no-untyped-def]
+        def guarded() -> None:
+            try:
+                job(*args)
+            except lmdb.Error as exc:  # disk full, map full: serving goes on from memory
+                self.failures += 1
+                log.error("local copy %s: write failed: %s", self.copy.path, exc)
+                if self._full is not None:
+                    self._full.abort()
+                    self._full, self._seen = None, None
+
+        self._thread.submit(guarded)
+
+    def apply(self, changes: list[tuple[str, bytes | None]], revision: int) -> None:
+        """Puts (value) and deletes (None), and the revision they bring the copy to."""
+        self._run(self._apply, changes, revision)
+
+    def begin_full(self) -> None:
+        self._run(self._begin_full)
+
+    def end_full(self, revision: int, keep: frozenset[str] = frozenset()) -> None:
+        """Commit a full load: entries it did not put are removed (except ``keep``:
+        damaged in the store, their last good version stays)."""
+        self._run(self._end_full, revision, keep)
+
+    def abort_full(self) -> None:
+        """Drop a full load that failed midway: the previous copy stays."""
+        self._run(self._abort_full)
+
+    def touch(self, revision: int) -> None:
+        """The store answered and the copy matches it at ``revision``."""
+        self._run(self._apply, [], revision)
+
+    def flush(self) -> None:
+        """Wait for every queued write (tests, shutdown)."""
+        self._thread.submit(lambda: None).result()
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
+
+    # --- on the writer thread ----------------------------------------------------------------
+    def _apply(self, changes: list[tuple[str, bytes | None]], revision: int) -> None:
+        if self._full is not None:
+            self._write(self._full, changes, None)
+            return
+        with self.copy.env.begin(write=True) as txn:
+            self._write(txn, changes, revision)
+
+    def _write(self, txn: lmdb.Transaction, changes: list[tuple[str, bytes | None]], revision: int | None) -> None:
+        entries = self.copy.entries
+        for key, value in changes:
+            raw = key.encode()
+            if value is None:
+                txn.delete(raw, db=entries)
+            else:
+                txn.put(raw, value, db=entries)
+            if self._seen is not None:
+                self._seen.add(raw)
+        if revision is not None:
+            self._stamp_revision(txn, revision)
+
+    def _stamp_revision(self, txn: lmdb.Transaction, revision: int) -> None:
+        meta = self.copy.meta
+        txn.put(_REVISION, struct.pack("<q", revision), db=meta)
+        txn.put(_WRITTEN, struct.pack("<d", time.time()), db=meta)
+
+    def _begin_full(self) -> None:
+        if self._full is None:
+            self._full = self.copy.env.begin(write=True)
+            self._seen = set()
+
+    def _abort_full(self) -> None:
+        if self._full is not None:
+            self._full.abort()
+            self._full, self._seen = None, None
+
+    def _end_full(self, revision: int, keep: frozenset[str]) -> None:
+        txn, seen = self._full, self._seen
+        if txn is None or seen is None:
+            return
+        seen |= {k.encode() for k in keep}
+        stale = [bytes(k) for k in txn.cursor(db=self.copy.entries).iternext(keys=True, values=False)
+                 if bytes(k) not in seen]
+        for key in stale:
+            txn.delete(key, db=self.copy.entries)
+        self._stamp_revision(txn, revision)
+        txn.commit()
+        self._full, self._seen = None, None
