@@ -89,8 +89,7 @@ class StoreFollower:
         self._from_copy = True
         self.stale_since = written
         for key, value in copy.items(APPS):
-            if key:
-                self.index.apply_loaded(key, value)
+            self.index.apply_loaded(key, value)
         log.info("serving from the local copy %s (%d entries, in step with the store at %s); catching up",
                  copy.path, count, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(written)))
         self.tasks.append(asyncio.get_running_loop().create_task(self._load_copy(copy)))
@@ -99,7 +98,7 @@ class StoreFollower:
         """Fill the index from the copy, then follow the store from where the copy left off."""
         started = time.monotonic()
         count = 0
-        for key, value in copy.items():
+        for key, value in copy.items(with_revision=True):
             if not key:  # the revision the entries reflect (one snapshot)
                 self.index.revision = int.from_bytes(value, "little", signed=True)
                 continue

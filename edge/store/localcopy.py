@@ -81,12 +81,13 @@ class LocalCopy:
         with self.env.begin(db=self.entries) as txn:
             return {k: v for k in keys if (v := txn.get(k.encode())) is not None}
 
-    def items(self, prefix: str = "") -> Iterator[tuple[str, bytes]]:
-        """Every entry under ``prefix``, from one consistent snapshot; the
-        first item is ``("", revision as bytes)`` so a reader knows which
-        store revision the entries reflect."""
+    def items(self, prefix: str = "", *, with_revision: bool = False) -> Iterator[tuple[str, bytes]]:
+        """Every entry under ``prefix``, from one consistent snapshot.
+        ``with_revision``: the first item is ``("", revision, 8 bytes little-endian)``,
+        so a reader knows which store revision the entries reflect."""
         with self.env.begin(db=self.entries, buffers=True) as txn:
-            yield "", struct.pack("<q", _unpack(txn.get(_REVISION, db=self.meta), "<q", 0))
+            if with_revision:
+                yield "", struct.pack("<q", int(_unpack(txn.get(_REVISION, db=self.meta), "<q", 0)))
             cursor = txn.cursor()
             start = prefix.encode()
             if not cursor.set_range(start):
