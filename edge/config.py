@@ -57,6 +57,9 @@ class ServerConfig:
     admin_hosts: tuple[str, ...] = ()  # Host names allowed besides its address (DNS rebinding)
     metrics: Address | None = None  # /metrics and /healthz without a token, for scrapers and probes
     workers: int = 1
+    # Not a configuration key: `edge serve --takeover` (an upgrade) binds the
+    # ports a running edge holds (SO_REUSEPORT) instead of refusing them as taken.
+    takeover: bool = False
 
 
 @dataclass(frozen=True, slots=True)

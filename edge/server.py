@@ -16,7 +16,6 @@ import dataclasses
 import logging
 import signal
 import socket
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,8 +23,9 @@ from typing import TYPE_CHECKING
 
 from edge import config as config_mod
 from edge import logs
-from edge.config import Address, Config
+from edge.config import Config
 from edge.errors import StartupError
+from edge.listen import bind, check_free, warn_if_queues_are_dropped
 from edge.proxy.exchange import ListenerInfo, ProxyContext
 from edge.proxy.protocol import HttpProxyProtocol
 from edge.proxy.routing import Router
@@ -45,23 +45,6 @@ if TYPE_CHECKING:
     from edge.acme.manager import AcmeManager
 
 log = logging.getLogger(__name__)
-
-
-def bind(address: Address, reuse_port: bool = False) -> socket.socket:
-    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((address.host, address.port))
-    except OSError as exc:
-        sock.close()
-        hint = " (ports under 1024 need root or CAP_NET_BIND_SERVICE)" if address.port < 1024 else ""
-        raise StartupError(f"cannot listen on {address}: {exc.strerror}{hint}") from None
-    sock.listen(4096)
-    sock.setblocking(False)
-    return sock
 
 
 @dataclass
@@ -99,8 +82,7 @@ class Edge:
         platform_ctx, default_ctx = fixed.platform, fixed.default
 
         self.store = open_store(cfg)
-        # A worker opens the copy its supervisor prepared; one process per host
-        # (the only one, or the first worker) writes it.
+        # A worker opens the copy its supervisor prepared; one process per host writes it.
         self.copy = open_copy(cfg, rebuild=not self.reuse_port)
         if self.copy is not None and self.serve_admin:
             self.copy_writer = CopyWriter(self.copy)
@@ -134,7 +116,10 @@ class Edge:
             challenge_certificate=lambda domain: self.store.get(tls_alpn_key(domain)),
             fetch_name=self.fetch_name,
         )
-        self.https_sockets = [bind(address, self.reuse_port) for address in cfg.server.https]
+        probe = not (self.reuse_port or cfg.server.takeover)  # workers: their supervisor checked
+        if cfg.server.takeover and not self.reuse_port:
+            warn_if_queues_are_dropped()
+        self.https_sockets = [bind(address, probe) for address in cfg.server.https]
         # Redirects from port 80 point at the first TLS listener's real port.
         https_port = self.https_sockets[0].getsockname()[1] if self.https_sockets else 443
         for sock in self.https_sockets:
@@ -142,7 +127,7 @@ class Edge:
             self.acceptor.listen(sock, self._https_protocol_factory(listener))
         loop = asyncio.get_running_loop()
         for address in cfg.server.http:
-            sock = bind(address, self.reuse_port)
+            sock = bind(address, probe)
             listener = ListenerInfo(b"http", str(sock.getsockname()[1]).encode(), https_port)
             # Not loop.create_server: see PlainListener (the descriptor limit).
             self.http_servers.append(
@@ -195,11 +180,16 @@ class Edge:
         assert address is not None
         self.admin_runner = web.AppRunner(make_app(self, self.config.server.admin_token), access_log=None)
         await self.admin_runner.setup()
-        site = web.TCPSite(self.admin_runner, address.host, address.port)
+        # SO_REUSEPORT: a successor (--takeover) serves the admin API beside this process.
+        site = web.TCPSite(self.admin_runner, address.host, address.port, reuse_port=True)
         try:
+            if not self.config.server.takeover:
+                check_free(address)
             await site.start()
         except OSError as exc:
             raise StartupError(f"cannot serve the admin API on {address}: {exc.strerror}") from None
+        except StartupError as exc:
+            raise StartupError(f"cannot serve the admin API: {exc}") from None
         self.admin_address = site.name
         log.info("admin API on %s", site.name)
 
@@ -222,14 +212,6 @@ class Edge:
         except StoreError as exc:
             return [f"store: {exc}"]
 
-    def store_state(self) -> dict[str, object]:
-        """For /healthz: where what is served comes from, and since when it may be stale."""
-        since = self.follower.stale_since
-        state = "loading" if self.index.loading else "loaded"
-        if since is not None:
-            state = "stale copy"
-        return {"store": state, "stale_since": None if since is None else
-                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))}
 
     def bound_https(self) -> list[str]:
         return [f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in self.https_sockets]
@@ -332,14 +314,21 @@ class Edge:
     async def stop(self, grace: float = 30.0) -> None:
         """Stop accepting, let requests in flight finish (up to ``grace`` s), then close."""
         self._stopping = True
+        # A successor (an upgrade) follows the store and writes the local copy
+        # from now on; two writers could put an older version after a newer one.
+        self.follower.writer = None
         self.acceptor.stop_listening()
-        self.acceptor.close_pending()
         for server in self.http_servers:
             server.close()
+        loop = asyncio.get_running_loop()
+        # Handshakes already accepted finish (an upgrade fails no connection), bounded by their timeout.
+        deadline = loop.time() + min(grace, self.config.proxy.handshake_timeout)
+        while self.acceptor.pending and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        self.acceptor.close_pending()
         self.proxy.draining = True
         for connection in list(self.proxy.connections):
             connection.drain()
-        loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         while self.proxy.connections and loop.time() < deadline:
             await asyncio.sleep(0.05)
@@ -361,10 +350,9 @@ class Edge:
                 await runner.cleanup()
         with contextlib.suppress(Exception):
             await self.store.close()
-        if self.copy_writer is not None:
-            self.copy_writer.close()  # queued writes land before exit
-        if self.copy is not None:
-            self.copy.close()
+        for closing in (self.copy_writer, self.copy):  # queued copy writes land before exit
+            if closing is not None:
+                closing.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self._stopped.set()
 

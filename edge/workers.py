@@ -23,6 +23,7 @@ import time
 
 from edge import logs
 from edge.config import Address, Config
+from edge.listen import check_free, warn_if_queues_are_dropped
 from edge.server import FixedContexts, StartupError, load_fixed_contexts, serve
 from edge.store.open import open_copy
 
@@ -31,10 +32,12 @@ log = logging.getLogger(__name__)
 RESTART_BACKOFF = (0.1, 0.5, 1.0, 5.0)  # seconds before restarting a worker that keeps dying
 
 
-def _resolve(addresses: tuple[Address, ...], holders: list[socket.socket]) -> tuple[Address, ...]:
+def _resolve(addresses: tuple[Address, ...], holders: list[socket.socket], takeover: bool) -> tuple[Address, ...]:
     """Bind each address without listening to learn its port (for port 0)."""
     out = []
     for address in addresses:
+        if not takeover:
+            check_free(address)  # another edge holds it: say so, do not share it
         family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -75,11 +78,13 @@ def supervise(config: Config) -> int:
     holders: list[socket.socket] = []
     server = dataclasses.replace(
         config.server,
-        https=_resolve(config.server.https, holders),
-        http=_resolve(config.server.http, holders),
+        https=_resolve(config.server.https, holders, config.server.takeover),
+        http=_resolve(config.server.http, holders, config.server.takeover),
     )
     config = dataclasses.replace(config, server=server)
     fixed = load_fixed_contexts(config)
+    if config.server.takeover:
+        warn_if_queues_are_dropped()
     # Check (and rebuild, if damaged) the host's local copy once, before any
     # worker opens it; closed before forking: an LMDB handle must not cross a fork.
     prepared = open_copy(config, rebuild=True)

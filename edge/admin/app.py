@@ -150,7 +150,7 @@ def _probes(edge: Edge) -> tuple[Handler, Handler]:
         # "loading": serving already, every name answered (fetched on demand) while the index fills.
         # "stale copy": serving what the store held when last seen (unreachable, or catching up
         # after a start from the local copy); healthy: nothing served is wrong, only maybe old.
-        store = edge.store_state()
+        store = edge.follower.describe()
         if store["stale_since"] is not None:
             store["store_problems"] = await edge.store_problems()
         return web.json_response({"status": "ok", "https": edge.bound_https(), "http": edge.bound_http(),
@@ -176,7 +176,7 @@ async def serve_probes(edge: Edge, host: str, port: int) -> web.AppRunner:
     runner = web.AppRunner(make_metrics_app(edge), access_log=None)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, reuse_port=True).start()  # a successor (--takeover) binds it too
     except OSError:
         await runner.cleanup()
         raise

@@ -145,6 +145,13 @@ class StoreFollower:
         if self.writer is not None:
             self.writer.touch(self.index.revision)
 
+    def describe(self) -> dict[str, object]:
+        """For /healthz: where what is served comes from, and since when it may be stale."""
+        since = self.stale_since
+        state = "stale copy" if since is not None else "loading" if self.index.loading else "loaded"
+        return {"store": state, "stale_since": None if since is None else
+                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))}
+
     def stopped(self) -> bool:
         return self.watch_task is not None and self.watch_task.done()
 

@@ -134,6 +134,11 @@ class TlsAcceptor:
             listener.close()
         self._listeners.clear()
 
+    @property
+    def pending(self) -> int:
+        """Connections accepted and not handed to their protocol yet (ClientHello, handshake)."""
+        return sum(len(reader) for reader in self._readers) + len(self._tasks)
+
     def close_pending(self) -> None:
         """Drop connections still before or inside their handshake (shutdown)."""
         for reader in self._readers:
