@@ -34,6 +34,7 @@ from edge.store.follower import FollowError, StoreFollower
 from edge.store.index import Index
 from edge.store.localcopy import CopyWriter, LocalCopy
 from edge.store.open import open_copy, open_store
+from edge.store.shared import SharedFollower, SharedIndex
 from edge.tls.acceptor import TlsAcceptor, TlsInfo
 from edge.tls.contexts import ContextCache
 from edge.tls.fixed import FixedContexts, load_fixed_contexts, reload_certificates
@@ -82,11 +83,14 @@ class Edge:
         platform_ctx, default_ctx = fixed.platform, fixed.default
 
         self.store = open_store(cfg)
-        # A worker opens the copy its supervisor prepared; one process per host writes it.
+        # A worker opens the copy its supervisor prepared; one process per host writes it,
+        # the other workers read it as their index (once it holds one: edge.store.shared).
         self.copy = open_copy(cfg, rebuild=not self.reuse_port)
+        shared = self.copy is not None and self.reuse_port and not self.serve_admin and self.copy.state()[2] > 0
         if self.copy is not None and self.serve_admin:
             self.copy_writer = CopyWriter(self.copy)
-        self.index = Index()
+        self.index = SharedIndex(self.copy) if shared else Index()  # type: ignore[arg-type,assignment]
+        log.info("worker reads the shared index %s", cfg.store.index_dir) if shared else None
         self.selector = Selector(
             self.index, platform.domain, platform.strict_sni, default_is_platform=default_ctx is platform_ctx
         )
@@ -100,8 +104,8 @@ class Edge:
             access_log=cfg.log.access_log,
             challenge=lambda token: self.store.get(challenge_key(token)),
         )
-        self.follower = StoreFollower(self.store, self.index, on_cert=self.loader.remember,
-                                      copy=self.copy, writer=self.copy_writer)
+        self.follower = SharedFollower(self.copy) if shared else StoreFollower(  # type: ignore[assignment,arg-type]
+            self.store, self.index, on_cert=self.loader.remember, copy=self.copy, writer=self.copy_writer)
         try:
             await self.follower.start()
         except FollowError as exc:
@@ -180,8 +184,7 @@ class Edge:
         assert address is not None
         self.admin_runner = web.AppRunner(make_app(self, self.config.server.admin_token), access_log=None)
         await self.admin_runner.setup()
-        # SO_REUSEPORT: a successor (--takeover) serves the admin API beside this process.
-        site = web.TCPSite(self.admin_runner, address.host, address.port, reuse_port=True)
+        site = web.TCPSite(self.admin_runner, address.host, address.port, reuse_port=True)  # for a --takeover
         try:
             if not self.config.server.takeover:
                 check_free(address)
@@ -314,18 +317,13 @@ class Edge:
     async def stop(self, grace: float = 30.0) -> None:
         """Stop accepting, let requests in flight finish (up to ``grace`` s), then close."""
         self._stopping = True
-        # A successor (an upgrade) follows the store and writes the local copy
-        # from now on; two writers could put an older version after a newer one.
-        self.follower.writer = None
+        self.follower.writer = None  # a successor (an upgrade) writes the local copy from now on
         self.acceptor.stop_listening()
         for server in self.http_servers:
             server.close()
-        loop = asyncio.get_running_loop()
-        # Handshakes already accepted finish (an upgrade fails no connection), bounded by their timeout.
-        deadline = loop.time() + min(grace, self.config.proxy.handshake_timeout)
-        while self.acceptor.pending and loop.time() < deadline:
-            await asyncio.sleep(0.02)
+        await self.acceptor.finish_pending(min(grace, self.config.proxy.handshake_timeout))
         self.acceptor.close_pending()
+        loop = asyncio.get_running_loop()
         self.proxy.draining = True
         for connection in list(self.proxy.connections):
             connection.drain()
@@ -351,8 +349,7 @@ class Edge:
         with contextlib.suppress(Exception):
             await self.store.close()
         for closing in (self.copy_writer, self.copy):  # queued copy writes land before exit
-            if closing is not None:
-                closing.close()
+            closing.close() if closing is not None else None
         self.executor.shutdown(wait=False, cancel_futures=True)
         self._stopped.set()
 

@@ -27,8 +27,20 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from edge.store.base import APPS, CERTS, Event, EventKind, ResyncNeeded, Store, StoreError, cert_key, domain_key
-from edge.store.index import KEY_TYPES, SOURCES, Index
+from edge.store.base import (
+    APPS,
+    CERTS,
+    DOMAINS,
+    Event,
+    EventKind,
+    ResyncNeeded,
+    Store,
+    StoreError,
+    cert_key,
+    domain_key,
+    parse_cert_key,
+)
+from edge.store.index import KEY_TYPES, SOURCES, Index, name_record
 from edge.store.localcopy import CopyWriter, LocalCopy, copied
 from edge.tls import names
 
@@ -186,7 +198,7 @@ class StoreFollower:
             self.index.revision = self.store.revision
             self._start_watch(armed)
         self.index.finish_loading()
-        self._end_copy(frozenset(self.index.errors))
+        await self._end_copy(frozenset(self.index.errors))
         self.stale_since = None
         self.reloads += 1
         index = self.index
@@ -218,13 +230,22 @@ class StoreFollower:
             self.writer.apply(self._pending, 0)
             self._pending = []
 
-    def _end_copy(self, keep: frozenset[str], replay: Sequence[Event] = ()) -> None:
-        """Commit a full load; ``replay``: changes watched meanwhile, newer than what the snapshot read."""
+    async def _end_copy(self, keep: frozenset[str], replay: Sequence[Event] = ()) -> None:
+        """Commit a full load; ``replay``: changes watched meanwhile, newer than what the snapshot read.
+
+        Every name's record is written again, in slices between which the
+        loop serves: a change applied meanwhile queues its own record after
+        the slice that held the older one, or lands before the slice reads it."""
         if self.writer is None or self._pending is None:
             return
         self._flush_pending()
         self._pending = None
         self._copy_events(replay)
+        domains = list(self.index.domains.keys() | self.index.certs.keys())
+        for start in range(0, len(domains), 5000):
+            records = [(d, r) for d in domains[start : start + 5000] if (r := name_record(self.index, d)) is not None]
+            self.writer.apply([], None, records)
+            await asyncio.sleep(0)
         self.writer.end_full(self.index.revision, keep)
 
     def _abort_copy(self) -> None:
@@ -238,7 +259,9 @@ class StoreFollower:
         self._flush_pending()  # an older snapshot value must not land after a newer watched one
         changes = [(e.key, e.value if e.kind is EventKind.PUT else None) for e in batch
                    if copied(e.key) and e.key not in self.index.errors]
-        self.writer.apply(changes, self.index.revision)
+        domains = {e.key[len(DOMAINS):] if e.key.startswith(DOMAINS) else parts[0] for e in batch
+                   if e.key.startswith(DOMAINS) or (parts := parse_cert_key(e.key)) is not None}
+        self.writer.apply(changes, self.index.revision, [(d, name_record(self.index, d)) for d in domains])
 
     def _report_corrupted(self) -> None:
         """Say at start what the store holds that is not served as stored."""
@@ -302,7 +325,7 @@ class StoreFollower:
             fresh.apply(event)
         fresh.revision = max(self.store.revision, fresh.revision)
         self.index.replace_with(fresh)
-        self._end_copy(frozenset(fresh.errors), events)
+        await self._end_copy(frozenset(fresh.errors), events)
         self._mark_fresh()
         self.reloads += 1
         log.info("store reloaded: %d apps, %d domains, %d names with certificates; %d damaged entries",

@@ -161,6 +161,23 @@ def parse_cert(key: str, value: bytes) -> CertMeta:
 _EMPTY = DomainCerts()
 
 
+def name_record(index: Index, domain: str) -> bytes | None:
+    """What the shared index holds for ``domain``: its app and its bundles'
+    headers, in one value, so a worker selects with one lookup (None: neither)."""
+    app = index.domains.get(domain)
+    held = index.certs.get(domain, _EMPTY)
+    if app is None and not held:
+        return None
+    return json.dumps([app, [[m.source, m.key_type, m.not_before, m.not_after, m.fingerprint, m.digest]
+                             for m in held]], separators=(",", ":")).encode()
+
+
+def read_name_record(domain: str, raw: bytes) -> tuple[str | None, DomainCerts]:
+    app, held = json.loads(raw)
+    return app, DomainCerts(CertMeta(domain, _INTERNED[s], _INTERNED[k], nb, na, fp, d)
+                            for s, k, nb, na, fp, d in held)
+
+
 class Index:
     """Apps, domains and certificate headers, kept in step with the store.
 

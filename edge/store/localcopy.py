@@ -39,7 +39,7 @@ from edge.store.base import APPS, CERTS, DOMAINS
 
 log = logging.getLogger(__name__)
 
-FORMAT = b"edge-index-1"
+FORMAT = b"edge-index-2"
 PREFIXES = (APPS, DOMAINS, CERTS)
 MAP_SIZE = 64 << 30  # address space only: the file grows with what it holds (~5 GB at a million bundles)
 _REVISION = b"revision"
@@ -63,6 +63,9 @@ class LocalCopy:
         self.env = _open_checked(path, self.identity, rebuild)
         self.entries = self.env.open_db(b"entries")
         self.meta = self.env.open_db(b"meta")
+        # domain -> its app and bundle headers (``index.name_record``): what a
+        # worker reading the shared index selects from, one lookup per name.
+        self.names = self.env.open_db(b"names")
 
     # --- reading (any process, any thread) ---------------------------------------------------
     def state(self) -> tuple[int, float, int]:
@@ -76,6 +79,10 @@ class LocalCopy:
     def get(self, key: str) -> bytes | None:
         with self.env.begin(db=self.entries) as txn:
             return txn.get(key.encode())
+
+    def name(self, domain: str) -> bytes | None:
+        with self.env.begin(db=self.names) as txn:
+            return txn.get(domain.encode())
 
     def get_many(self, keys: list[str]) -> dict[str, bytes]:
         with self.env.begin(db=self.entries) as txn:
@@ -175,7 +182,8 @@ class CopyWriter:
         self.copy = copy
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-copy")
         self._full: lmdb.Transaction | None = None
-        self._seen: set[bytes] | None = None
+        self._seen: set[bytes] | None = None  # entries a full load wrote
+        self._seen_names: set[bytes] | None = None
         self.failures = 0
 
     def _run(self, job, *args: object) -> None:  # type: ignore[no-untyped-def]
@@ -185,15 +193,15 @@ class CopyWriter:
             except lmdb.Error as exc:  # disk full, map full: serving goes on from memory
                 self.failures += 1
                 log.error("local copy %s: write failed: %s", self.copy.path, exc)
-                if self._full is not None:
-                    self._full.abort()
-                    self._full, self._seen = None, None
+                self._abort_full()
 
         self._thread.submit(guarded)
 
-    def apply(self, changes: list[tuple[str, bytes | None]], revision: int) -> None:
-        """Puts (value) and deletes (None), and the revision they bring the copy to."""
-        self._run(self._apply, changes, revision)
+    def apply(self, changes: list[tuple[str, bytes | None]], revision: int | None,
+              names: list[tuple[str, bytes | None]] = ()) -> None:  # type: ignore[assignment]
+        """Puts (value) and deletes (None) of entries and of name records, and
+        the revision they bring the copy to (None: part of a full load)."""
+        self._run(self._apply, changes, revision, names)
 
     def begin_full(self) -> None:
         self._run(self._begin_full)
@@ -209,7 +217,7 @@ class CopyWriter:
 
     def touch(self, revision: int) -> None:
         """The store answered and the copy matches it at ``revision``."""
-        self._run(self._apply, [], revision)
+        self._run(self._apply, [], revision, [])
 
     def flush(self) -> None:
         """Wait for every queued write (tests, shutdown)."""
@@ -219,23 +227,25 @@ class CopyWriter:
         self._thread.shutdown(wait=True)
 
     # --- on the writer thread ----------------------------------------------------------------
-    def _apply(self, changes: list[tuple[str, bytes | None]], revision: int) -> None:
+    def _apply(self, changes: list[tuple[str, bytes | None]], revision: int | None,
+               names: list[tuple[str, bytes | None]]) -> None:
         if self._full is not None:
-            self._write(self._full, changes, None)
+            self._write(self._full, changes, None, names)
             return
         with self.copy.env.begin(write=True) as txn:
-            self._write(txn, changes, revision)
+            self._write(txn, changes, revision, names)
 
-    def _write(self, txn: lmdb.Transaction, changes: list[tuple[str, bytes | None]], revision: int | None) -> None:
-        entries = self.copy.entries
-        for key, value in changes:
-            raw = key.encode()
-            if value is None:
-                txn.delete(raw, db=entries)
-            else:
-                txn.put(raw, value, db=entries)
-            if self._seen is not None:
-                self._seen.add(raw)
+    def _write(self, txn: lmdb.Transaction, changes: list[tuple[str, bytes | None]], revision: int | None,
+               names: list[tuple[str, bytes | None]]) -> None:
+        for db, items, seen in ((self.copy.entries, changes, self._seen), (self.copy.names, names, self._seen_names)):
+            for key, value in items:
+                raw = key.encode()
+                if value is None:
+                    txn.delete(raw, db=db)
+                else:
+                    txn.put(raw, value, db=db)
+                if seen is not None:
+                    seen.add(raw)
         if revision is not None:
             self._stamp_revision(txn, revision)
 
@@ -247,22 +257,22 @@ class CopyWriter:
     def _begin_full(self) -> None:
         if self._full is None:
             self._full = self.copy.env.begin(write=True)
-            self._seen = set()
+            self._seen, self._seen_names = set(), set()
 
     def _abort_full(self) -> None:
         if self._full is not None:
             self._full.abort()
-            self._full, self._seen = None, None
+            self._full, self._seen, self._seen_names = None, None, None
 
     def _end_full(self, revision: int, keep: frozenset[str]) -> None:
-        txn, seen = self._full, self._seen
-        if txn is None or seen is None:
+        txn, seen, seen_names = self._full, self._seen, self._seen_names
+        if txn is None or seen is None or seen_names is None:
             return
         seen |= {k.encode() for k in keep}
-        stale = [bytes(k) for k in txn.cursor(db=self.copy.entries).iternext(keys=True, values=False)
-                 if bytes(k) not in seen]
-        for key in stale:
-            txn.delete(key, db=self.copy.entries)
+        for db, kept in ((self.copy.entries, seen), (self.copy.names, seen_names)):
+            stale = [bytes(k) for k in txn.cursor(db=db).iternext(keys=True, values=False) if bytes(k) not in kept]
+            for key in stale:
+                txn.delete(key, db=db)
         self._stamp_revision(txn, revision)
         txn.commit()
-        self._full, self._seen = None, None
+        self._full, self._seen, self._seen_names = None, None, None
