@@ -40,7 +40,7 @@ from edge.store.base import (
     domain_key,
     parse_cert_key,
 )
-from edge.store.index import KEY_TYPES, SOURCES, Index, name_record
+from edge.store.index import KEY_TYPES, SOURCES, Index, name_record, read_name_record
 from edge.store.localcopy import CopyWriter, LocalCopy, copied
 from edge.tls import names
 
@@ -109,14 +109,17 @@ class StoreFollower:
     async def _load_copy(self, copy: LocalCopy) -> None:
         """Fill the index from the copy, then follow the store from where the copy left off."""
         started = time.monotonic()
-        count = 0
-        for key, value in copy.items(with_revision=True):
-            if not key:  # the revision the entries reflect (one snapshot)
+        # The revision first: records read after it are as new or newer, and
+        # replaying a change the copy already holds is harmless.
+        for key, value in copy.items(APPS, with_revision=True):
+            if not key:
                 self.index.revision = int.from_bytes(value, "little", signed=True)
-                continue
-            self.index.apply_loaded(key, value)
-            count += 1
-            if count % 2000 == 0:
+            else:
+                self.index.apply_loaded(key, value)
+        for count, (domain, raw) in enumerate(copy.records(), 1):  # checked when written: nothing parsed again
+            app, held = read_name_record(domain, raw)
+            self.index.load_record(domain, app, held)
+            if count % 5000 == 0:
                 await asyncio.sleep(0)  # handshakes go on while loading
         self.index.finish_loading()
         self._from_copy = False
@@ -161,7 +164,8 @@ class StoreFollower:
         """For /healthz: where what is served comes from, and since when it may be stale."""
         since = self.stale_since
         state = "stale copy" if since is not None else "loading" if self.index.loading else "loaded"
-        return {"store": state, "stale_since": None if since is None else
+        return {"store": state, "index": "loading" if self.index.loading else "loaded",
+                "stale_since": None if since is None else
                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))}
 
     def stopped(self) -> bool:
@@ -188,6 +192,7 @@ class StoreFollower:
                     count += 1
                     if count % 2000 == 0:
                         await asyncio.sleep(0)  # handshakes go on while loading
+                        await self._copy_backlog()
                 break
             except StoreError as exc:
                 self._mark_stale()
@@ -225,6 +230,10 @@ class StoreFollower:
             if len(self._pending) >= _COPY_BATCH:
                 self._flush_pending()
 
+    async def _copy_backlog(self) -> None:
+        if self.writer is not None:
+            await self.writer.backlog()
+
     def _flush_pending(self) -> None:
         if self.writer is not None and self._pending:
             self.writer.apply(self._pending, 0)
@@ -245,6 +254,7 @@ class StoreFollower:
         for start in range(0, len(domains), 5000):
             records = [(d, r) for d in domains[start : start + 5000] if (r := name_record(self.index, d)) is not None]
             self.writer.apply([], None, records)
+            await self._copy_backlog()
             await asyncio.sleep(0)
         self.writer.end_full(self.index.revision, keep)
 
@@ -309,11 +319,15 @@ class StoreFollower:
         # snapshot read: they are applied again on top of it.
         self._reload_events = []
         self._begin_copy()
+        read = 0
         try:
             async for key, value in self.store.snapshot():
                 fresh.apply_put(key, value)
                 if key not in fresh.errors:
                     self._copy_loaded(key, value)
+                read += 1
+                if read % 2000 == 0:
+                    await self._copy_backlog()
         except StoreError as exc:
             self._reload_events = None
             self._abort_copy()

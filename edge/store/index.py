@@ -218,6 +218,15 @@ class Index:
         self.apply(Event(EventKind.PUT, key, value, 0))
         return key not in self.errors
 
+    def load_record(self, domain: str, app: str | None, held: DomainCerts) -> None:
+        """A name as the local copy's record holds it (``name_record``): parsed
+        and checked when it was written, so a restart does not parse bundles again."""
+        domain = sys.intern(domain)
+        if app is not None:
+            self.domains[domain] = sys.intern(app)
+        if held:
+            self.certs[domain] = held
+
     def apply_put(self, key: str, value: bytes) -> None:
         self.apply(Event(EventKind.PUT, key, value, 0))
 

@@ -24,13 +24,17 @@ removed and rebuilt from the store, with one log line.
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
+import hashlib
 import logging
 import os
 import shutil
 import struct
 import time
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import lmdb
@@ -39,9 +43,12 @@ from edge.store.base import APPS, CERTS, DOMAINS
 
 log = logging.getLogger(__name__)
 
-FORMAT = b"edge-index-2"
+FORMAT = b"edge-index-3"
 PREFIXES = (APPS, DOMAINS, CERTS)
-MAP_SIZE = 64 << 30  # address space only: the file grows with what it holds (~5 GB at a million bundles)
+# The file is sparse at this size (``ls`` shows it, ``du`` shows what it holds:
+# ~1.3 GB at 100k bundles of 4 KiB); room for a million bundles of RSA chains.
+MAP_SIZE = 16 << 30
+_MADV_DONTNEED = 4  # Linux: on a shared file mapping, drops this process's page table entries only
 _REVISION = b"revision"
 _WRITTEN = b"written"  # wall-clock time the copy was last known to match the store
 
@@ -66,6 +73,9 @@ class LocalCopy:
         # domain -> its app and bundle headers (``index.name_record``): what a
         # worker reading the shared index selects from, one lookup per name.
         self.names = self.env.open_db(b"names")
+        # key -> 8 bytes of the value's SHA-256: a full load rewrites only what
+        # changed, without reading (and so mapping into memory) every stored bundle.
+        self.digests = self.env.open_db(b"digests")
 
     # --- reading (any process, any thread) ---------------------------------------------------
     def state(self) -> tuple[int, float, int]:
@@ -83,6 +93,12 @@ class LocalCopy:
     def name(self, domain: str) -> bytes | None:
         with self.env.begin(db=self.names) as txn:
             return txn.get(domain.encode())
+
+    def records(self) -> Iterator[tuple[str, bytes]]:
+        """Every name record (``index.name_record``), from one snapshot."""
+        with self.env.begin(db=self.names) as txn:
+            for key, value in txn.cursor():
+                yield key.decode(), value
 
     def get_many(self, keys: list[str]) -> dict[str, bytes]:
         with self.env.begin(db=self.entries) as txn:
@@ -104,6 +120,22 @@ class LocalCopy:
                     return
                 yield bytes(key).decode(), bytes(value)
 
+    def release(self) -> None:
+        """Unmap the pages this process touched (a full load writes every one):
+        they stay in the page cache, shared and reclaimable, and fault back in
+        on the next read; this process's memory (PSS) no longer counts them."""
+        data = str(self.path.resolve() / "data.mdb")
+        try:
+            with open("/proc/self/maps") as maps:
+                ranges = [line.split()[0] for line in maps if line.rstrip().endswith(data)]
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        except OSError:
+            return
+        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        for span in ranges:
+            start, end = (int(x, 16) for x in span.split("-"))
+            libc.madvise(start, end - start, _MADV_DONTNEED)
+
     def close(self) -> None:
         self.env.close()
 
@@ -115,9 +147,12 @@ def _unpack(raw: bytes | None, fmt: str, default: float) -> float:
 def _open_checked(path: Path, identity: bytes, rebuild: bool) -> lmdb.Environment:
     """Open the copy; a damaged or foreign one is removed and a new one made."""
     env = None
+    data = path / "data.mdb"
+    # Measured before opening: with writemap, opening extends the file to the map size.
+    size = data.stat().st_size if data.exists() else None
     try:
         env = _open(path)
-        problem = _problem(env, path, identity)
+        problem = _problem(env, size, identity)
     except (lmdb.Error, OSError) as exc:
         problem = f"is not a readable LMDB file ({exc})"
     if problem is None and env is not None:
@@ -138,16 +173,17 @@ def _open(path: Path) -> lmdb.Environment:
     os.chmod(path, 0o700)
     old = os.umask(0o077)  # data.mdb and lock.mdb 0600: the copy holds private keys
     try:
-        return lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=4, subdir=True,
+        # writemap: a write goes to the mapped file's pages, not to buffers LMDB
+        # allocates and keeps for reuse (a full load would hold the whole store on the heap).
+        return lmdb.open(str(path), map_size=MAP_SIZE, max_dbs=8, subdir=True, writemap=True,
                          metasync=False, readahead=False, lock=True)
     finally:
         os.umask(old)
 
 
-def _problem(env: lmdb.Environment, path: Path, identity: bytes) -> str | None:
-    data = path / "data.mdb"
+def _problem(env: lmdb.Environment, size: int | None, identity: bytes) -> str | None:
     info, stat = env.info(), env.stat()
-    if data.stat().st_size < (info["last_pgno"] + 1) * stat["psize"]:
+    if size is not None and size < (info["last_pgno"] + 1) * stat["psize"]:
         return "is truncated"
     meta = env.open_db(b"meta")
     with env.begin(db=meta) as txn:
@@ -181,6 +217,7 @@ class CopyWriter:
     def __init__(self, copy: LocalCopy) -> None:
         self.copy = copy
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-copy")
+        self._queued: deque[Future[None]] = deque()  # jobs not done yet: a full load waits when many are
         self._full: lmdb.Transaction | None = None
         self._seen: set[bytes] | None = None  # entries a full load wrote
         self._seen_names: set[bytes] | None = None
@@ -195,7 +232,15 @@ class CopyWriter:
                 log.error("local copy %s: write failed: %s", self.copy.path, exc)
                 self._abort_full()
 
-        self._thread.submit(guarded)
+        self._queued.append(self._thread.submit(guarded))
+        while self._queued and self._queued[0].done():
+            self._queued.popleft()
+
+    async def backlog(self, limit: int = 2) -> None:
+        """Wait until at most ``limit`` writes are queued: a full load must not
+        hold the whole store in the queue (memory) while the thread catches up."""
+        while len(self._queued) > limit:
+            await asyncio.wrap_future(self._queued.popleft())
 
     def apply(self, changes: list[tuple[str, bytes | None]], revision: int | None,
               names: list[tuple[str, bytes | None]] = ()) -> None:  # type: ignore[assignment]
@@ -224,6 +269,9 @@ class CopyWriter:
         self._thread.submit(lambda: None).result()
 
     def close(self) -> None:
+        """Finish the queued writes; a full load still open (its task was
+        cancelled at shutdown) is dropped: the copy keeps its previous state."""
+        self._run(self._abort_full)
         self._thread.shutdown(wait=True)
 
     # --- on the writer thread ----------------------------------------------------------------
@@ -237,15 +285,27 @@ class CopyWriter:
 
     def _write(self, txn: lmdb.Transaction, changes: list[tuple[str, bytes | None]], revision: int | None,
                names: list[tuple[str, bytes | None]]) -> None:
-        for db, items, seen in ((self.copy.entries, changes, self._seen), (self.copy.names, names, self._seen_names)):
-            for key, value in items:
-                raw = key.encode()
-                if value is None:
-                    txn.delete(raw, db=db)
-                else:
-                    txn.put(raw, value, db=db)
-                if seen is not None:
-                    seen.add(raw)
+        entries, digests, records = self.copy.entries, self.copy.digests, self.copy.names
+        for key, value in changes:
+            raw = key.encode()
+            if self._seen is not None:
+                self._seen.add(raw)
+            if value is None:
+                txn.delete(raw, db=entries)
+                txn.delete(raw, db=digests)
+                continue
+            digest = hashlib.sha256(value).digest()[:8]
+            if txn.get(raw, db=digests) != digest:  # unchanged values are not rewritten (a catch-up)
+                txn.put(raw, value, db=entries)
+                txn.put(raw, digest, db=digests)
+        for key, value in names:
+            raw = key.encode()
+            if self._seen_names is not None:
+                self._seen_names.add(raw)
+            if value is None:
+                txn.delete(raw, db=records)
+            elif txn.get(raw, db=records) != value:
+                txn.put(raw, value, db=records)
         if revision is not None:
             self._stamp_revision(txn, revision)
 
@@ -269,10 +329,20 @@ class CopyWriter:
         if txn is None or seen is None or seen_names is None:
             return
         seen |= {k.encode() for k in keep}
-        for db, kept in ((self.copy.entries, seen), (self.copy.names, seen_names)):
-            stale = [bytes(k) for k in txn.cursor(db=db).iternext(keys=True, values=False) if bytes(k) not in kept]
+        for dbs, kept in (((self.copy.digests, self.copy.entries), seen), ((self.copy.names,), seen_names)):
+            stale = [bytes(k) for k in txn.cursor(db=dbs[0]).iternext(keys=True, values=False) if bytes(k) not in kept]
             for key in stale:
-                txn.delete(key, db=db)
+                for db in dbs:
+                    txn.delete(key, db=db)
         self._stamp_revision(txn, revision)
         txn.commit()
         self._full, self._seen, self._seen_names = None, None, None
+        _trim()  # what a full load allocated in this thread's arena: give it back
+        self.copy.release()
+
+
+def _trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
