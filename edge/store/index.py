@@ -238,7 +238,11 @@ class Index:
         someone damaged its file."""
         for key in fresh.errors:
             self._carry(key, fresh)
-        self.apps, self.domains, self.certs = fresh.apps, fresh.domains, fresh.certs
+        # In place: others hold these very dictionaries (the ACME manager's orders).
+        for mine, theirs in ((self.apps, fresh.apps), (self.domains, fresh.domains), (self.certs, fresh.certs)):
+            for gone in mine.keys() - theirs.keys():
+                del mine[gone]
+            mine.update(theirs)  # type: ignore[attr-defined]
         self.errors = fresh.errors
         self.revision = max(self.revision, fresh.revision)
         self.changes += 1
