@@ -68,3 +68,11 @@ def warn_if_queues_are_dropped() -> None:
     if migrate != "1":
         log.warning("net.ipv4.tcp_migrate_req is %s: connections waiting in the old process's accept queue "
                     "when it stops are reset; set it to 1 (sysctl) for upgrades that refuse none", migrate)
+
+
+def listen_probe(takeover: bool, worker: bool) -> bool:
+    """Whether ``bind`` must refuse a port another process holds: not for a
+    worker (its supervisor checked) nor for a takeover (which warns, see above)."""
+    if takeover and not worker:
+        warn_if_queues_are_dropped()
+    return not (takeover or worker)

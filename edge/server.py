@@ -25,7 +25,7 @@ from edge import config as config_mod
 from edge import logs
 from edge.config import Config
 from edge.errors import StartupError
-from edge.listen import bind, check_free, warn_if_queues_are_dropped
+from edge.listen import bind, check_free, listen_probe
 from edge.proxy.exchange import ListenerInfo, ProxyContext
 from edge.proxy.protocol import HttpProxyProtocol
 from edge.proxy.routing import Router
@@ -83,14 +83,7 @@ class Edge:
         platform_ctx, default_ctx = fixed.platform, fixed.default
 
         self.store = open_store(cfg)
-        # A worker opens the copy its supervisor prepared; one process per host writes it,
-        # the other workers read it as their index (once it holds one: edge.store.shared).
-        self.copy = open_copy(cfg, rebuild=not self.reuse_port)
-        shared = self.copy is not None and self.reuse_port and not self.serve_admin and self.copy.state()[2] > 0
-        if self.copy is not None and self.serve_admin:
-            self.copy_writer = CopyWriter(self.copy)
-        self.index = SharedIndex(self.copy) if shared else Index()  # type: ignore[arg-type,assignment]
-        log.info("worker reads the shared index %s", cfg.store.index_dir) if shared else None
+        shared = self._open_index()
         self.selector = Selector(
             self.index, platform.domain, platform.strict_sni, default_is_platform=default_ctx is platform_ctx
         )
@@ -104,12 +97,7 @@ class Edge:
             access_log=cfg.log.access_log,
             challenge=lambda token: self.store.get(challenge_key(token)),
         )
-        self.follower = SharedFollower(self.copy) if shared else StoreFollower(  # type: ignore[assignment,arg-type]
-            self.store, self.index, on_cert=self.loader.remember, copy=self.copy, writer=self.copy_writer)
-        try:
-            await self.follower.start()
-        except FollowError as exc:
-            raise StartupError(str(exc)) from None
+        await self._follow(shared)
 
         self.acceptor = TlsAcceptor(
             listener_context=default_ctx,
@@ -120,9 +108,7 @@ class Edge:
             challenge_certificate=lambda domain: self.store.get(tls_alpn_key(domain)),
             fetch_name=self.fetch_name,
         )
-        probe = not (self.reuse_port or cfg.server.takeover)  # workers: their supervisor checked
-        if cfg.server.takeover and not self.reuse_port:
-            warn_if_queues_are_dropped()
+        probe = listen_probe(cfg.server.takeover, worker=self.reuse_port)
         self.https_sockets = [bind(address, probe) for address in cfg.server.https]
         # Redirects from port 80 point at the first TLS listener's real port.
         https_port = self.https_sockets[0].getsockname()[1] if self.https_sockets else 443
@@ -166,6 +152,24 @@ class Edge:
             ", ".join(self.bound_https()), ", ".join(self.bound_http()), platform.domain, len(self.index.apps),
             "loading the rest of the store" if self.index.loading else "store loaded",
         )
+
+    def _open_index(self) -> bool:
+        """True: this worker reads the shared index (edge.store.shared) its first worker writes."""
+        self.copy = open_copy(self.config, rebuild=not self.reuse_port)
+        shared = self.copy is not None and self.reuse_port and not self.serve_admin and self.copy.state()[2] > 0
+        if self.copy is not None and self.serve_admin:
+            self.copy_writer = CopyWriter(self.copy)
+        self.index = SharedIndex(self.copy) if shared else Index()  # type: ignore[arg-type,assignment]
+        log.info("worker reads the shared index %s", self.config.store.index_dir) if shared else None
+        return shared
+
+    async def _follow(self, shared: bool) -> None:
+        self.follower = SharedFollower(self.copy) if shared else StoreFollower(  # type: ignore[assignment,arg-type]
+            self.store, self.index, on_cert=self.loader.remember, copy=self.copy, writer=self.copy_writer)
+        try:
+            await self.follower.start()
+        except FollowError as exc:
+            raise StartupError(str(exc)) from None
 
     def _https_protocol_factory(self, listener: ListenerInfo) -> Callable[[TlsInfo], asyncio.Protocol]:
         proxy = self.proxy
@@ -220,11 +224,7 @@ class Edge:
         return [f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in self.https_sockets]
 
     def bound_http(self) -> list[str]:
-        out = []
-        for server in self.http_servers:
-            for s in server.sockets:
-                out.append(f"{s.getsockname()[0]}:{s.getsockname()[1]}")
-        return out
+        return [f"{s.getsockname()[0]}:{s.getsockname()[1]}" for server in self.http_servers for s in server.sockets]
 
     def corrupted_entries(self, limit: int = 100) -> dict[str, str]:
         """Damaged store entries (key -> why) this process knows of, for /healthz:

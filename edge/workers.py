@@ -74,6 +74,16 @@ def _worker(config: Config, fixed: FixedContexts, number: int) -> None:
         os._exit(code)
 
 
+def _prepare(config: Config) -> None:
+    if config.server.takeover:
+        warn_if_queues_are_dropped()
+    # Check (and rebuild, if damaged) the host's local copy once, before any
+    # worker opens it; closed before forking: an LMDB handle must not cross a fork.
+    prepared = open_copy(config, rebuild=True)
+    if prepared is not None:
+        prepared.close()
+
+
 def supervise(config: Config) -> int:
     holders: list[socket.socket] = []
     server = dataclasses.replace(
@@ -83,13 +93,7 @@ def supervise(config: Config) -> int:
     )
     config = dataclasses.replace(config, server=server)
     fixed = load_fixed_contexts(config)
-    if config.server.takeover:
-        warn_if_queues_are_dropped()
-    # Check (and rebuild, if damaged) the host's local copy once, before any
-    # worker opens it; closed before forking: an LMDB handle must not cross a fork.
-    prepared = open_copy(config, rebuild=True)
-    if prepared is not None:
-        prepared.close()
+    _prepare(config)
     # Workers publish their counters here; the one serving /metrics sums them.
     metrics_dir = tempfile.mkdtemp(prefix="edge-metrics-")
     os.environ["EDGE_METRICS_DIR"] = metrics_dir
