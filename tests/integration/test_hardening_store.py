@@ -369,7 +369,8 @@ def test_killed_writes_leave_no_hidden_certificate_and_no_debris(tmp_path: Path,
         node.log = bytearray()
         node.start()
         wait_for(lambda: not _temp_files(node))
-        assert b"left by an interrupted write" in node.log
+        # The log line follows the removal through a pipe: wait for it rather than race it.
+        wait_for(lambda: b"left by an interrupted write" in node.log)
     finally:
         node.stop()
 
