@@ -379,6 +379,8 @@ class StoreFollower:
                 while True:
                     backoff = 0.1
                     self._apply(batch)
+                    if self.stale_since is not None and self.store.resumable:
+                        self._mark_fresh()  # etcd delivers again, from where it stopped: in step
                     batch = await stream.__anext__()
             except asyncio.CancelledError:
                 raise
