@@ -1,10 +1,14 @@
 """Many names: 10k, 100k (and more) certificates in the store.
 
-For each size: time from start to the first handshake, RSS once serving, and
+For each size: time from start to the first handshake, RSS (and for edge PSS
+summed over every process: the shared index's pages count once) once serving, and
 handshake rates over SNI names drawn uniformly (cold: more names than the
 context cache holds) and Zipf-distributed (warm). nginx and HAProxy load
 every certificate at start, so they run at the sizes they can load; how long
-that took is recorded.
+that took is recorded. edge runs with ``workers = 1``, ``2`` and ``auto``
+(rows ``edge``, ``edge-w2``, ``edge-wauto``), and each is restarted once with
+its index on disk: ``restart_first_s`` (a name's own certificate) and
+``restart_loaded_s`` (every name in the index) measure that start.
 """
 
 from __future__ import annotations
@@ -63,9 +67,22 @@ def _first_handshake(port: int, names: list[str], proc: subprocess.Popen[bytes],
 def _loaded(admin_port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/healthz", timeout=5) as response:
-            return json.loads(response.read()).get("store") == "loaded"
+            return json.loads(response.read()).get("index", "loaded") == "loaded"
     except OSError:
         return False
+
+
+def pss_kib(pids: list[int]) -> int:
+    """Proportional set size summed over ``pids``: a page mapped by n processes counts 1/n in each."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
 
 
 class _NamesSystem(System):
@@ -87,6 +104,9 @@ class _NamesSystem(System):
 
 
 class EdgeNames(_NamesSystem):
+    edge_workers = "1"  # [server] workers
+    restart_first_s = restart_loaded_s = 0.0
+
     def start(self) -> None:
         root = self.workdir / "edge-names"
         subprocess.run(["rm", "-rf", str(root)], check=True)
@@ -97,7 +117,17 @@ class EdgeNames(_NamesSystem):
         (root / "store" / "apps" / "bench.json").write_text(
             f'{{"backends": ["127.0.0.1:{self.backend_port}"], "force_https": true}}\n')
         admin_port = free_port()
-        config = edge_conf(root, self.port, admin_port=admin_port)
+        workers = '"auto"' if self.edge_workers == "auto" else int(self.edge_workers)
+        config = edge_conf(root, self.port, admin_port=admin_port, workers=workers)  # type: ignore[arg-type]
+        self._run_until_loaded(config, admin_port)
+        # Restart with the index on disk, the store unchanged.
+        first, loaded = self.start_s, self.loaded_s
+        self.stop()
+        self._run_until_loaded(config, admin_port)
+        self.restart_first_s, self.restart_loaded_s = self.start_s, self.loaded_s
+        self.start_s, self.loaded_s = first, loaded
+
+    def _run_until_loaded(self, config: Path, admin_port: int) -> None:
         names = (self.names_dir / "names.txt").read_text().split()
         began = time.monotonic()
         self.spawn_timed([EDGE_BIN, "serve", "--config", str(config)], names)
@@ -159,7 +189,16 @@ class HaproxyNames(_NamesSystem):
         self.spawn_timed(["haproxy", "-db", "-f", str(conf)], names)
 
 
-CLASSES = {"edge": EdgeNames, "nginx": NginxNames, "haproxy": HaproxyNames}
+class EdgeNames2(EdgeNames):
+    edge_workers = "2"
+
+
+class EdgeNamesAuto(EdgeNames):
+    edge_workers = "auto"
+
+
+CLASSES = {"edge": EdgeNames, "edge-w2": EdgeNames2, "edge-wauto": EdgeNamesAuto,
+           "nginx": NginxNames, "haproxy": HaproxyNames}
 
 
 def run_many_names(run: Run) -> dict[str, dict[str, float]]:
@@ -174,8 +213,9 @@ def run_many_names(run: Run) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for size in sizes:
         directory = many_names(size)
-        for system_name in run.peers:
-            if system_name != "edge" and size > peer_limit:
+        systems = [*run.peers, "edge-w2", "edge-wauto"] if "edge" in run.peers else run.peers
+        for system_name in systems:
+            if not system_name.startswith("edge") and size > peer_limit:
                 continue
             system = CLASSES[system_name](system_name, run.workdir, run.backend.port, run.certs)
             system.names_dir = directory
@@ -187,6 +227,9 @@ def run_many_names(run: Run) -> dict[str, dict[str, float]]:
                 warm = run.measure(system, lambda s=system, d=directory: load.handshakes(
                     s.port, d / "names.txt", duration, 8, zipf=True))
                 result = {"names": size, "start_s": system.start_s, "loaded_s": system.loaded_s, "rss_mib": rss,
+                          "pss_mib": pss_kib(system.pids()) / 1024, "processes": len(system.pids()),
+                          **({"restart_first_s": system.restart_first_s, "restart_loaded_s": system.restart_loaded_s}
+                             if isinstance(system, EdgeNames) else {}),
                           "rss_after_mib": rss_kib(system.pids()) / 1024,
                           "cold_rate": cold["rate"], "cold_per_cpu_s": cold["per_cpu_s"], "cold_p99_ms": cold["p99_ms"],
                           "warm_rate": warm["rate"], "warm_per_cpu_s": warm["per_cpu_s"], "warm_p99_ms": warm["p99_ms"],

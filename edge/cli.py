@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -46,7 +47,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return p
 
-    command("serve", "run the proxy")
+    p = command("serve", "run the proxy")
+    p.add_argument("--takeover", action="store_true",
+                   help="start beside the running edge on its ports, to replace it (deploy/OPERATIONS.md: Upgrade)")
     command("check", "validate the configuration and the store")
 
     p = command("apps-add", "add an app, or change its backends")
@@ -339,6 +342,8 @@ def _main(argv: list[str] | None) -> int:
     except config_mod.ConfigError as exc:
         return _fail(str(exc))
     if args.command == "serve":
+        if args.takeover:
+            cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, takeover=True))
         return _serve(cfg)
     try:
         return asyncio.run(_run(args, cfg))
@@ -350,7 +355,8 @@ def _serve(cfg: config_mod.Config) -> int:
     import uvloop
 
     from edge import logs
-    from edge.server import StartupError, serve
+    from edge.errors import StartupError
+    from edge.workers import serve
 
     logs.setup(cfg.log)
     try:

@@ -62,6 +62,9 @@ class ServerConfig:
     workers: int = 1
     proxy_protocol: bool = False  # every connection starts with a PROXY v1/v2 header (edge.tls.proxyproto)
     trusted_proxies: TrustedProxies = field(default_factory=TrustedProxies)
+    # Not a configuration key: `edge serve --takeover` (an upgrade) binds the
+    # ports a running edge holds (SO_REUSEPORT) instead of refusing them as taken.
+    takeover: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +83,13 @@ class StoreConfig:
     path: Path = Path("var/store")
     etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
     etcd_prefix: str = "/edge/"
+    # The host's local copy of the index (LMDB; holds private keys): None is
+    # ``index`` next to ``path`` (var/index beside var/store).
+    index_path: Path | None = None
+
+    @property
+    def index_dir(self) -> Path:
+        return self.index_path if self.index_path is not None else self.path.parent / "index"
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,6 +325,7 @@ def _store(t: Table, base: Path) -> StoreConfig:
         path=t.path("path", ds.path, base) or join(base, ds.path),
         etcd_endpoints=tuple(str(e) for e in etcd.get("endpoints", list, list(ds.etcd_endpoints))),
         etcd_prefix=etcd.get("prefix", str, ds.etcd_prefix),
+        index_path=t.path("index_path", None, base),
     )
     etcd.done()
     return store

@@ -60,6 +60,10 @@ class Observed(Protocol):
     def acme(self) -> AcmeManager | None: ...
     @property
     def sync_lag(self) -> float: ...
+    @property
+    def stale_since(self) -> float | None:
+        """Since when what is served may be behind the store (None: in step with it)."""
+        ...
     def counters(self) -> Counters:
         """This process's traffic counters (the components' snapshots)."""
         ...
@@ -95,6 +99,23 @@ class EdgeCollector(Collector):
         summary = {"counts": counts, "nearest": nearest, "within": within}
         self._expiry = (now, self.edge.index.changes, summary)
         return summary
+
+    def _store_gauges(self) -> Iterator[Metric]:
+        """How this process stands with the store: sync lag, loading, a stale copy, damaged entries."""
+        edge = self.edge
+        yield GaugeMetricFamily("edge_store_sync_lag_seconds",
+                                "Seconds from a store change being seen to it being applied (last change)",
+                                value=edge.sync_lag)
+        yield GaugeMetricFamily("edge_store_loading",
+                                "1 while the store loads in the background after start (names fetched on demand)",
+                                value=int(edge.index.loading))
+        since = edge.stale_since
+        yield GaugeMetricFamily("edge_store_stale_seconds",
+                                "Seconds since what is served was last known in step with the store "
+                                "(unreachable, or catching up from the local copy); 0 when following it",
+                                value=0.0 if since is None else max(0.0, time.time() - since))
+        yield GaugeMetricFamily("edge_store_entries_skipped", "Store entries that do not parse (see edge check)",
+                                value=len(edge.index.errors))
 
     def collect(self) -> Iterator[Metric]:
         edge = self.edge
@@ -156,14 +177,7 @@ class EdgeCollector(Collector):
         yield CounterMetricFamily("edge_tls_context_cache_misses", "Contexts built on demand", value=c["cache_misses"])
         yield CounterMetricFamily("edge_reloads", "Full reloads of the store (start, SIGHUP, /v1/reload)",
                                   value=c["reloads"])
-        yield GaugeMetricFamily("edge_store_sync_lag_seconds",
-                                "Seconds from a store change being seen to it being applied (last change)",
-                                value=edge.sync_lag)
-        yield GaugeMetricFamily("edge_store_loading",
-                                "1 while the store loads in the background after start (names fetched on demand)",
-                                value=int(edge.index.loading))
-        yield GaugeMetricFamily("edge_store_entries_skipped", "Store entries that do not parse (see edge check)",
-                                value=len(edge.index.errors))
+        yield from self._store_gauges()
         orders = CounterMetricFamily("edge_acme_orders", "ACME orders by result (this node's manager)",
                                      labels=["result"])
         if edge.acme is not None:

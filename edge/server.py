@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import enum
 import logging
-import signal
 import socket
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,12 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from edge import config as config_mod
-from edge import logs
 from edge.appmetrics import control_counters
 from edge.config import Config
 from edge.errors import StartupError
 from edge.limits import RateLimiter
-from edge.listeners import bind
+from edge.listen import bind, check_free, listen_probe
 from edge.metrics import Counters, publish_counters, registry_for
 from edge.proxy.appstats import AppStats
 from edge.proxy.exchange import ListenerInfo, ProxyContext
@@ -38,7 +36,9 @@ from edge.proxy.routing import Router
 from edge.store.base import Store, StoreError, challenge_key, parse_cert_key, tls_alpn_key
 from edge.store.follower import FollowError, StoreFollower
 from edge.store.index import Index
-from edge.store.open import open_store
+from edge.store.localcopy import CopyWriter, LocalCopy
+from edge.store.open import open_copy, open_store
+from edge.store.shared import SharedFollower, SharedIndex
 from edge.tls.acceptor import TlsAcceptor, TlsInfo
 from edge.tls.contexts import ContextCache
 from edge.tls.fixed import FixedContexts, load_fixed_contexts, reload_certificates
@@ -87,11 +87,18 @@ class Edge:
         platform = config.platform
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="edge-tls")
         self.store: Store = open_store(config)
-        self.index = Index()
+        # The per-host local copy of the index (LMDB): written by the first
+        # process, read by the others; serves through store outages (#13, #18).
+        self.copy: LocalCopy | None = open_copy(config, rebuild=not reuse_port)
+        self.copy_writer = CopyWriter(self.copy) if self.copy is not None and serve_admin else None
+        shared = self.copy is not None and reuse_port and not serve_admin and self.copy.state()[2] > 0
+        self.index = SharedIndex(self.copy) if shared else Index()  # type: ignore[assignment]
+        if shared:
+            log.info("worker reads the shared index %s", config.store.index_dir)
         self.selector = Selector(self.index, platform.domain, platform.strict_sni,
                                  default_is_platform=self.fixed.default is self.fixed.platform)
         self.loader = ContextLoader(self.store, self.executor, lambda: self.config.tls.min_version,
-                                    keep=min(config.tls.context_cache_size, 4096))
+                                    keep=min(config.tls.context_cache_size, 4096), copy=self.copy)
         self.cache = ContextCache(config.tls.context_cache_size, self.loader.load, config.tls.min_version)
         self.router = Router(self.index, self.selector, platform.domain, config.proxy.pool_size)
         self.proxy = ProxyContext(
@@ -104,7 +111,9 @@ class Edge:
             rate=RateLimiter.from_config(config.limits),
         )
         self.gate = Gate.from_config(config)  # PROXY headers, connection limits: every listener of this process
-        self.follower = StoreFollower(self.store, self.index, on_cert=self.loader.remember)
+        self.follower: StoreFollower | SharedFollower = SharedFollower(self.copy) if shared else StoreFollower(
+            self.store, self.index, on_cert=self.loader.remember, copy=self.copy,  # type: ignore[arg-type]
+            writer=self.copy_writer)
         self.acceptor = TlsAcceptor(
             listener_context=self.fixed.default,
             platform_context=self.fixed.platform,
@@ -133,7 +142,8 @@ class Edge:
             await self.follower.start()
         except FollowError as exc:
             raise StartupError(str(exc)) from None
-        self.https_sockets = [bind(address, self.reuse_port) for address in cfg.server.https]
+        probe = listen_probe(cfg.server.takeover, worker=self.reuse_port)
+        self.https_sockets = [bind(address, probe) for address in cfg.server.https]
         # Redirects from port 80 point at the first TLS listener's real port.
         https_port = self.https_sockets[0].getsockname()[1] if self.https_sockets else 443
         for sock in self.https_sockets:
@@ -141,7 +151,7 @@ class Edge:
             self.acceptor.listen(sock, self._https_protocol_factory(listener))
         loop = asyncio.get_running_loop()
         for address in cfg.server.http:
-            sock = bind(address, self.reuse_port)
+            sock = bind(address, probe)
             listener = ListenerInfo(b"http", str(sock.getsockname()[1]).encode(), https_port)
             # Not loop.create_server: see PlainListener (the descriptor limit).
             self.http_servers.append(PlainListener(sock, self._http_protocol_factory(listener), self.gate))
@@ -193,11 +203,16 @@ class Edge:
             app = make_app(self, ops, registry, server.admin_token, server.admin_hosts)
             self.admin_runner = web.AppRunner(app, access_log=None)
             await self.admin_runner.setup()
-            site = web.TCPSite(self.admin_runner, server.admin.host, server.admin.port)
+            # reuse_port: a successor (serve --takeover) binds it too; refused otherwise when taken.
+            site = web.TCPSite(self.admin_runner, server.admin.host, server.admin.port, reuse_port=True)
             try:
+                if not server.takeover:
+                    check_free(server.admin)
                 await site.start()
             except OSError as exc:
                 raise StartupError(f"cannot serve the admin API on {server.admin}: {exc.strerror}") from None
+            except StartupError as exc:
+                raise StartupError(f"cannot serve the admin API: {exc}") from None
             self.admin_address = site.name
             log.info("admin API on %s", site.name)
         if server.metrics is not None:  # scrapers and probes, no token
@@ -218,11 +233,20 @@ class Edge:
             problems.append("TLS listeners closed")
         if self.follower.stopped():
             problems.append("the store follower stopped")
-        try:
-            problems += await self.store.check()
-        except StoreError as exc:
-            problems.append(f"store: {exc}")
+        if self.copy is None:  # with a local copy, an unreachable store changes nothing served
+            problems += await self.store_problems()
         return problems
+
+    async def store_problems(self) -> list[str]:
+        try:
+            return await self.store.check()
+        except StoreError as exc:
+            return [f"store: {exc}"]
+
+    def store_state(self) -> dict[str, object]:
+        """The follower's account of the store for /healthz: loading or loaded,
+        and since when it serves a copy that may be stale (None: it does not)."""
+        return self.follower.describe()
 
     def counters(self) -> Counters:
         """This process's traffic counters, for /metrics (summed over workers)."""
@@ -237,8 +261,8 @@ class Edge:
         }
 
     @property
-    def store_loading(self) -> bool:
-        return self.index.loading
+    def stale_since(self) -> float | None:
+        return self.follower.stale_since
 
     def bound_https(self) -> list[str]:
         return [f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in self.https_sockets]
@@ -319,10 +343,12 @@ class Edge:
     async def stop(self, grace: float = 30.0) -> None:
         """Stop accepting, let requests in flight finish (up to ``grace`` s), then close."""
         self.state = State.STOPPING
+        self.follower.writer = None  # a successor (an upgrade) writes the local copy from now on
         self.acceptor.stop_listening()
-        self.acceptor.close_pending()
         for server in self.http_servers:
             server.close()
+        await self.acceptor.finish_pending(min(grace, self.config.proxy.handshake_timeout))
+        self.acceptor.close_pending()
         self.gate.close_all()
         self.proxy.draining = True
         for connection in list(self.proxy.connections):
@@ -349,53 +375,12 @@ class Edge:
                 await runner.cleanup()
         with contextlib.suppress(Exception):
             await self.store.close()
+        for closing in (self.copy_writer, self.copy):  # queued copy writes land before exit
+            if closing is not None:
+                closing.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.state = State.STOPPED
         self._stopped.set()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
-
-
-def _log_failure(task: asyncio.Task[None]) -> None:
-    """A signal's work that failed says why (a task's exception is otherwise lost)."""
-    if not task.cancelled() and task.exception() is not None:
-        log.error("%s failed", task.get_coro().__qualname__, exc_info=task.exception())
-
-
-async def serve(
-    config: Config, fixed: FixedContexts | None = None, reuse_port: bool = False, serve_admin: bool = True,
-    metrics_dir: Path | None = None,
-) -> None:
-    try:
-        edge = Edge(config, fixed=fixed, reuse_port=reuse_port, serve_admin=serve_admin, metrics_dir=metrics_dir)
-        await edge.start()
-    except StoreError as exc:
-        raise StartupError(str(exc)) from None
-    loop = asyncio.get_running_loop()
-    background: set[asyncio.Task[None]] = set()
-
-    def spawn(coro) -> None:
-        task = loop.create_task(coro)
-        background.add(task)
-        task.add_done_callback(background.discard)
-        task.add_done_callback(_log_failure)
-
-    def on_term() -> None:
-        if not edge.stopping:
-            log.info("stopping")
-            spawn(edge.stop())
-
-    async def reload() -> None:
-        await edge.reload_config()
-        await edge.reload_store()
-
-    def on_hup() -> None:
-        log.info("SIGHUP: reloading the configuration and the store")
-        spawn(reload())
-
-    loop.add_signal_handler(signal.SIGTERM, on_term)
-    loop.add_signal_handler(signal.SIGINT, on_term)
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
-    loop.add_signal_handler(signal.SIGUSR1, logs.reopen)
-    await edge.wait_stopped()

@@ -11,6 +11,7 @@ worker that dies and forwards SIGTERM, SIGINT and SIGHUP to them.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -24,17 +25,22 @@ from pathlib import Path
 
 from edge import logs
 from edge.config import Address, Config
-from edge.server import FixedContexts, StartupError, load_fixed_contexts, serve
+from edge.listen import check_free, warn_if_queues_are_dropped
+from edge.server import Edge, FixedContexts, StartupError, load_fixed_contexts
+from edge.store.base import StoreError
+from edge.store.open import open_copy
 
 log = logging.getLogger(__name__)
 
 RESTART_BACKOFF = (0.1, 0.5, 1.0, 5.0)  # seconds before restarting a worker that keeps dying
 
 
-def _resolve(addresses: tuple[Address, ...], holders: list[socket.socket]) -> tuple[Address, ...]:
+def _resolve(addresses: tuple[Address, ...], holders: list[socket.socket], takeover: bool) -> tuple[Address, ...]:
     """Bind each address without listening to learn its port (for port 0)."""
     out = []
     for address in addresses:
+        if not takeover:
+            check_free(address)  # another edge holds it: say so, do not share it
         family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -71,15 +77,26 @@ def _worker(config: Config, fixed: FixedContexts, number: int, metrics_dir: Path
         os._exit(code)
 
 
+def _prepare(config: Config) -> None:
+    if config.server.takeover:
+        warn_if_queues_are_dropped()
+    # Check (and rebuild, if damaged) the host's local copy once, before any
+    # worker opens it; closed before forking: an LMDB handle must not cross a fork.
+    prepared = open_copy(config, rebuild=True)
+    if prepared is not None:
+        prepared.close()
+
+
 def supervise(config: Config) -> int:
     holders: list[socket.socket] = []
     server = dataclasses.replace(
         config.server,
-        https=_resolve(config.server.https, holders),
-        http=_resolve(config.server.http, holders),
+        https=_resolve(config.server.https, holders, config.server.takeover),
+        http=_resolve(config.server.http, holders, config.server.takeover),
     )
     config = dataclasses.replace(config, server=server)
     fixed = load_fixed_contexts(config)
+    _prepare(config)
     # Workers publish their counters here; the one serving /metrics sums them.
     metrics_dir = Path(tempfile.mkdtemp(prefix="edge-metrics-"))
 
@@ -146,3 +163,47 @@ def supervise(config: Config) -> int:
         sock.close()
     shutil.rmtree(metrics_dir, ignore_errors=True)
     return 1 if startup_failed else 0
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    """A signal's work that failed says why (a task's exception is otherwise lost)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s failed", task.get_coro().__qualname__, exc_info=task.exception())
+
+
+async def serve(
+    config: Config, fixed: FixedContexts | None = None, reuse_port: bool = False, serve_admin: bool = True,
+    metrics_dir: Path | None = None,
+) -> None:
+    try:
+        edge = Edge(config, fixed=fixed, reuse_port=reuse_port, serve_admin=serve_admin, metrics_dir=metrics_dir)
+        await edge.start()
+    except StoreError as exc:
+        raise StartupError(str(exc)) from None
+    loop = asyncio.get_running_loop()
+    background: set[asyncio.Task[None]] = set()
+
+    def spawn(coro) -> None:
+        task = loop.create_task(coro)
+        background.add(task)
+        task.add_done_callback(background.discard)
+        task.add_done_callback(_log_failure)
+
+    def on_term() -> None:
+        if not edge.stopping:
+            log.info("stopping")
+            spawn(edge.stop())
+
+    async def reload() -> None:
+        await edge.reload_config()
+        await edge.reload_store()
+
+    def on_hup() -> None:
+        log.info("SIGHUP: reloading the configuration and the store")
+        spawn(reload())
+
+    loop.add_signal_handler(signal.SIGTERM, on_term)
+    loop.add_signal_handler(signal.SIGINT, on_term)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    loop.add_signal_handler(signal.SIGUSR1, logs.reopen)
+    await edge.wait_stopped()

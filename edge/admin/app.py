@@ -42,8 +42,10 @@ class Node(Protocol):
     def corrupted_entries(self, limit: int = 100) -> dict[str, str]: ...
     def bound_https(self) -> list[str]: ...
     def bound_http(self) -> list[str]: ...
-    @property
-    def store_loading(self) -> bool: ...
+    def store_state(self) -> dict[str, object]:
+        """``store`` (loading, loaded, stale copy) and ``stale_since`` for /healthz."""
+        ...
+    async def store_problems(self) -> list[str]: ...
     @property
     def reloads(self) -> int: ...
     async def reload_store(self) -> None: ...
@@ -174,9 +176,13 @@ def _probes(edge: Node, registry: CollectorRegistry) -> tuple[Handler, Handler]:
             return web.json_response({"status": "unhealthy", "reasons": problems, "corrupted": corrupted},
                                      status=503)
         # "loading": serving already, every name answered (fetched on demand) while the index fills.
+        # "stale copy": serving what the store held when last seen (unreachable, or catching up
+        # after a start from the local copy); healthy: nothing served is wrong, only maybe old.
+        store = edge.store_state()
+        if store["stale_since"] is not None:
+            store["store_problems"] = await edge.store_problems()
         return web.json_response({"status": "ok", "https": edge.bound_https(), "http": edge.bound_http(),
-                                  "store": "loading" if edge.store_loading else "loaded",
-                                  "corrupted": corrupted})
+                                  **store, "corrupted": corrupted})
 
     async def metrics(_request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -199,7 +205,7 @@ async def serve_probes(edge: Node, registry: CollectorRegistry, hosts: tuple[str
     runner = web.AppRunner(make_metrics_app(edge, registry, hosts), access_log=None)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, reuse_port=True).start()  # a successor (--takeover) binds it too
     except OSError:
         await runner.cleanup()
         raise

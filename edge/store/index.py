@@ -174,6 +174,23 @@ def parse_cert(key: str, value: bytes) -> CertMeta:
 _EMPTY = DomainCerts()
 
 
+def name_record(index: Index, domain: str) -> bytes | None:
+    """What the shared index holds for ``domain``: its app and its bundles'
+    headers, in one value, so a worker selects with one lookup (None: neither)."""
+    app = index.domains.get(domain)
+    held = index.certs.get(domain, _EMPTY)
+    if app is None and not held:
+        return None
+    return json.dumps([app, [[m.source, m.key_type, m.not_before, m.not_after, m.fingerprint, m.digest]
+                             for m in held]], separators=(",", ":")).encode()
+
+
+def read_name_record(domain: str, raw: bytes) -> tuple[str | None, DomainCerts]:
+    app, held = json.loads(raw)
+    return app, DomainCerts(CertMeta(domain, _INTERNED[s], _INTERNED[k], nb, na, fp, d)
+                            for s, k, nb, na, fp, d in held)
+
+
 class Index:
     """Apps, domains and certificate headers, kept in step with the store.
 
@@ -206,10 +223,22 @@ class Index:
         self.fetched = set()
         self.changes += 1
 
-    def apply_loaded(self, key: str, value: bytes) -> None:
-        """An entry read by the initial load or a fetch: skipped if the watch has a newer one."""
-        if key not in self._touched:
-            self.apply(Event(EventKind.PUT, key, value, 0))
+    def apply_loaded(self, key: str, value: bytes) -> bool:
+        """An entry read by the initial load or a fetch: skipped if the watch has a newer one.
+        True when the index took this version (the local copy keeps it too)."""
+        if key in self._touched:
+            return False
+        self.apply(Event(EventKind.PUT, key, value, 0))
+        return key not in self.errors
+
+    def load_record(self, domain: str, app: str | None, held: DomainCerts) -> None:
+        """A name as the local copy's record holds it (``name_record``): parsed
+        and checked when it was written, so a restart does not parse bundles again."""
+        domain = sys.intern(domain)
+        if app is not None:
+            self.domains[domain] = sys.intern(app)
+        if held:
+            self.certs[domain] = held
 
     def apply_put(self, key: str, value: bytes) -> None:
         self.apply(Event(EventKind.PUT, key, value, 0))
@@ -222,7 +251,11 @@ class Index:
         someone damaged its file."""
         for key in fresh.errors:
             self._carry(key, fresh)
-        self.apps, self.domains, self.certs = fresh.apps, fresh.domains, fresh.certs
+        # In place: others hold these very dictionaries (the ACME manager's orders).
+        for mine, theirs in ((self.apps, fresh.apps), (self.domains, fresh.domains), (self.certs, fresh.certs)):
+            for gone in mine.keys() - theirs.keys():
+                del mine[gone]
+            mine.update(theirs)  # type: ignore[attr-defined]
         self.errors = fresh.errors
         self.revision = max(self.revision, fresh.revision)
         self.changes += 1

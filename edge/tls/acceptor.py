@@ -134,6 +134,14 @@ class TlsAcceptor:
             listener.close()
         self._listeners.clear()
 
+    async def finish_pending(self, timeout: float) -> None:
+        """Let connections accepted and not handed to their protocol yet (ClientHello,
+        handshake) finish, for up to ``timeout`` s: an upgrade fails no connection."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (sum(len(r) for r in self._readers) + len(self._tasks)) and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+
     def close_pending(self) -> None:
         """Drop connections still before or inside their handshake (shutdown)."""
         if self.gate is not None:

@@ -5,8 +5,12 @@ digest of the stored value the index accepted: ``certs/custom-rsa/x#<digest, hex
 The loader uses the bytes it kept of that very version when it has them
 (delivered by the watch, or built before), without asking the store: a
 handshake then neither waits on the store nor fails when it is unreachable
-(issue #18, for those names). Otherwise it reads the store and uses the
-value. A version OpenSSL refuses (a file damaged inside its PEM) is served
+(issue #18, for those names). Otherwise it reads the host's local copy
+(``edge.store.localcopy``: what the store held when last seen, on local
+disk), and only when the copy does not hold that version, the store; a store
+that cannot be read then falls back to the copy's version, if it has one. A
+name the index knows therefore never falls to the default certificate
+because the store is unreachable. A version OpenSSL refuses (a file damaged inside its PEM) is served
 as the last version of that entry that built: the previous version stays in
 service.
 
@@ -25,6 +29,7 @@ from concurrent.futures import Executor
 
 from edge.store.base import Store, StoreError
 from edge.store.index import EntryError, entry_digest, parse_cert, split_bundle
+from edge.store.localcopy import LocalCopy
 from edge.tls import contexts
 from edge.tls.contexts import ContextBuildError
 
@@ -51,9 +56,19 @@ class _Kept:
         return held[1]
 
 
+def _parses(store_key: str, value: bytes) -> bool:
+    try:
+        parse_cert(store_key, value)
+    except EntryError:
+        return False
+    return True
+
+
 class ContextLoader:
-    def __init__(self, store: Store, executor: Executor, min_version: Callable[[], str], keep: int) -> None:
+    def __init__(self, store: Store, executor: Executor, min_version: Callable[[], str], keep: int,
+                 copy: LocalCopy | None = None) -> None:
         self.store = store
+        self.copy = copy
         self.executor = executor
         self.min_version = min_version  # read at each build: SIGHUP may change it
         self._good = _Kept(keep)  # the last version of each key a context was built from
@@ -75,9 +90,14 @@ class ContextLoader:
         kept = self.kept(store_key, digest)
         if kept is not None:
             return kept  # no store round trip: the handshake does not wait on it, nor fail with it
+        local = self.copy.get(store_key) if self.copy is not None else None  # µs: a page-cache lookup
+        if local is not None and entry_digest(local) == digest:
+            return local
         try:
             value = await self.store.get(store_key)
         except StoreError as exc:
+            if local is not None and _parses(store_key, local):
+                return local  # the store is unreachable: its last version seen is the one to serve
             raise ContextBuildError(f"{store_key}: {exc}") from None
         if value is not None and entry_digest(value) == digest:
             return value

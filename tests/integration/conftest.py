@@ -153,9 +153,9 @@ class EdgeProcess:
         self.https_port = self.http_port = 0
         self.log = bytearray()
 
-    def start(self) -> None:
+    def start(self, *args: str) -> None:
         self.proc = subprocess.Popen(
-            [EDGE, "serve", "--config", str(self.config)],
+            [EDGE, "serve", "--config", str(self.config), *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 20

@@ -286,13 +286,19 @@ def test_damaged_entry_keeps_serving_its_last_good_version(tmp_path: Path, backe
             assert key in _healthz(node)["corrupted"]
         check = node.cli("check", check=False)
         assert check.returncode != 0 and f"store entry {key}:" in check.stderr, check.stderr
-        # After a restart no earlier version is known: the name gets the default
-        # certificate, and the damaged entry is named by /healthz, `edge check` and the log.
+        # After a restart the host's local copy (issue #18) still holds the last
+        # version the index accepted: a damaged header or a file that is not a
+        # bundle keeps the good one in service. A PEM damaged inside (the header
+        # parses) was accepted, so no earlier version is known: the name gets the
+        # default certificate. Either way /healthz names the damaged entry.
         node.stop()
         node.log = bytearray()
         node.start()
-        assert node.handshake(domain) != good.leaf_der
-        assert key in _healthz(node)["corrupted"]
+        if how == "pem":
+            assert node.handshake(domain) != good.leaf_der
+        else:
+            assert node.handshake(domain) == good.leaf_der
+        wait_for(lambda: key in _healthz(node)["corrupted"])
     finally:
         node.stop()
 
@@ -364,7 +370,8 @@ def test_killed_writes_leave_no_hidden_certificate_and_no_debris(tmp_path: Path,
         node.log = bytearray()
         node.start()
         wait_for(lambda: not _temp_files(node))
-        assert b"left by an interrupted write" in node.log
+        # The log line follows the removal through a pipe: wait for it rather than race it.
+        wait_for(lambda: b"left by an interrupted write" in node.log)
     finally:
         node.stop()
 

@@ -6,6 +6,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import random
+import re
+import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -98,6 +101,7 @@ def test_serving_starts_before_the_store_is_loaded(scale_edge) -> None:
     while the index still loads in the background (SPEC §2: any name, cold or warm)."""
     edge, serials = scale_edge
     edge.stop()
+    shutil.rmtree(edge.root / "index")  # no local copy on disk: the store is read
     edge.log.clear()
     edge.start()
     sample = random.Random(11).sample(sorted(serials), 60)
@@ -113,3 +117,21 @@ def test_serving_starts_before_the_store_is_loaded(scale_edge) -> None:
     # Names not in the store: the default certificate, during the load as after it.
     assert edge.handshake("nope.scale.test") == edge.handshake("unknown.example.org")
     assert edge.status("s1.scale.test") == 200
+
+
+def test_restart_serves_every_name_from_the_local_copy(scale_edge) -> None:
+    """A restart with the store unchanged (issue #13): the index comes from the
+    host's local copy, not from reading every store entry again."""
+    edge, serials = scale_edge
+    wait_for(lambda: b"store loaded" in edge.log or b"store reloaded" in edge.log, timeout=60)
+    edge.stop()
+    edge.log.clear()
+    started = time.monotonic()
+    edge.start()
+    sample = random.Random(12).sample(sorted(serials), 60)
+    for name in sample:
+        assert x509.load_der_x509_certificate(edge.handshake(name)).serial_number == serials[name], name
+    wait_for(lambda: b"local copy loaded: 1 apps, 20000 domains, 20000 names" in edge.log, timeout=30)
+    took = float(re.search(rb"local copy loaded: .* in ([\d.]+) s", edge.log).group(1))  # type: ignore[union-attr]
+    print(f"every name in the index {time.monotonic() - started:.2f} s after start (copy read in {took:.2f} s)")
+    wait_for(lambda: b"store reloaded: 1 apps, 20000 domains" in edge.log, timeout=60)  # caught up

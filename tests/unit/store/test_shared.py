@@ -1,0 +1,78 @@
+"""The shared index a worker reads selects exactly as the writer's in-memory index."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from pathlib import Path
+
+from edge.store.base import Event, EventKind, app_key, cert_key, domain_key
+from edge.store.follower import StoreFollower
+from edge.store.index import CertMeta, Index, bundle_header
+from edge.store.localcopy import CopyWriter, LocalCopy
+from edge.store.shared import SharedIndex
+from edge.tls.selector import Selector
+
+PEM = b"-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n-----BEGIN PRIVATE KEY-----\ny\n"
+NOW = 1_000_000.0
+
+
+def _bundle(domain: str, source: str, key_type: str, rng: random.Random) -> bytes:
+    not_after = rng.choice([NOW - 1, 2e9])
+    return bundle_header(CertMeta(domain, source, key_type, 0.0, not_after, f"fp{rng.random()}")) + PEM
+
+
+def _events(rng: random.Random, count: int) -> list[Event]:
+    out = [Event(EventKind.PUT, app_key("a"), json.dumps({"backends": ["127.0.0.1:1"]}).encode(), 1)]
+    domains = [f"n{i}.example.com" for i in range(count)] + ["*.example.com", "*.n1.example.com"]
+    for revision, domain in enumerate(domains, start=2):
+        if rng.random() < 0.9:
+            out.append(Event(EventKind.PUT, domain_key(domain), json.dumps({"app": "a"}).encode(), revision))
+        for source, key_type in (("custom", "ecdsa"), ("acme", "ecdsa"), ("custom", "rsa")):
+            if rng.random() < 0.5:
+                out.append(Event(EventKind.PUT, cert_key(domain, source, key_type),
+                                 _bundle(domain, source, key_type, rng), revision))
+    for event in rng.sample(out[1:], count // 5):  # some removed again
+        out.append(Event(EventKind.DELETE, event.key, None, 10_000))
+    return out
+
+
+def test_shared_index_selects_and_routes_as_the_in_memory_one(tmp_path: Path) -> None:
+    rng = random.Random(3)
+    copy = LocalCopy(tmp_path / "index", "file:/s", rebuild=True)
+    writer = CopyWriter(copy)
+    index = Index()
+    follower = StoreFollower(store=None, index=index, copy=copy, writer=writer)  # type: ignore[arg-type]
+    events = _events(rng, 300)
+    for start in range(0, len(events), 37):  # batches, as the watch delivers them
+        follower._apply(events[start : start + 37])
+    writer.flush()
+    shared = SharedIndex(copy)
+    mine, theirs = Selector(index, "apps.test", False), Selector(shared, "apps.test", False)  # type: ignore[arg-type]
+    names = [f"n{i}.example.com" for i in range(300)] + ["x.example.com", "a.n1.example.com", "nope.test"]
+    for name in names:
+        assert mine.select(name, NOW) == theirs.select(name, NOW), name
+        assert index.app_of(name) == shared.app_of(name), name
+    assert len(shared.apps) == 1
+
+
+def test_full_load_writes_every_name_record(tmp_path: Path) -> None:
+    rng = random.Random(4)
+    copy = LocalCopy(tmp_path / "index", "file:/s", rebuild=True)
+    writer = CopyWriter(copy)
+    index = Index()
+    follower = StoreFollower(store=None, index=index, copy=copy, writer=writer)  # type: ignore[arg-type]
+    follower._begin_copy()
+    for event in _events(rng, 200):
+        if event.kind is EventKind.PUT:
+            index.apply_put(event.key, event.value or b"")
+            follower._copy_loaded(event.key, event.value or b"")
+        else:
+            index.apply(event)
+    asyncio.run(follower._end_copy(frozenset()))
+    writer.flush()
+    shared = SharedIndex(copy)
+    mine, theirs = Selector(index, "apps.test", False), Selector(shared, "apps.test", False)  # type: ignore[arg-type]
+    for i in range(200):
+        assert mine.select(f"n{i}.example.com", NOW) == theirs.select(f"n{i}.example.com", NOW)
