@@ -1,25 +1,21 @@
 """One domain's turn under its lock: renewal information, orders, and the CA to order from.
 
-A per-domain lock in the store lets one node of a fleet act for a domain; the
-certificate is written only while that lock is still held. Under the lock the
-shared state (``acme/status/<domain>``) and the stored certificates are read
-again, since another node may have just acted:
+A per-domain lock in the store lets one node of a fleet act for a domain; the certificate is written
+only while that lock is still held. Under the lock the shared state (``acme/status/<domain>``) and the
+stored certificates are read again, since another node may have just acted:
 
-1. each acme certificate whose renewal information is due is asked its CA's
-   ``renewalInfo`` (RFC 9773 §4.1); the answer becomes the certificate's plan
-   (``edge.acme.renewal``). A CA that cannot be reached or answers badly is
-   logged, the lifetime rule stands, and it is asked again after ``ari_min``.
-2. what is due is ordered from the primary CA, with ``replaces`` naming the
-   certificate it renews when that CA issued it (RFC 9773 §5) and the
-   configured ``profile``. When the primary cannot be reached, rate-limits,
-   or its back-off would leave the domain without a valid certificate, the
-   next of ``fallback_directories`` is asked (each CA has its own account key
-   in the store). Every order starts again at the primary.
-3. after a failure a domain waits ``backoff_min * 2**(failures-1)`` seconds
-   (capped at ``backoff_max``, and at least what the server's Retry-After says).
+1. each acme certificate whose renewal information is due is asked its CA's ``renewalInfo``
+   (RFC 9773 §4.1); the answer becomes the certificate's plan (``edge.acme.renewal``). A CA
+   that cannot be reached or answers badly is logged, the lifetime rule stands, and it is
+   asked again after ``ari_min``.
+2. what is due is ordered from the primary CA, with ``replaces`` naming the certificate
+   it renews when that CA issued it (RFC 9773 §5) and the configured ``profile``. When the
+   primary cannot be reached, rate-limits, or its back-off would leave the domain without
+   a valid certificate, the next of ``fallback_directories`` is asked (each CA has its own
+   account key in the store). Every order starts again at the primary.
+3. after a failure a domain waits ``backoff_min * 2**(failures-1)`` s (capped at ``backoff_max``, at least Retry-After).
 
-Orders run in a thread (``edge.acme.client`` blocks); store writes go through
-the event loop.
+Orders run in a thread (``edge.acme.client`` blocks); store writes on the loop.
 """
 
 from __future__ import annotations
@@ -274,19 +270,23 @@ class Orders:
                 self._pool, lambda: bundles.validate(issued.chain_pem, issued.key_pem, domain))
         except bundles.BundleError as exc:
             raise AcmeError(f"the ACME server's certificate was refused: {exc}") from None
-        if domain not in self.domains:
-            log.info("ACME: %s was removed while its certificate was ordered; not stored", domain)
-            self.status.pop(domain, None)
-            await self.store.delete(status_key(domain))
-            return False
         meta = CertMeta(domain, CertSource.ACME, validated.key_type, validated.not_before, validated.not_after,
                         validated.fingerprint)
         previous = self.status.get(domain)
         plan = await loop.run_in_executor(self._pool, self._plan_blocking, client, domain, validated.chain_pem,
                                           meta, None)
-        written = await lock.put_if_held(base.cert_key(domain, CertSource.ACME, validated.key_type),
-                                         records.encode_bundle(meta, validated.pem, issuer=ca.directory),
-                                         secret=True)
+        # Checked and written under the store's write lock, as domains-remove takes it: a removal
+        # racing this order lands wholly before (nothing stored) or after (it deletes this too).
+        async with self.store.write_lock():
+            attached = domain in self.domains and await self.store.get(base.domain_key(domain)) is not None
+            written = attached and await lock.put_if_held(
+                base.cert_key(domain, CertSource.ACME, validated.key_type),
+                records.encode_bundle(meta, validated.pem, issuer=ca.directory), secret=True)
+        if not attached:
+            log.info("ACME: %s was removed while its certificate was ordered; not stored", domain)
+            self.status.pop(domain, None)
+            await self.store.delete(status_key(domain))
+            return False
         if not written:
             raise AcmeError("the issuance lock expired before the certificate was stored")
         self.stats.count("valid")

@@ -225,6 +225,9 @@ class HelloReader:
         self._pending: dict[int, _Pending] = {}
         self._loop = asyncio.get_running_loop()
 
+    def __len__(self) -> int:  # connections still waiting (a shutdown lets them finish)
+        return len(self._pending)
+
     def add(self, sock: socket.socket, peer: Peer | None = None, deadline: float | None = None) -> None:
         """Wait for ``sock``'s ClientHello until ``deadline`` (default: the timeout from now)."""
         if deadline is None:

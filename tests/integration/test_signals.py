@@ -105,3 +105,21 @@ def test_json_log_file_reopened_on_sigusr1(tmp_path: Path, backend: str) -> None
         assert b"PRIVATE KEY" not in log_file.read_bytes() + (tmp_path / "edge.log.1").read_bytes()
     finally:
         process.stop()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_stops_cleanly_and_at_once(tmp_path: Path, backend: str, workers: int) -> None:
+    """A shutdown that raised (a reader without __len__ after a merge) left the
+    process running until the harness killed it, 10 s later, in every test."""
+    process = EdgeProcess(tmp_path / "edge")
+    process.config.write_text(process.config.read_text().replace('admin = ""', f'admin = ""\nworkers = {workers}'))
+    process.start()
+    process.cli("apps-add", "demo", "--backend", backend)
+    process.wait_routed("demo.edge.test")
+    assert process.status("demo.edge.test") == 200
+    assert process.proc is not None
+    started = time.monotonic()
+    process.proc.send_signal(signal.SIGTERM)
+    assert process.proc.wait(timeout=8) == 0, bytes(process.log).decode()[-2000:]
+    assert time.monotonic() - started < 5
+    assert b"Traceback" not in bytes(process.log), bytes(process.log).decode()[-2000:]
