@@ -19,6 +19,7 @@ haproxy              haproxy
 wrk                  wrk
 h2load               nghttp2-client
 nghttp               nghttp2-client
+node                 nodejs
 taskset              util-linux
 unshare              util-linux
 pkill                procps

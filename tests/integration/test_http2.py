@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import socket
 import ssl
 import subprocess
@@ -26,7 +25,7 @@ import h2.settings
 import pytest
 import trustme
 
-from tests.integration.conftest import EchoHandler, EdgeProcess, wait_for
+from tests.integration.conftest import EchoHandler, EdgeProcess, require_tool, wait_for
 
 HOST = "demo.edge.test"
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,10 +109,9 @@ def test_curl_gets_http2_and_the_request_is_forwarded_as_http1(edge: EdgeProcess
 
 
 def test_nghttp_forty_streams_on_one_connection(edge: EdgeProcess) -> None:
-    if shutil.which("nghttp") is None:
-        pytest.skip("nghttp (nghttp2-client) is not installed")
+    nghttp = require_tool("nghttp")
     result = subprocess.run(
-        ["nghttp", "-nv", "-m", "40", f"https://127.0.0.1:{edge.https_port}/page", "-H", f":authority: {HOST}"],
+        [nghttp, "-nv", "-m", "40", f"https://127.0.0.1:{edge.https_port}/page", "-H", f":authority: {HOST}"],
         capture_output=True, text=True, timeout=30,
     )
     assert result.returncode == 0, result.stderr
@@ -148,11 +146,10 @@ function call(method, path, body) {
 
 
 def test_node_http2_module(edge: EdgeProcess, tmp_path: Path) -> None:
-    if shutil.which("node") is None:
-        pytest.skip("node is not installed")
+    node = require_tool("node")
     script = tmp_path / "client.js"
     script.write_text(NODE_CLIENT)
-    result = subprocess.run(["node", str(script), str(edge.https_port), HOST, str(edge.dev_ca)],
+    result = subprocess.run([node, str(script), str(edge.https_port), HOST, str(edge.dev_ca)],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {"get": 200, "post": 200, "length": 1 << 20, "alpn": "h2"}
