@@ -18,11 +18,12 @@ from edge.errors import StartupError
 log = logging.getLogger(__name__)
 
 
-def bind(address: Address, probe: bool = True) -> socket.socket:
+def bind(address: Address, probe: bool = True, listen: bool = True) -> socket.socket:
     """A listening socket on ``address``, always with SO_REUSEPORT so that a
     successor (``edge serve --takeover``) can bind the same port before this
     process stops accepting: an upgrade refuses no connection. ``probe``:
-    refuse a port another process holds (a second edge started by mistake)."""
+    refuse a port another process holds (a second edge started by mistake).
+    ``listen=False``: bound only, to hold the port and learn it (a supervisor's)."""
     if probe:
         check_free(address)
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
@@ -34,7 +35,8 @@ def bind(address: Address, probe: bool = True) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise _listen_error(address, exc) from None
-    sock.listen(4096)
+    if listen:
+        sock.listen(4096)
     sock.setblocking(False)
     return sock
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from edge import logs
 from edge.config import Address, Config
-from edge.listen import check_free, warn_if_queues_are_dropped
+from edge.listen import bind, warn_if_queues_are_dropped
 from edge.server import Edge, FixedContexts, StartupError, load_fixed_contexts
 from edge.store.base import StoreError
 from edge.store.open import open_copy
@@ -39,17 +39,8 @@ def _resolve(addresses: tuple[Address, ...], holders: list[socket.socket], takeo
     """Bind each address without listening to learn its port (for port 0)."""
     out = []
     for address in addresses:
-        if not takeover:
-            check_free(address)  # another edge holds it: say so, do not share it
-        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        try:
-            sock.bind((address.host, address.port))
-        except OSError as exc:
-            sock.close()
-            raise StartupError(f"cannot listen on {address}: {exc.strerror}") from None
+        # Without --takeover a port another edge holds is refused, not shared.
+        sock = bind(address, probe=not takeover, listen=False)
         holders.append(sock)  # kept bound (not listening) so the port stays ours
         out.append(Address(address.host, sock.getsockname()[1]))
     return tuple(out)
