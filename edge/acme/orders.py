@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import json
 import logging
 import threading
@@ -33,6 +32,7 @@ from typing import Any
 
 from edge import records
 from edge.acme import renewal
+from edge.acme.accounts import Accounts
 from edge.acme.client import AcmeClient, AcmeError, Issued, cert_id, new_account_key
 from edge.acme.renewal import DomainStatus, Plan
 from edge.acme.settings import AcmeConfig, CaEndpoint
@@ -51,14 +51,6 @@ ARI_CLIENT_TTL = 3600.0  # seconds a client (its connection, its directory) serv
 
 def status_key(domain: str) -> str:
     return base.ACME_STATUS + domain
-
-
-def account_key_name(directory: str, primary: str) -> str:
-    """The store key of a CA's account key: ``acme/account`` for the primary (as ever),
-    ``acme/account-<hash of the directory URL>`` for each other CA."""
-    if directory == primary:
-        return base.ACME_ACCOUNT
-    return f"{base.ACME_ACCOUNT}-{hashlib.sha256(directory.encode()).hexdigest()[:16]}"
 
 
 @dataclass
@@ -91,7 +83,7 @@ class Orders:
         self.stats = AcmeStats()
         self._pool = pool
         self._recent_orders = orders_cap
-        self._accounts: dict[str, bytes] = {}
+        self._accounts = Accounts(store, pool)
         self._ari_clients: dict[tuple[str, int], tuple[float, AcmeClient]] = {}
 
     # --- one domain's turn ------------------------------------------------------------------
@@ -290,8 +282,11 @@ class Orders:
         if not written:
             raise AcmeError("the issuance lock expired before the certificate was stored")
         self.stats.count("valid")
+        # What the order carried: the CA may have refused "replaces" (it is then ordered without).
+        said = f", replacing {issued.replaced}" if issued.replaced else (
+            f"; the CA refused to take it as replacing {replaces}" if replaces else "")
         log.info("ACME: %s certificate for %s in service until %s (from %s%s)", key_type.upper(), domain,
-                 _stamp(validated.not_after), ca.directory, f", replacing {replaces}" if replaces else "")
+                 _stamp(validated.not_after), ca.directory, said)
         plans = dict(previous.plans or {}) if previous else {}
         plans[validated.key_type] = asdict(plan)
         await self._set_status(domain, DomainStatus("valid", valid_until=validated.not_after, updated=time.time(),
@@ -371,29 +366,7 @@ class Orders:
             await asyncio.sleep(wait)
 
     async def _account(self, ca: CaEndpoint) -> bytes:
-        """The account key for one CA, created once and kept in the store (0600)."""
-        name = account_key_name(ca.directory, self.config.directory)
-        if name in self._accounts:
-            return self._accounts[name]
-        try:
-            stored = await self.store.get(name)
-            if stored is None:
-                lock = await self.store.try_lock("acme-account", LOCK_TTL)
-                if lock is None:
-                    raise AcmeError("another node is creating the ACME account key", "failed", 5.0)
-                try:
-                    stored = await self.store.get(name)
-                    if stored is None:
-                        stored = await asyncio.get_running_loop().run_in_executor(self._pool, new_account_key)
-                        if not await lock.put_if_held(name, stored, secret=True):
-                            raise AcmeError("lost the lock while storing the ACME account key")
-                        log.info("ACME: account key created and stored for %s", ca.directory)
-                finally:
-                    await lock.release()
-        except base.StoreError as exc:
-            raise AcmeError(f"cannot read or write the ACME account key: {exc}", "failed") from None
-        self._accounts[name] = stored
-        return stored
+        return await self._accounts.key(ca.directory, self.config.directory)
 
 
 def _stamp(when: float) -> str:
