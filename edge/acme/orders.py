@@ -188,28 +188,28 @@ class Orders:
             ident = cert_id(pem)
         except ValueError:
             ident = ""
-        lifetime = Plan(meta.fingerprint, client.directory_url, renewal.renew_at(meta), "lifetime",
-                        now + self.config.ari_min, ident)
+        lifetime = Plan(meta.fingerprint, client.directory_url, renewal.renew_at(meta), "lifetime", now, ident)
+        cfg = self.config
         try:
             window, retry = client.renewal_info(pem) if ident else (None, None)
         except (AcmeError, ValueError) as exc:
-            known = previous is not None and previous.fingerprint == meta.fingerprint and previous.reason == "ari"
-            if known and previous and isinstance(exc, AcmeError) and exc.kind == "unreachable":
-                # The CA is down: its last window for this certificate still stands (RFC 9773 §4.3.3).
-                log.warning("ACME: renewal information for %s: %s; keeping the CA's last window", domain, exc)
-                previous.ari_next = lifetime.ari_next
-                return previous
-            log.warning("ACME: renewal information for %s from %s unusable (%s); renewing by the lifetime "
-                        "rule, asking again in %.0f s", domain, client.directory_url, exc, self.config.ari_min)
-            return lifetime
+            unreachable = isinstance(exc, AcmeError) and exc.kind == "unreachable"
+            plan = renewal.plan_after_error(lifetime, previous, unreachable, now, cfg.ari_min, cfg.ari_max,
+                                            exc.retry_after if isinstance(exc, AcmeError) else None)
+            # RFC 9773 §4.3.3: logged, never fatal; a CA that is down keeps its last window for it.
+            log.warning("ACME: renewal information for %s from %s unusable (%s); %s, asking again in %.0f s "
+                        "(error %d in a row)", domain, client.directory_url, exc,
+                        "keeping the CA's last window" if plan.reason == "ari" else "renewing by the lifetime rule",
+                        plan.ari_next - now, plan.ari_failures)
+            return plan
         if window is None:  # the CA has no renewalInfo: ask again once a day, it may come
-            lifetime.ari_next = now + self.config.ari_max
+            lifetime.ari_next = now + cfg.ari_max
             return lifetime
         start, end = window
         keep = (previous is not None and previous.fingerprint == meta.fingerprint and previous.reason == "ari"
                 and start <= previous.renew_at <= end)
         when = previous.renew_at if keep and previous else renewal.pick_in_window(start, end)
-        check = now + renewal.next_check(retry, self.config.ari_min, self.config.ari_max)
+        check = now + renewal.next_check(retry, cfg.ari_min, cfg.ari_max)
         # Said once per window (at 1M domains a check every few hours is a lot of lines).
         log.log(logging.DEBUG if keep else logging.INFO,
                 "ACME: %s %s certificate: the CA suggests renewing between %s and %s; planned %s",

@@ -520,19 +520,35 @@ def test_replaces_refused_by_the_ca_is_ordered_without_it(tmp_path: Path, pebble
 
 def test_malformed_ari_answer_falls_back_to_the_lifetime_rule_and_is_asked_again(
         tmp_path: Path, pebble: Pebble, backend: str, edges: list) -> None:
-    edge = start_edge(tmp_path / "edge", pebble, backend, edges, **ARI_FAST)
+    # Back-off from ari_min (1 s here, 1 h by default) doubling up to ari_max (8 s here, 1 day).
+    edge = start_edge(tmp_path / "edge", pebble, backend, edges, ari_min=1, ari_max=8)
     edge.cli("domains-add", "bad-ari.shop.test", "--app", "shop")
     first = wait_for(lambda: pebble_leaf(edge, pebble, "bad-ari.shop.test"), timeout=ISSUANCE, interval=0.1)
     pebble.set_renewal_info(leaf_pem(first), "{not json")
-    wait_for(lambda: plan(edge, "bad-ari.shop.test").get("reason") == "lifetime", timeout=10, interval=0.1)
+    seen: dict[int, float] = {}
+
+    def errors() -> int:
+        count = int(plan(edge, "bad-ari.shop.test").get("ari_failures") or 0)
+        seen.setdefault(count, time.monotonic())
+        return count
+
+    wait_for(lambda: errors() >= 1, timeout=20, interval=0.05)
+    assert plan(edge, "bad-ari.shop.test")["reason"] == "lifetime"
     lifetime = first.not_valid_after_utc - first.not_valid_before_utc
     two_thirds = (first.not_valid_before_utc + lifetime * 2 / 3).timestamp()
     assert abs(plan(edge, "bad-ari.shop.test")["renew_at"] - two_thirds) < 2
     assert "(2/3 of its lifetime)" in edge.cli("domains").stdout
-    assert "renewal information for bad-ari.shop.test" in edge.log.decode(errors="replace")
+    # RFC 9773 §4.3.3: asked again with exponential back-off (the CA's Retry-After of 6 h
+    # on the broken answer is no answer), never fatal.
+    wait_for(lambda: errors() >= 4, timeout=30, interval=0.05)
+    log = edge.log.decode(errors="replace")
+    for count, delay in ((1, 1), (2, 2), (3, 4), (4, 8)):
+        assert f"asking again in {delay} s (error {count} in a row)" in log, (count, log[-3000:])
+    assert seen[3] - seen[2] >= 1.5 and seen[4] - seen[3] >= 3.5, seen  # 2 s, then 4 s apart at least
+    assert "renewal information for bad-ari.shop.test" in log
     # An invalid window (its end before its start, RFC 9773 §4.2) is no better.
     pebble.set_renewal_info(leaf_pem(first), window(dt.timedelta(days=2), dt.timedelta(days=1)))
-    wait_for(lambda: "window ends before it starts" in edge.log.decode(errors="replace"), timeout=10, interval=0.1)
+    wait_for(lambda: "window ends before it starts" in edge.log.decode(errors="replace"), timeout=20, interval=0.1)
     assert plan(edge, "bad-ari.shop.test")["reason"] == "lifetime"
     # Still asked: once the CA answers properly (a window in the past), it is acted on.
     pebble.set_renewal_info(leaf_pem(first), window(-dt.timedelta(hours=2), -dt.timedelta(hours=1)))
