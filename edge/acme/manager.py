@@ -24,6 +24,7 @@ from edge.acme import renewal
 from edge.acme.client import AcmeClient, AcmeError, new_account_key
 from edge.acme.orders import AcmeStats, Orders, status_key
 from edge.acme.renewal import DomainStatus
+from edge.acme.settings import CaEndpoint
 from edge.config import AcmeConfig, Config
 from edge.store import base
 from edge.store.index import DomainCerts, Index
@@ -95,10 +96,16 @@ class AcmeManager:
 
     # --- the loop -------------------------------------------------------------------------
     async def run(self) -> None:
+        for ca in self.config.fallback_directories:  # a fallback's own profile, checked in the background
+            if ca.profile:
+                task = asyncio.get_running_loop().create_task(self._check_profile(ca))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
         log.info("ACME manager on %s (key types %s; challenges %s; profile %s; fallbacks %s)",
                  self.config.directory, ", ".join(self.config.key_types), ", ".join(self.config.challenges),
-                 self.config.profile or "the CA's default",
-                 ", ".join(ca.directory for ca in self.config.fallback_directories) or "none")
+                 self.config.profile or "the CA's default", ", ".join(
+                     ca.directory + (f" (profile {ca.profile or 'its default'})" if ca.profile is not None else "")
+                     for ca in self.config.fallback_directories) or "none")
         if self.config.profile:
             await self._check_profile()
         while self.index.loading:
@@ -135,14 +142,16 @@ class AcmeManager:
                 task.cancel()
             self._pool.shutdown(wait=False, cancel_futures=True)
 
-    async def _check_profile(self) -> None:
-        """At start: an unknown ``[acme] profile`` is said at once, naming what the CA offers.
-        (Every order checks it again, and fails with the same message, when the CA is reached.)"""
-        client = AcmeClient(self.config.directory, new_account_key(), ca_bundle=self.config.ca_bundle)
+    async def _check_profile(self, ca: CaEndpoint | None = None) -> None:
+        """At start: an unknown profile (``[acme] profile``, or one a fallback CA names) is said
+        at once, naming what that CA offers. (Every order checks it again, and fails with the
+        same message, when the CA is reached.)"""
+        ca = ca or self.config.cas[0]
+        client = AcmeClient(ca.directory, new_account_key(), ca_bundle=ca.ca_bundle)
         try:
-            await asyncio.get_running_loop().run_in_executor(self._pool, client.check_profile, self.config.profile)
+            await asyncio.get_running_loop().run_in_executor(self._pool, client.check_profile, ca.profile or "")
         except AcmeError as exc:
-            log.error("ACME: %s", exc)
+            log.log(logging.ERROR if exc.config else logging.WARNING, "ACME: %s", exc)
 
     async def _load_status(self) -> None:
         try:

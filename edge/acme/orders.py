@@ -255,7 +255,7 @@ class Orders:
         loop = asyncio.get_running_loop()
         account_key = await self._account(ca)
         client = AcmeClient(ca.directory, account_key, self.config.email, ca.ca_bundle)
-        issued: Issued = await loop.run_in_executor(self._pool, self._order_blocking, client, domain,
+        issued: Issued = await loop.run_in_executor(self._pool, self._order_blocking, client, ca, domain,
                                                     key_type, replaces, loop)
         try:
             validated = await loop.run_in_executor(
@@ -293,7 +293,7 @@ class Orders:
                                                     plans=plans))
         return True
 
-    def _order_blocking(self, client: AcmeClient, domain: str, key_type: str, replaces: str,
+    def _order_blocking(self, client: AcmeClient, ca: CaEndpoint, domain: str, key_type: str, replaces: str,
                         loop: asyncio.AbstractEventLoop) -> Issued:
         """In a thread: the whole RFC 8555 exchange; store writes go through the loop."""
 
@@ -310,11 +310,10 @@ class Orders:
             key = base.challenge_key(name) if kind == "http-01" else base.tls_alpn_key(name)
             on_loop(self.store.delete(key))
 
-        profile = self.config.profile
-        if profile and client.directory_url != self.config.directory and profile not in client.profiles():
-            # A fallback CA is there to keep a valid certificate: its default profile will do.
-            log.warning("ACME: %s does not offer the profile %r; ordering its default", client.directory_url,
-                        profile)
+        profile = self.config.profile if ca.profile is None else ca.profile  # a profile named for this CA is checked
+        if ca.profile is None and profile and profile not in client.profiles():
+            # A fallback CA that names no profile is there to keep a valid certificate: its default will do.
+            log.warning("ACME: %s does not offer the profile %r; ordering its default", ca.directory, profile)
             profile = ""
         return client.order(domain, key_type, self.config.challenges, publish, withdraw,
                             profile=profile, replaces=replaces)

@@ -633,3 +633,31 @@ def test_second_ca_when_the_first_is_down_and_back_to_the_first(
     primary.stop()
     wait_for(lambda: "keeping the CA's last window" in edge.log.decode(errors="replace"), timeout=10, interval=0.1)
     assert plan(edge, "second.shop.test")["renew_at"] == planned and issued_count(edge, "second.shop.test") == 2
+
+
+def test_a_fallback_ca_with_a_profile_of_its_own(tmp_path: Path, pebble_factory, backend: str, edges: list) -> None:
+    primary = pebble_factory(profiles=("default", "shortlived"))
+    fallback = pebble_factory(validates=primary, profiles=("default", "shortlived"))
+    own = {"directory": fallback.directory, "ca_bundle": str(fallback.ca_bundle)}
+    # A profile the fallback does not offer is said at start, naming the ones it does.
+    wrong = start_edge(tmp_path / "wrong", primary, backend, edges, listen=False,
+                       fallback_directories=[dict(own, profile="weekly")])
+    said = f"[acme] profile 'weekly' is not offered by {fallback.directory}; it offers: default, shortlived"
+    wait_for(lambda: said in wrong.log.decode(errors="replace"), timeout=10, interval=0.1)
+    wrong.stop()
+    edges.remove(wrong)
+    # The primary's profile is "shortlived"; this fallback is asked for its "default" (90 days),
+    # not the primary's profile, which it offers too.
+    edge = start_edge(tmp_path / "edge", primary, backend, edges, profile="shortlived",
+                      fallback_directories=[dict(own, profile="default")])
+    edge.cli("domains-add", "first.shop.test", "--app", "shop")
+    from_primary = wait_for(lambda: pebble_leaf(edge, primary, "first.shop.test"), timeout=ISSUANCE, interval=0.1)
+    assert from_primary.not_valid_after_utc - from_primary.not_valid_before_utc < dt.timedelta(days=6, seconds=2)
+    primary.stop()
+    edge.cli("domains-add", "own.shop.test", "--app", "shop")
+    leaf = wait_for(lambda: pebble_leaf(edge, fallback, "own.shop.test"), timeout=ISSUANCE, interval=0.1)
+    assert abs(leaf.not_valid_after_utc - leaf.not_valid_before_utc - dt.timedelta(days=90)) <= dt.timedelta(seconds=1)
+    log = edge.log.decode(errors="replace")
+    assert f"{fallback.directory} (profile default)" in log  # the manager's start line names it
+    assert "does not offer the profile" not in log and "is not offered by" not in log
+    assert row(edge, "own.shop.test")["acme"]["plans"]["ecdsa"]["issuer"] == fallback.directory

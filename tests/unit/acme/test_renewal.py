@@ -192,14 +192,19 @@ def test_acme_settings_of_this_issue(tmp_path: Path):
     bundle = tmp_path / "ca.pem"
     bundle.write_text("x")
     text = (f'[acme]\nprofile = "shortlived"\nari_min = 60\nfallback_directories = ["https://b.example/dir", '
-            f'{{directory = "https://c.example/dir", ca_bundle = "{bundle}"}}]\n')
+            f'{{directory = "https://c.example/dir", ca_bundle = "{bundle}", profile = "classic"}}, '
+            f'{{directory = "https://d.example/dir", profile = ""}}]\n')
     acme_cfg = parse(text, tmp_path / "edge.toml").acme
     assert acme_cfg.profile == "shortlived" and acme_cfg.ari_min == 60 and acme_cfg.ari_max == 86400
     assert [c.directory for c in acme_cfg.cas] == ["https://acme-v02.api.letsencrypt.org/directory",
-                                                    "https://b.example/dir", "https://c.example/dir"]
+                                                    "https://b.example/dir", "https://c.example/dir",
+                                                    "https://d.example/dir"]
     assert acme_cfg.cas[2].ca_bundle == bundle
+    # Each CA's profile: the primary's setting; a fallback's own, its default (""), or as the primary (None).
+    assert [c.profile for c in acme_cfg.cas] == ["shortlived", None, "classic", ""]
     for bad, said in (('fallback_directories = ["http://b/dir"]', "https:// URL"),
                       ('fallback_directories = [{dir = "https://b/dir"}]', "expected a directory URL or a table"),
+                      ('fallback_directories = [{directory = "https://b/dir", profile = 6}]', "profile = "),
                       ('fallback_directories = ["https://b/dir", "https://b/dir"]', "appear once"),
                       ("ari_min = 100\nari_max = 10", "ari_min <= ari_max")):
         with pytest.raises(ConfigError, match=said):
