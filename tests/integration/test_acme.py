@@ -582,6 +582,56 @@ def test_shortlived_profile_gives_six_day_certificates_renewed_within_them(
     assert row(edge, "short.shop.test")["status"] == "ok"  # 6 days left is not "expiring" for a 6-day certificate
 
 
+def stored_leaf(edge: EdgeProcess, domain: str) -> x509.Certificate | None:
+    """The ECDSA acme certificate in the store (served or not): its bundle's first PEM, after the header."""
+    try:
+        data = (edge.root / "store" / "certs" / "acme-ecdsa" / f"{domain}.pem").read_bytes()
+    except FileNotFoundError:
+        return None
+    return x509.load_pem_x509_certificate(data.split(b"\n", 1)[1])
+
+
+def test_six_day_standby_is_kept_renewed_while_the_custom_certificate_is_near_its_end(
+        tmp_path: Path, pebble_factory, backend: str, edges: list, ca: trustme.CA, write_pem) -> None:
+    """SPEC §7 with 6-day certificates: a custom certificate 10 days from its end gets a
+    standby, which outlives nothing and so is renewed within its own lifetime, again and again."""
+    pebble = pebble_factory(profiles=("default", "shortlived"))
+    admin = free_port()
+    edge = start_edge(tmp_path / "edge", pebble, backend, edges, admin_port=admin, profile="shortlived", **ARI_FAST)
+    near = pki.issue(ca, "standby.shop.test", not_after=dt.datetime.now(dt.UTC) + dt.timedelta(days=10))
+    edge.cli("domains-add", "standby.shop.test", "--app", "shop", *_files(write_pem, near))
+    standby = wait_for(lambda: stored_leaf(edge, "standby.shop.test"), timeout=ISSUANCE, interval=0.1)
+    serials = [standby.serial_number]
+    for renewal_round in range(3):
+        lifetime = standby.not_valid_after_utc - standby.not_valid_before_utc
+        assert abs(lifetime - dt.timedelta(days=6)) <= dt.timedelta(seconds=1), lifetime
+        # Its renewal is planned inside its own 6 days (Pebble's window: days 3 to 5), by ARI.
+        wait_for(lambda s=standby: plan(edge, "standby.shop.test").get("fingerprint")
+                 and plan(edge, "standby.shop.test").get("reason") == "ari"
+                 and stored_leaf(edge, "standby.shop.test") == s, timeout=10, interval=0.1)
+        planned = dt.datetime.fromtimestamp(plan(edge, "standby.shop.test")["renew_at"], dt.UTC)
+        assert standby.not_valid_before_utc + dt.timedelta(days=2.9) <= planned < standby.not_valid_after_utc
+        # The custom certificate still serves (rule 1); the standby waits behind it.
+        assert edge.handshake("standby.shop.test") == near.leaf_der
+        assert row(edge, "standby.shop.test")["serving"] == "custom"
+        if renewal_round == 2:
+            break
+        # The CA asks for the standby's early replacement: renewed, with replaces, still a standby.
+        pebble.set_renewal_info(leaf_pem(standby), window(-dt.timedelta(hours=2), -dt.timedelta(hours=1)))
+        standby = wait_for(lambda: (leaf := stored_leaf(edge, "standby.shop.test")) is not None
+                           and leaf.serial_number not in serials and leaf, timeout=ISSUANCE, interval=0.1)
+        serials.append(standby.serial_number)
+    assert issued_count(edge, "standby.shop.test") == 3
+    assert (pebble.root / "pebble.log").read_text().count("is a replacement of") == len(
+        re.findall(r", replacing ", edge.log.decode(errors="replace")))
+    metrics = edge.curl(f"http://127.0.0.1:{admin}/metrics").stdout
+    assert "edge_acme_renewals_overdue 0.0" in metrics
+    # Once the custom certificate is deleted, the standby serves at once.
+    edge.cli("domains-ssl", "standby.shop.test", "--disable")
+    served = wait_for(lambda: pebble_leaf(edge, pebble, "standby.shop.test"), timeout=5, interval=0.05)
+    assert served.serial_number == standby.serial_number
+
+
 def test_unknown_profile_is_refused_naming_the_offered_ones(tmp_path: Path, pebble_factory, backend: str,
                                                              edges: list) -> None:
     pebble = pebble_factory(profiles=("default", "shortlived"))
