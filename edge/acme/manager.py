@@ -58,8 +58,9 @@ class AcmeManager:
         self.orders = Orders(config, store, self.status, index.domains, self._pool, collections.deque())
         self._config = config
         self._scan_requested = True
-        # domain -> (next planned renewal or retry, its reason, when its certificates fall due)
-        self._planned: dict[str, tuple[float, str, float | None]] = {}
+        # domain -> (next planned renewal or retry, its reason, when its certificates fall due,
+        # whether one of them came from a fallback CA)
+        self._planned: dict[str, tuple[float, str, float | None, bool]] = {}
         self._gauges: tuple[float, dict[str, float]] | None = None
 
     @property
@@ -261,8 +262,9 @@ class AcmeManager:
         planned = renewal.soonest(held, self.config.key_types, now, status)
         if planned is None:
             self._planned.pop(domain, None)
-        else:
-            self._planned[domain] = planned
+            return
+        issuers = {p.issuer for p in (status.plan(k) for k in status.plans or {}) if p is not None} if status else set()
+        self._planned[domain] = (*planned, bool(issuers - {self.config.directory}))
 
     def renewal_gauges(self, now: float | None = None) -> dict[str, float]:
         """The renewal gauges as last computed (in a thread, by ``run``: every second, up to
@@ -283,15 +285,18 @@ class AcmeManager:
             await asyncio.sleep(min(GAUGES_TTL, max(1.0, 50 * (time.time() - now))))
 
 
-def renewal_gauges_of(planned: list[tuple[float, str, float | None]], now: float) -> dict[str, float]:
+def renewal_gauges_of(planned: list[tuple[float, str, float | None, bool]], now: float) -> dict[str, float]:
     """``next`` (seconds to the soonest planned renewal or retry, negative when late),
     ``overdue`` (domains whose certificates' planned renewal passed ``OVERDUE_AFTER``
-    ago), ``reason_<r>`` (domains whose next renewal is planned for reason r)."""
+    ago), ``reason_<r>`` (domains whose next renewal is planned for reason r),
+    ``ca_primary``/``ca_fallback`` (domains whose certificates all come from the primary
+    CA / one of them from a fallback CA)."""
     out: dict[str, float] = {f"reason_{r}": 0 for r in renewal.REASONS}
-    out["overdue"] = 0
+    out.update(overdue=0, ca_primary=0, ca_fallback=0)
     soonest = None
-    for when, reason, certs_due in planned:
+    for when, reason, certs_due, fallback in planned:
         out[f"reason_{reason}"] += 1
+        out["ca_fallback" if fallback else "ca_primary"] += 1
         soonest = when if soonest is None else min(soonest, when)
         if certs_due is not None and certs_due < now - renewal.OVERDUE_AFTER:
             out["overdue"] += 1

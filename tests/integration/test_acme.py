@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import trustme
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -698,7 +699,8 @@ def test_a_fallback_ca_with_a_profile_of_its_own(tmp_path: Path, pebble_factory,
     edges.remove(wrong)
     # The primary's profile is "shortlived"; this fallback is asked for its "default" (90 days),
     # not the primary's profile, which it offers too.
-    edge = start_edge(tmp_path / "edge", primary, backend, edges, profile="shortlived",
+    admin = free_port()
+    edge = start_edge(tmp_path / "edge", primary, backend, edges, profile="shortlived", admin_port=admin,
                       fallback_directories=[dict(own, profile="default")])
     edge.cli("domains-add", "first.shop.test", "--app", "shop")
     from_primary = wait_for(lambda: pebble_leaf(edge, primary, "first.shop.test"), timeout=ISSUANCE, interval=0.1)
@@ -711,3 +713,56 @@ def test_a_fallback_ca_with_a_profile_of_its_own(tmp_path: Path, pebble_factory,
     assert f"{fallback.directory} (profile default)" in log  # the manager's start line names it
     assert "does not offer the profile" not in log and "is not offered by" not in log
     assert row(edge, "own.shop.test")["acme"]["plans"]["ecdsa"]["issuer"] == fallback.directory
+    # The fallback in use shows in the metrics (a Grafana panel), as a count of domains.
+    wait_for(lambda: 'edge_acme_domains_by_ca{ca="fallback"} 1.0' in (text := edge.curl(
+        f"http://127.0.0.1:{admin}/metrics").stdout) and 'edge_acme_domains_by_ca{ca="primary"} 1.0' in text,
+        timeout=10, interval=0.2)
+
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+SELECTOR = re.compile(r"\b(edge_[a-z0-9_]+)(?:\{([^}]*)\})?")
+
+
+def exported(metrics: str) -> dict[str, list[dict[str, str]]]:
+    """Sample name -> the label sets of its samples, from Prometheus text (the exposition format)."""
+    out: dict[str, list[dict[str, str]]] = {}
+    for line in metrics.splitlines():
+        if line and not line.startswith("#"):
+            name, _, rest = line.partition("{")
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', rest.rpartition("}")[0])) if rest else {}
+            out.setdefault(name.split(" ")[0], []).append(labels)
+    return out
+
+
+def test_alerts_and_dashboard_use_only_metrics_edge_exports(
+        tmp_path: Path, pebble: Pebble, backend: str, edges: list, ca: trustme.CA, write_pem) -> None:
+    """Every series the alert rules and the Grafana dashboard in deploy/ select (a name, and
+    each label = "value" matcher) is one edge's /metrics serves: a renamed metric would
+    leave an alert that never fires. Scraped from an edge with an acme certificate, a
+    custom one, and an app whose backend is down (the per-app and error series)."""
+    admin = free_port()
+    edge = start_edge(tmp_path / "edge", pebble, backend, edges, admin_port=admin)
+    edge.cli("domains-add", "metrics.shop.test", "--app", "shop")
+    wait_for(lambda: pebble_leaf(edge, pebble, "metrics.shop.test"), timeout=ISSUANCE, interval=0.1)
+    edge.cli("apps-add", "down", "--backend", f"127.0.0.1:{free_port()}")
+    edge.cli("domains-add", "down.shop.test", "--app", "down", *_files(write_pem, pki.issue(ca, "down.shop.test")))
+    assert edge.status("metrics.shop.test") == 200
+    wait_for(lambda: edge.status("down.shop.test") == 502, timeout=5, interval=0.1)
+    scrape = f"http://127.0.0.1:{admin}/metrics"
+    samples = wait_for(lambda: (found := exported(edge.curl(scrape).stdout)).get("edge_acme_next_renewal_seconds")
+                       and found, timeout=10, interval=0.2)
+    rules = yaml.safe_load((DEPLOY / "prometheus-alerts.yaml").read_text())
+    exprs = [("alert " + r["alert"], r["expr"]) for g in rules["groups"] for r in g["rules"]]
+    dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
+    exprs += [("panel " + p["title"], t["expr"]) for p in dashboard["panels"] for t in p.get("targets", [])]
+    checked = set()
+    for where, expr in exprs:
+        for name, matchers in SELECTOR.findall(expr):
+            assert name in samples, f"{where}: {name} is not among edge's metrics"
+            for label, value in re.findall(r'(\w+)\s*=\s*"([^"]*)"', matchers):  # = only, not != or =~
+                assert any(s.get(label) == value for s in samples[name]), f'{where}: no {name}{{{label}="{value}"}}'
+            checked.add(name)
+    # The new ACME gauges are among them, in the alerts and on the dashboard.
+    assert {"edge_acme_renewals_overdue", "edge_acme_next_renewal_seconds", "edge_acme_planned_renewals",
+            "edge_acme_domains_by_ca", "edge_app_requests_total", "edge_app_upstream_errors_total"} <= checked
+    print(f"{len(checked)} metric names checked in {len(exprs)} expressions")
