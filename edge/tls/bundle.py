@@ -185,6 +185,13 @@ def _order_chain(
     return chain
 
 
+def _key_warnings(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, path: str) -> list[str]:
+    if isinstance(key, rsa.RSAPrivateKey) and key.key_size > SLOW_RSA_BITS:
+        return [f"{path}: the RSA key has {key.key_size} bits; every full handshake for this domain costs "
+                f"several times what a {MIN_RSA_BITS}-bit or ECDSA key does; prefer `--key-type ec256`"]
+    return []
+
+
 def _check_key_strength(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, path: str) -> KeyType:
     if isinstance(key, rsa.RSAPrivateKey):
         if key.key_size < MIN_RSA_BITS:
@@ -306,11 +313,7 @@ def validate(
 
     self_signed = leaf.issuer == leaf.subject and _signed_by(leaf, leaf)
     warnings += _trust_warnings(chain, self_signed, cert_path)
-    if isinstance(key, rsa.RSAPrivateKey) and key.key_size > SLOW_RSA_BITS:
-        warnings.append(
-            f"{key_path}: the RSA key has {key.key_size} bits; every full handshake for this domain "
-            f"costs several times what a {MIN_RSA_BITS}-bit or ECDSA key does; prefer `--key-type ec256`"
-        )
+    warnings += _key_warnings(key, key_path)
 
     chain_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
     key_out = key.private_bytes(
