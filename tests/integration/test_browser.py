@@ -4,7 +4,9 @@ connection, because edge does not send SETTINGS_ENABLE_CONNECT_PROTOCOL
 (RFC 8441 §3: without it a client must not use extended CONNECT, so browsers
 fall back to the HTTP/1.1 Upgrade of RFC 6455 §4). Checked from both sides:
 edge's access log (`protocol`, status) and handshake counter, and the browser's
-DevTools protocol (CDP) view of each response and the Performance API."""
+DevTools protocol (CDP) view of each response and the Performance API. And
+the browser's connection coalescing (RFC 9113 §9.1.1) across two apps under
+the wildcard certificate, each stream routed by its :authority."""
 
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from tests.integration.conftest import EdgeProcess, free_port, require_tool, wait_for
 
 HOST = "page.edge.test"
+CDN = "cdn.edge.test"  # another app under the same wildcard certificate
 IMAGES = SCRIPTS = 24  # 48 resources: more than six HTTP/1.1 connections would carry one at a time
 # The smallest valid GIF (1x1, transparent): the browser decodes it, so `naturalWidth` proves it arrived.
 GIF = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
@@ -65,9 +68,9 @@ window.echoed = new Promise((resolve, reject) => {{
 """
 
 
-def page_html() -> str:
+def page_html(images_from: str = "") -> str:
     scripts = "\n".join(f'<script src="/s/{n}.js"></script>' for n in range(SCRIPTS))
-    images = "\n".join(f'<img src="/i/{n}.gif" width="1" height="1">' for n in range(IMAGES))
+    images = "\n".join(f'<img src="{images_from}/i/{n}.gif" width="1" height="1">' for n in range(IMAGES))
     return PAGE.format(scripts=scripts, images=images)
 
 
@@ -75,11 +78,13 @@ def page_html() -> str:
 
 
 @pytest.fixture(scope="module")
-def page_backend() -> Iterator[str]:
+def page_backend() -> Iterator[tuple[str, str]]:
+    """The application on two ports: two backends, for two apps."""
     no_store = {"Cache-Control": "no-store"}
 
     async def page(request: web.Request) -> web.Response:
-        return web.Response(text=page_html(), content_type="text/html", headers=no_store)
+        html = page_html(request.query.get("images_from", ""))
+        return web.Response(text=html, content_type="text/html", headers=no_store)
 
     async def script(request: web.Request) -> web.Response:
         text = f"window.scriptsRun = (window.scriptsRun || 0) + 1; // {request.match_info['n']}\n"
@@ -104,19 +109,20 @@ def page_backend() -> Iterator[str]:
     app.router.add_get("/ws", echo)
     runner = web.AppRunner(app, access_log=None)
     loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    loop.run_until_complete(site.start())
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    sites = [web.TCPSite(runner, "127.0.0.1", 0), web.TCPSite(runner, "127.0.0.1", 0)]
+    for site in sites:
+        loop.run_until_complete(site.start())
+    first, second = (f"127.0.0.1:{site._server.sockets[0].getsockname()[1]}" for site in sites)  # type: ignore[union-attr]
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    yield f"127.0.0.1:{port}"
+    yield first, second
     asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(5)
 
 
 @pytest.fixture(scope="module")
-def edge(tmp_path_factory: pytest.TempPathFactory, page_backend: str) -> Iterator[EdgeProcess]:
+def edge(tmp_path_factory: pytest.TempPathFactory, page_backend: tuple[str, str]) -> Iterator[EdgeProcess]:
     process = EdgeProcess(tmp_path_factory.mktemp("edge-browser"))
     process.metrics_port = free_port()  # type: ignore[attr-defined]
     text = process.config.read_text().replace(
@@ -124,8 +130,10 @@ def edge(tmp_path_factory: pytest.TempPathFactory, page_backend: str) -> Iterato
     ).replace('level = "debug"', 'level = "info"\naccess_log = true')
     process.config.write_text(text)
     process.start()
-    process.cli("apps-add", "page", "--backend", page_backend)
+    process.cli("apps-add", "page", "--backend", page_backend[0])
+    process.cli("apps-add", "cdn", "--backend", page_backend[1])
     process.wait_routed(HOST, "/page")
+    process.wait_routed(CDN, "/page")
     yield process
     process.stop()
 
@@ -141,7 +149,16 @@ def handshakes(edge: EdgeProcess) -> int:
 
 def access_lines(edge: EdgeProcess) -> list[dict[str, Any]]:
     return [json.loads(line[line.index("{"):]) for line in bytes(edge.log).decode(errors="replace").splitlines()
-            if '"request_id":' in line and f'"host":"{HOST}' in line]
+            if '"request_id":' in line]
+
+
+def new_access_lines(edge: EdgeProcess, since: int, expected: int) -> list[dict[str, Any]]:
+    """The access lines after the first ``since``, once there are ``expected`` of them."""
+    def enough() -> list[dict[str, Any]] | None:
+        new = access_lines(edge)[since:]
+        return new if len(new) >= expected else None
+
+    return wait_for(enough, timeout=10)
 
 
 # --- a small DevTools protocol client over aiohttp's WebSocket client --------------------------
@@ -314,8 +331,7 @@ def test_chromium_loads_the_page_over_one_h2_connection_and_its_websocket_over_h
     # WebSocket (logged once the browser closed it), and two handshakes in all: the WebSocket's HTTP/1.1 connection
     # cannot be the h2 one (ALPN chose one protocol per connection), so all 49 h2 requests came on ONE connection.
     expected = 2 + IMAGES + SCRIPTS
-    lines = wait_for(lambda: (lambda new: new if len(new) >= expected else None)(access_lines(edge)[logged_before:]),
-                     timeout=10)
+    lines = new_access_lines(edge, logged_before, expected)
     assert len(lines) == expected, lines
     by_path = {line["path"]: line for line in lines}
     websocket = by_path.pop("/ws")
@@ -324,3 +340,29 @@ def test_chromium_loads_the_page_over_one_h2_connection_and_its_websocket_over_h
     assert {(line["protocol"], line["status"]) for line in by_path.values()} == {("HTTP/2", 200)}
     assert all("HeadlessChrome" in line["user_agent"] for line in lines)
     assert handshakes(edge) - before == 2, f"one TLS connection for the page, one for the WebSocket ({chromium.netlog})"
+
+
+def test_chromium_coalesces_another_app_under_the_wildcard_onto_the_same_connection(
+    edge: EdgeProcess, chromium: Chromium, page_backend: tuple[str, str]
+) -> None:
+    """RFC 9113 §9.1.1: the certificate of page.edge.test covers cdn.edge.test
+    (*.edge.test) and both names resolve to the same address, so Chromium sends
+    the images for cdn.edge.test on the page's connection; edge routes each
+    stream by its :authority, to the other app's backend."""
+    endpoint = chromium.devtools_url()
+    before, logged_before = handshakes(edge), len(access_lines(edge))
+    images_from = f"https://{CDN}:{edge.https_port}"
+    seen, cdp = asyncio.run(load_page(endpoint, f"https://{HOST}:{edge.https_port}/page?images_from={images_from}"))
+
+    assert seen["echo"] == "echo:hello from chromium" and seen["images"] == IMAGES, seen
+    responses = [r["response"] for r in cdp.all("Network.responseReceived")]
+    assert sum(r["url"].startswith(images_from + "/") for r in responses) == IMAGES
+    assert {r["protocol"] for r in responses} == {"h2"}
+    assert len({r["connectionId"] for r in responses}) == 1, "both names on one connection"
+
+    lines = new_access_lines(edge, logged_before, 2 + IMAGES + SCRIPTS)
+    cdn = [line for line in lines if line["host"] == CDN]
+    assert len(cdn) == IMAGES
+    assert {(line["protocol"], line["status"], line["backend"]) for line in cdn} == {("HTTP/2", 200, page_backend[1])}
+    assert {line["backend"] for line in lines if line["host"] == HOST} == {page_backend[0]}
+    assert handshakes(edge) - before == 2, f"one connection for both names, one for the WebSocket ({chromium.netlog})"
