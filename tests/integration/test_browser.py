@@ -181,6 +181,7 @@ class Chromium:
         self.proc = subprocess.Popen(
             [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--disable-dev-shm-usage",  # containers often give /dev/shm 64 MiB, too little for a renderer
              f"--user-data-dir={profile}", "--remote-debugging-port=0",
              "--host-resolver-rules=MAP *.edge.test 127.0.0.1",
              "--ignore-certificate-errors-spki-list=" + base64.b64encode(hashlib.sha256(spki).digest()).decode(),
