@@ -633,6 +633,37 @@ def test_six_day_standby_is_kept_renewed_while_the_custom_certificate_is_near_it
     assert served.serial_number == standby.serial_number
 
 
+def test_a_renewal_failing_past_its_plan_is_overdue_in_the_metrics(tmp_path: Path, pebble_factory, backend: str,
+                                                                   edges: list) -> None:
+    """What the EdgeAcmeRenewalOverdue alert reads, end to end: a 6-day certificate whose renewal
+    was planned over an hour ago and keeps failing counts in edge_acme_renewals_overdue (the alert
+    fires after 2 h of it); once renewed, it no longer does."""
+    pebble = pebble_factory(profiles=("default", "shortlived"))
+    admin = free_port()
+    edge = start_edge(tmp_path / "edge", pebble, backend, edges, admin_port=admin, profile="shortlived",
+                      backoff_max=8, **ARI_FAST)  # retried every 2-8 s
+    edge.cli("domains-add", "late.shop.test", "--app", "shop")
+    first = wait_for(lambda: pebble_leaf(edge, pebble, "late.shop.test"), timeout=ISSUANCE, interval=0.1)
+    scrape = f"http://127.0.0.1:{admin}/metrics"
+
+    def gauge(line: str) -> str:
+        return wait_for(lambda: (text := edge.curl(scrape).stdout) and line in text and text, timeout=10, interval=0.2)
+
+    gauge("edge_acme_renewals_overdue 0.0")
+    # The name stops pointing here (validation fails), and the CA wants the renewal 2-3 hours ago.
+    pebble.resolve("late.shop.test", "127.0.0.2")
+    pebble.set_renewal_info(leaf_pem(first), window(-dt.timedelta(hours=3), -dt.timedelta(hours=2)))
+    metrics = gauge("edge_acme_renewals_overdue 1.0")
+    assert 'edge_acme_planned_renewals{reason="retry"} 1.0' in metrics
+    state = acme_state(edge, "late.shop.test") or {}
+    assert state.get("state") == "failed" and "validation failed" in state.get("last_error", "")
+    assert pebble_leaf(edge, pebble, "late.shop.test").serial_number == first.serial_number  # still served
+    # The name is fixed: the next attempt renews it, and nothing is overdue.
+    pebble.resolve("late.shop.test", "127.0.0.1")
+    renewed(edge, pebble, "late.shop.test", first)
+    gauge("edge_acme_renewals_overdue 0.0")
+
+
 def test_unknown_profile_is_refused_naming_the_offered_ones(tmp_path: Path, pebble_factory, backend: str,
                                                              edges: list) -> None:
     pebble = pebble_factory(profiles=("default", "shortlived"))
