@@ -326,6 +326,10 @@ def markdown(results: dict[str, object]) -> str:
                   f"{sizes['db_after_renewal_mib']:.0f} MiB | {sizes['db_compacted_mib']:.0f} MiB | "
                   f"{sizes['bytes_per_bundle']:,.0f} | {sizes['renewal_bytes_per_bundle']:,.0f} | "
                   f"{sizes['db_1m_bundles_gib']:.2f} GiB |"]
+        by_size = sizes.get("per_name_by_bundle_size", {})
+        if by_size:
+            lines += ["", "etcd database bytes per name (a domain entry and one bundle) by bundle size: " +
+                      ", ".join(f"{int(k):,} B: {v:,.0f}" for k, v in by_size.items())]
     return "\n".join(lines) + "\n"
 
 
