@@ -18,8 +18,8 @@ a new TLS handshake (the connections an upgrade can refuse or reset). After
 
 ``--migrate 0,1`` runs each mode in a private network namespace (``unshare -n``)
 with ``net.ipv4.tcp_migrate_req`` set to that value, so the host's setting is
-neither needed nor changed. wrk counts a refused connection as a connect error
-and a reset one as a read error.
+neither needed nor changed. wrk counts a refused connection, and one reset
+before its TLS handshake ended, as a connect error; one reset later as a read error.
 """
 
 from __future__ import annotations
@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(done.stdout[-2000:], done.stderr[-3000:], file=sys.stderr)
                 return 1
             rows += json.loads(done.stdout.strip().splitlines()[-1])
-    print("| mode | workers | tcp_migrate_req | wrk requests | wrk refused (connect errors) | wrk reset (read errors) "
+    print("| mode | workers | tcp_migrate_req | wrk requests | wrk connect errors (refused, or reset in the handshake) "
+          "| wrk read errors (reset) "
           "| wrk write errors, timeouts, non-2xx | slow-hello requests | slow refused | slow reset | slow other "
           "| new serving after, s | old gone after, s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
