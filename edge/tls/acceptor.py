@@ -35,7 +35,7 @@ from edge.tls import clienthello, contexts, handover
 from edge.tls.contexts import ContextBuildError, ContextCache
 from edge.tls.gate import Gate, Peer
 from edge.tls.handover import alert
-from edge.tls.intake import AcceptLoop, HelloReader, close_gently
+from edge.tls.intake import Accepted, AcceptLoop, HelloReader, close_gently
 from edge.tls.selector import Choice, Selector, Source
 from edge.tls.stats import HandshakeStats, TlsInfo
 
@@ -151,13 +151,14 @@ class TlsAcceptor:
         for task in list(self._tasks):
             task.cancel()
 
-    def _accepted(self, sock: socket.socket, address: tuple, reader: HelloReader) -> None:
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def _accepted(self, sock: Accepted, address: tuple, reader: HelloReader) -> None:
+        # No setblocking/TCP_NODELAY here: the reader passes MSG_DONTWAIT, and
+        # uvloop sets both when it takes the socket (intake.Accepted).
         if self.gate is None:
             reader.add(sock)
         else:
-            self.gate.admit(sock, address, reader.add)
+            sock.setblocking(False)  # the gate's reads wait for readiness
+            self.gate.admit(sock, address, reader.add)  # type: ignore[arg-type]
 
     def _refused(self, sock: socket.socket, data: bytes, why: str | clienthello.NotClientHello) -> None:
         if why == "timeout":

@@ -15,6 +15,9 @@ through a context variable set on the handshake task:
   the error with ``PyErr_WriteUnraisable``). Certificate and ALPN come from
   the set context; versions, options, groups and ticket keys stay the
   listener's (OpenSSL reads them from the SSL object and its session_ctx).
+* **The ClientHello edge already read is the SSL object's first input**
+  (``intake.Accepted.received``, written into its incoming BIO), so the
+  first ``do_handshake``, right at ``connection_made``, answers it.
 * **A fatal alert OpenSSL wrote is sent.** uvloop (like asyncio, CPython
   issue 98078) closes the transport on a handshake error without flushing
   the outgoing BIO, so clients saw "unexpected eof" instead of
@@ -31,6 +34,8 @@ import ssl
 from collections.abc import Callable
 from socket import socket
 from typing import Any
+
+from edge.tls.intake import Accepted
 
 # RFC 8446 §6: AlertDescription values edge sends itself.
 HANDSHAKE_FAILURE = 40
@@ -72,9 +77,15 @@ class EdgeSSLObject(ssl.SSLObject):
         )
         handover = _handover.get()
         obj._edge_outgoing = outgoing
-        obj._edge_sock = handover.sock if handover is not None else None
-        if handover is not None and handover.context is not None and handover.context is not context:
+        if handover is None:
+            obj._edge_sock = None
+            return obj
+        sock = obj._edge_sock = handover.sock
+        if handover.context is not None and handover.context is not context:
             obj.context = handover.context
+        if isinstance(sock, Accepted) and sock.received:
+            incoming.write(sock.received)
+            sock.received = b""  # the socket lives as long as the connection: not these bytes
         return obj
 
     def do_handshake(self) -> None:
