@@ -108,7 +108,7 @@ class TlsAcceptor:
         self.stats = HandshakeStats()
         self._listeners: list[AcceptLoop] = []
         self._readers: list[HelloReader] = []
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task | handover.Handshake] = set()  # before or in their handshake
         handover.install(listener_context)
         handover.quiet_writes_after_close()
 
@@ -250,7 +250,7 @@ class TlsAcceptor:
         ctx.set_alpn_protocols([_ACME_TLS.decode()])
         handover.install(ctx)
         try:
-            await handover.start_tls(sock, _ClosingProtocol, ctx, None, max(0.001, self._left(deadline)))
+            await handover.handshake(sock, _ClosingProtocol, ctx, None, max(0.001, self._left(deadline)))
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             log.debug("TLS-ALPN-01 handshake for %s failed: %s", name, exc)
             sock.close()
@@ -280,8 +280,9 @@ class TlsAcceptor:
                   peer: Peer | None = None) -> None:
         """Start the TLS handshake with ``ctx``'s certificate, in what is left of the budget.
 
-        No coroutine of ours wraps it: the hot path is one task (uvloop's
-        ``connect_accepted_socket``) and a done callback.
+        No coroutine or task of ours wraps it: the hot path is uvloop's
+        ``connect_accepted_socket`` stepped by ``handover.Handshake``, and a
+        done callback.
         """
         left = self._left(deadline)
         if left <= 0:
@@ -289,23 +290,27 @@ class TlsAcceptor:
             close_gently(sock)
             return
         info = TlsInfo(name, choice.source, hello.alpn, peer)
-        task = handover.start_tls(sock, lambda: factory(info), self.listener_context, ctx, left)
-        self._tasks.add(task)
         started = asyncio.get_running_loop().time()
-        task.add_done_callback(lambda done: self._handshake_done(done, sock, name, choice.source, started))
+        source = choice.source
 
-    def _handshake_done(self, task: asyncio.Task, sock: socket.socket, name: str | None, source: Source,
-                        started: float) -> None:
-        self._tasks.discard(task)
-        if task.cancelled():
-            sock.close()
-            return
-        exc = task.exception()
-        if exc is None:
-            transport = task.result()[0]
-            sslobj = transport.get_extra_info("ssl_object")
+        def done(handshake: handover.Handshake, result: tuple[asyncio.BaseTransport, asyncio.BaseProtocol] | None,
+                 exc: BaseException | None) -> None:
+            self._handshake_done(handshake, result, exc, sock, name, source, started)
+
+        handshake = handover.start_tls(sock, lambda: factory(info), self.listener_context, ctx, left, done)
+        if not handshake.ended:
+            self._tasks.add(handshake)
+
+    def _handshake_done(self, handshake: handover.Handshake,
+                        result: tuple[asyncio.BaseTransport, asyncio.BaseProtocol] | None, exc: BaseException | None,
+                        sock: socket.socket, name: str | None, source: Source, started: float) -> None:
+        self._tasks.discard(handshake)
+        if result is not None:
+            sslobj = result[0].get_extra_info("ssl_object")
             version = (sslobj.version() if sslobj is not None else None) or "unknown"
             self.stats.done(version, source, asyncio.get_running_loop().time() - started)
+        elif isinstance(exc, asyncio.CancelledError):
+            sock.close()
         else:
             log.debug("handshake for %s failed: %s", name, exc)
             self.stats.fail("handshake")

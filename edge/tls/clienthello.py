@@ -10,7 +10,7 @@ RFC 6066 §3 (server_name), RFC 7301 §3.1 (ALPN).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 _HANDSHAKE = 22  # ContentType.handshake, RFC 8446 §5.1
 _CLIENT_HELLO = 1  # HandshakeType.client_hello, RFC 8446 §4
@@ -53,8 +53,7 @@ class TooLarge(NotClientHello):
     """A ClientHello past MAX_CLIENT_HELLO or MAX_RECORDS: refuse it."""
 
 
-@dataclass(frozen=True, slots=True)
-class ClientHello:
+class ClientHello(NamedTuple):
     server_name: bytes | None
     alpn: tuple[bytes, ...]
 
@@ -146,8 +145,12 @@ def _parse_body(buf: bytes, pos: int, end: int) -> ClientHello:
     server_name: bytes | None = None
     alpn: tuple[bytes, ...] = ()
     while pos + 4 <= extensions_end:
+        # Extension: type(2), extension_data<0..2^16-1> (RFC 8446 §4.2), _vector inlined: it runs per extension.
         ext_type = (buf[pos] << 8) | buf[pos + 1]
-        start, pos = _vector(buf, pos + 2, 2, extensions_end)
+        start = pos + 4
+        pos = start + ((buf[pos + 2] << 8) | buf[pos + 3])
+        if pos > extensions_end:
+            raise ValueError("vector runs past its parent")
         if ext_type == _EXT_SERVER_NAME:
             server_name = _server_name(buf, start, pos)
         elif ext_type == _EXT_ALPN:

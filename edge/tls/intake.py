@@ -289,8 +289,6 @@ class HelloReader:
         need = self._read(pending)
         if need:
             self._wait(fd, pending, need)
-        else:
-            self._forget(fd)
 
     def _read(self, pending: _Pending) -> int:
         """Read what has arrived and act on it: 0 when the connection is handed
@@ -298,18 +296,18 @@ class HelloReader:
         sock = pending.sock
         room = clienthello.MAX_WIRE_SIZE - len(sock.received)
         if room <= 0:  # cannot happen (parse refuses first); recv_into would read 0 as "all of it"
-            self.on_refused(sock, sock.received, clienthello.TooLarge("ClientHello past its bounds"))
+            self._refuse(pending, sock.received, clienthello.TooLarge("ClientHello past its bounds"))
             return 0
         try:
             count = sock.recv_into(self._buffer, room, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return pending.lowat
         except OSError:
-            self.on_refused(sock, sock.received, "closed")
+            self._refuse(pending, sock.received, "closed")
             return 0
         if not count:
             # End of stream before the ClientHello was whole.
-            self.on_refused(sock, sock.received, "closed")
+            self._refuse(pending, sock.received, "closed")
             return 0
         data = sock.received = sock.received + self._view[:count] if sock.received else bytes(self._view[:count])
         try:
@@ -317,14 +315,23 @@ class HelloReader:
         except clienthello.NeedMore as more:
             return more.need - len(data)
         except clienthello.NotClientHello as exc:
-            self.on_refused(sock, data, exc)
+            self._refuse(pending, data, exc)
             return 0
+        # Stop watching it before handing it on: the TLS transport takes the
+        # descriptor (and its reader) at once.
+        if pending.timer is not None:
+            self._forget(sock.fileno())
         if pending.lowat != 1:
             # Back to the default before the TLS stack reads: a low-water mark
             # would delay its wake-ups too.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         self.on_hello(sock, hello, pending.deadline, pending.peer)
         return 0
+
+    def _refuse(self, pending: _Pending, data: bytes, why: str | clienthello.NotClientHello) -> None:
+        if pending.timer is not None:  # waited: watched no more
+            self._forget(pending.sock.fileno())
+        self.on_refused(pending.sock, data, why)
 
     def _wait(self, fd: int, pending: _Pending, need: int) -> None:
         if need != pending.lowat:
