@@ -6,13 +6,14 @@ await, so a cold name would build its context (~1 ms of OpenSSL work, plus a
 store read) while every other connection waits. Instead:
 
 1. accept the raw socket (``intake.AcceptLoop``: pauses when out of fds);
-2. wait for the whole ClientHello, reading it with ``MSG_PEEK`` so the bytes
-   stay in the kernel for the TLS stack (``intake.HelloReader``), and parse
-   SNI and ALPN (``clienthello.parse``);
+2. wait for the whole ClientHello and read it (``intake.HelloReader``), the
+   bytes kept with the socket for the TLS stack, and parse SNI and ALPN
+   (``clienthello.parse``);
 3. select the certificate (``Selector``) and fetch its context from the
    cache, building it in a thread pool on a miss;
 4. start TLS with the *listener* context, the chosen one set on the
-   connection before the handshake (``handover.start_tls``).
+   connection and the ClientHello given to it before the handshake
+   (``handover.start_tls``).
 
 Handshakes run with the listener context so its session-ticket keys, made
 once before workers fork, are shared: resumption works across workers.
@@ -117,7 +118,7 @@ class TlsAcceptor:
         """Accept TLS connections on ``sock``; ``protocol_factory`` makes their protocol."""
         sock.setblocking(False)
         # Wake accept() only once the client has sent data (its ClientHello), as
-        # nginx's "deferred" does: the peek then succeeds at once, without an
+        # nginx's "deferred" does: the first read then succeeds at once, without an
         # extra epoll registration and wake-up per connection.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, max(1, int(self.handshake_timeout)))
         reader = HelloReader(

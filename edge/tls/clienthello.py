@@ -1,6 +1,6 @@
 """Parse the SNI and ALPN of a TLS ClientHello from the first bytes of a connection.
 
-The listener peeks these bytes (MSG_PEEK) before the handshake starts, so it
+The listener reads these bytes before the handshake starts, so it
 can fetch or build the certificate context off the event loop and hand the
 socket to the TLS stack with it ready. A pure function of bytes: no I/O.
 
@@ -26,7 +26,7 @@ _HOST_NAME = 0  # NameType.host_name, RFC 6066 §3
 MAX_CLIENT_HELLO = 64 * 1024
 # Records a ClientHello may be cut into. Browsers use one (or 2-4 for a large
 # hello, anti-censorship tools a few more); thousands of 1-byte records would
-# make each re-parse of the peeked bytes cost milliseconds.
+# make each re-parse of the bytes read so far cost milliseconds.
 MAX_RECORDS = 64
 _MAX_RECORD = 16384  # RFC 8446 §5.1: TLSPlaintext.length MUST NOT exceed 2^14
 # The most bytes a ClientHello within both bounds can take on the wire.

@@ -9,7 +9,7 @@ through a context variable set on the handshake task:
 * **The certificate context is set before the handshake starts**
   (``SSLObject.context``, i.e. ``SSL_set_SSL_CTX``), where an
   ``sni_callback`` used to swap it in: the acceptor already chose it from
-  the peeked ClientHello. With no SNI callback, CPython never decodes the
+  the ClientHello it read. With no SNI callback, CPython never decodes the
   client's SNI bytes, so a non-ASCII name can no longer fail the handshake
   with a traceback on stderr (CPython decodes it as strict ASCII and reports
   the error with ``PyErr_WriteUnraisable``). Certificate and ALPN come from
