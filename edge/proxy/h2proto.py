@@ -184,20 +184,26 @@ class H2ProxyProtocol(ClientConnection):
     def end(self, req: Request) -> None:
         if not bodiless(req.method, req.status) and req.sid in self.h2.streams:
             self.h2.send_data(req.sid, b"", end_stream=True)
-        if self.exchanges.pop(req.sid, None) is not None:
-            self._stream_done()
+        self._forget(req)
 
     def abort(self, req: Request, error: UpstreamError) -> None:
         # A stalled stream is cancelled; a broken backend is an internal error (RFC 9113 §7).
         self.h2.reset_stream(req.sid, ErrorCode.CANCEL if error.kind == "timeout" else ErrorCode.INTERNAL_ERROR)
+        self._forget(req)
+
+    def _forget(self, req: Request) -> None:
+        if req.unacked:
+            # Held back for a backend that is gone: the rest of the body is read
+            # and dropped, so the client must be able to send it.
+            self.h2.ack_data(req.sid, req.unacked)
+            req.unacked = 0
         if self.exchanges.pop(req.sid, None) is not None:
             self._stream_done()
 
     def pause(self, req: Request) -> None:
-        req.body_held = True  # request DATA is no longer given back: the client waits
+        pass  # req.body_held: request DATA is no longer given back, the client waits (see _data)
 
     def resume(self, req: Request) -> None:
-        req.body_held = False
         if req.unacked:
             self.h2.ack_data(req.sid, req.unacked)
             req.unacked = 0

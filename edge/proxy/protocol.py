@@ -167,7 +167,8 @@ class HttpProxyProtocol(ClientConnection):
         queue = self.queue
         if queue and queue[0] is req:
             queue.popleft()
-        self._resume("request")
+        if req.body_held:
+            req.release_body()  # a backend that was full is gone
         if not keeps_alive(req, draining=False):
             # Closing mid-body (an early error answer) avoids reading a body
             # nobody wants; after a refused upgrade the parser is spent.

@@ -115,7 +115,7 @@ class Request:
         self.t0 = time.monotonic()
         self.deadline = 0.0  # HTTP/2: when the response stalls (the connection's tick checks it)
         self.unacked = 0  # HTTP/2: request body bytes read and not yet given back to the client's window
-        self.body_held = False  # HTTP/2: request body window withheld (``Downstream.pause``)
+        self.body_held = False  # the client's request body waits (``Downstream.pause``)
 
     def to(self, phase: Phase) -> None:
         if not NEXT[self.phase] & phase:
@@ -139,7 +139,7 @@ class Request:
             self.body.append(data)
             self.buffered += len(data)
             if self.buffered > BUFFER_LIMIT:
-                self.downstream.pause(self)
+                self.hold_body()
         elif self.conn is not None:
             self.conn.write(h1.chunk(data) if self.chunked else data)
         return True
@@ -178,12 +178,15 @@ class Request:
 
     def attach(self, conn: BackendConnection, head: bytes) -> None:
         """Send the request on ``conn``; its response comes back here."""
-        self.to(_SENT)
+        if not NEXT[self.phase] & _SENT:  # self.to, inline on the hot path
+            raise IllegalTransition(self.phase, _SENT)
+        self.phase = _SENT
         self.conn = conn
         conn.start(self, head_only=self.method == b"HEAD")
         downstream = self.downstream
         body, self.body = self.body, None
-        downstream.resume(self)  # before the writes: a backend that fills up pauses it again
+        if self.body_held:
+            self.release_body()  # before the writes: a backend that fills up holds it again
         conn.write(head)
         if body:
             conn.write(b"".join([h1.chunk(b) for b in body]) if self.chunked else b"".join(body))
@@ -207,10 +210,10 @@ class Request:
             # Interim answers (100 Continue, 103 Early Hints) go straight through (RFC 9110 §15.2).
             self.downstream.send_head(self, status, reason, headers, None, False)
             return
-        self.to(_RESPONDING)
+        self.phase = _RESPONDING  # from SENT, checked above
         self.status = status
         self.retry_head = b""
-        no_body = bodiless(self.method, status)
+        no_body = self.method == b"HEAD" or status == 204 or status == 304  # bodiless(), inline
         length = content_length if no_body or not chunked else None
         if self.app is not None and self.app.hsts and self.downstream.tls is not None:
             headers = with_hsts(headers, self.app)  # RFC 6797 §7.2: HTTPS only
@@ -257,10 +260,10 @@ class Request:
         self.answer(STATUS_FOR.get(error.kind, 502))
 
     def upstream_pause(self) -> None:
-        self.downstream.pause(self)
+        self.hold_body()
 
     def upstream_resume(self) -> None:
-        self.downstream.resume(self)
+        self.release_body()
 
     def batch_begin(self) -> None:
         self.downstream.batch_begin()
@@ -268,7 +271,18 @@ class Request:
     def batch_end(self) -> None:
         self.downstream.batch_end()
 
-    # --- back-pressure from the client ---------------------------------------------------
+    # --- back-pressure ------------------------------------------------------------------------
+    def hold_body(self) -> None:
+        """The backend is not taking the request body, or enough of it is held: the client waits."""
+        if not self.body_held:
+            self.body_held = True
+            self.downstream.pause(self)
+
+    def release_body(self) -> None:
+        if self.body_held:
+            self.body_held = False
+            self.downstream.resume(self)
+
     def hold(self) -> None:
         """The client is behind: the backend's reads wait."""
         if not self.backend_paused and self.conn is not None:
@@ -367,7 +381,9 @@ class Request:
         self.downstream.send_head(self, 101, reason, headers, None, False)
 
     def _complete(self) -> None:
-        self.to(_DONE)
+        if not NEXT[self.phase] & _DONE:  # self.to, inline on the hot path
+            raise IllegalTransition(self.phase, _DONE)
+        self.phase = _DONE
         self._account()
         self.downstream.end(self)
 
