@@ -1,7 +1,8 @@
 """The client side of a request, as the request sees it: the ``Downstream``
-interface, and what an HTTP/1.1 and an HTTP/2 connection share as asyncio
-protocols (who the client is, the read buffer, the connection's place in
-the proxy context, tasks)."""
+interface; the one rule for whether an HTTP/1.x connection stays alive
+after an answer; and what an HTTP/1.1 and an HTTP/2 connection share as
+asyncio protocols (who the client is, the read buffer, the connection's
+place in the proxy context, tasks)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,10 @@ WRITE_HIGH_WATER = 64 * 1024
 # munmap were 7% of a keep-alive profile. And no per-connection buffer: idle
 # connections stay small.
 _READ_BUFFER = memoryview(bytearray(64 * 1024))
+
+# Answers after which the request stream cannot be trusted: malformed (400), too
+# slow (408), too long (414, 431). The connection closes with them.
+CLOSING_STATUSES = frozenset({400, 408, 414, 431})
 
 
 class Downstream(Protocol):
@@ -70,6 +75,28 @@ class Downstream(Protocol):
     def batch_begin(self) -> None: ...
     def batch_end(self) -> None: ...
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
+
+
+def keeps_alive(req: Request, draining: bool, close_delimited: bool = False) -> bool:
+    """Whether an HTTP/1.x connection stays open after this request's answer: the
+    one rule for every answer (forwarded, error, redirect, challenge). Not when
+    the client or a shutdown says so (``req.keep_alive`` starts as the client's
+    wish; an answer that ends trust in the stream clears it), not after a request
+    that asked to upgrade (its parser is spent), not when the body ends with the
+    connection, not while the request body is still unread (reading a body nobody
+    wants costs more than a new connection)."""
+    return (
+        req.keep_alive
+        and not draining
+        and not req.upgrade
+        and not close_delimited
+        and (req.request_done or not req.body_expected)
+    )
+
+
+def bodiless(method: bytes, status: int) -> bool:
+    """A response that has no body whatever its fields say (RFC 9110 §6.4.1)."""
+    return method == b"HEAD" or status == 204 or status == 304
 
 
 class ClientConnection(asyncio.BufferedProtocol):

@@ -27,11 +27,11 @@ from edge.h2 import H2Connection, H2Settings
 from edge.h2 import events as ev
 from edge.h2.errors import ErrorCode
 from edge.proxy import h1
-from edge.proxy.downstream import ClientConnection
+from edge.proxy.downstream import ClientConnection, bodiless
 from edge.proxy.exchange import ListenerInfo, ProxyContext
 from edge.proxy.h2stream import STREAM_HIGH_WATER, open_request, refused, response_fields
 from edge.proxy.protocol import HttpProxyProtocol
-from edge.proxy.request import Request, bodiless
+from edge.proxy.request import Request
 from edge.proxy.upstream import UpstreamError
 from edge.tls.acceptor import TlsInfo
 

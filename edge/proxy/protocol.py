@@ -20,11 +20,11 @@ from collections import deque
 import httptools
 
 from edge.proxy import h1
-from edge.proxy.downstream import ClientConnection
+from edge.proxy.downstream import ClientConnection, keeps_alive
 from edge.proxy.errors import HttpError, error_response
 from edge.proxy.exchange import ListenerInfo, ProxyContext
 from edge.proxy.phase import Phase
-from edge.proxy.request import Request, keeps_alive
+from edge.proxy.request import Request
 from edge.proxy.upgrade import read_body_apart
 from edge.proxy.upstream import BackendConnection, UpstreamError
 from edge.tls.acceptor import TlsInfo

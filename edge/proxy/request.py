@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from edge.proxy import forwarding, h1
 from edge.proxy.answers import challenge_answer, error_answer, redirect_answer
 from edge.proxy.controls import count_done, count_upstream_error, with_hsts
+from edge.proxy.downstream import CLOSING_STATUSES
 from edge.proxy.errors import phrase
 from edge.proxy.exchange import log_access
 from edge.proxy.phase import NEXT, IllegalTransition, Phase
@@ -38,37 +39,10 @@ STATUS_FOR = {"refused": 502, "reset": 502, "protocol": 502, "closed": 502, "tim
 # Body bytes held while the backend connection is being made; past this the
 # client's reading of the body is paused, so an upload never sits in memory.
 BUFFER_LIMIT = 256 * 1024
-# Answers after which the request stream cannot be trusted: malformed (400), too
-# slow (408), too long (414, 431). The connection closes with them.
-CLOSING_STATUSES = frozenset({400, 408, 414, 431})
-
-
 _HEAD, _ROUTING, _CONNECTING, _SENT = Phase.HEAD, Phase.ROUTING, Phase.CONNECTING, Phase.SENT
 _RESPONDING, _TUNNEL, _DONE, _ABORTED = Phase.RESPONDING, Phase.TUNNEL, Phase.DONE, Phase.ABORTED
 _ENDED = _DONE | _ABORTED
 _WAITING = _ROUTING | _CONNECTING | _SENT  # no response head yet: an answer can still be given
-
-
-def keeps_alive(req: Request, draining: bool, close_delimited: bool = False) -> bool:
-    """Whether an HTTP/1.x connection stays open after this request's answer: the
-    one rule for every answer (forwarded, error, redirect, challenge). Not when
-    the client or a shutdown says so (``req.keep_alive`` starts as the client's
-    wish; an answer that ends trust in the stream clears it), not after a request
-    that asked to upgrade (its parser is spent), not when the body ends with the
-    connection, not while the request body is still unread (reading a body nobody
-    wants costs more than a new connection)."""
-    return (
-        req.keep_alive
-        and not draining
-        and not req.upgrade
-        and not close_delimited
-        and (req.request_done or not req.body_expected)
-    )
-
-
-def bodiless(method: bytes, status: int) -> bool:
-    """A response that has no body whatever its fields say (RFC 9110 §6.4.1)."""
-    return method == b"HEAD" or status == 204 or status == 304
 
 
 class Request:

@@ -11,8 +11,9 @@ import h2.events
 import pytest
 
 from edge.proxy import forwarding, upstream
+from edge.proxy.downstream import keeps_alive
 from edge.proxy.phase import NEXT, IllegalTransition, Phase
-from edge.proxy.request import Request, keeps_alive
+from edge.proxy.request import Request
 from tests.unit.proxy.test_h2proto import FakeBackend, exchange_bytes, request, setup
 from tests.unit.proxy.test_protocol import make_protocol, run, status_of
 
