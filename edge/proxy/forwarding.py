@@ -66,6 +66,7 @@ def route(req: Request) -> None:
         assert authority is not None and decision.pool is not None
         forward(req, decision.pool, authority)
     elif action is Action.CHALLENGE:
+        assert shared.challenge is not None  # decide answers challenges only when there is a lookup
         downstream.spawn(req.challenge(shared.challenge))
     elif action is Action.REDIRECT:
         req.redirect()

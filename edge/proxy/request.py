@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from edge.proxy import forwarding, h1
@@ -283,7 +283,7 @@ class Request:
     def redirect(self) -> None:
         self.respond(301, redirect_answer(self.host, self.target, self.downstream.listener.https_port), b"")
 
-    async def challenge(self, lookup: Any) -> None:
+    async def challenge(self, lookup: Callable[[str], Awaitable[bytes | None]]) -> None:
         """An ACME HTTP-01 key authorization (RFC 8555 §8.3), or 404."""
         value = await challenge_answer(lookup, self.target)
         if self.phase is not _ROUTING:
