@@ -15,8 +15,10 @@ from edge.store.index import App
 
 log = logging.getLogger("edge.proxy")
 
-_HTML = (b"content-type", b"text/html; charset=utf-8")
-_NO_STORE = (b"cache-control", b"no-store")
+# Field names as HTTP/1.1 clients have always seen them from edge (and nginx);
+# ``Request.respond`` lowers them for HTTP/2 (RFC 9113 §8.2.1).
+_HTML = (b"Content-Type", b"text/html; charset=utf-8")
+_NO_STORE = (b"Cache-Control", b"no-store")
 
 
 def error_answer(app: App | None, status: int, tls: bool, retry_after: int = 0) -> tuple[list[tuple[bytes, bytes]],
@@ -33,7 +35,7 @@ def error_answer(app: App | None, status: int, tls: bool, retry_after: int = 0) 
 def redirect_answer(host: str, target: bytes, https_port: int) -> list[tuple[bytes, bytes]]:
     """The fields of a 301 to the same resource over https (``force_https``)."""
     authority = host if https_port == 443 else f"{host}:{https_port}"
-    return [(b"location", b"https://" + authority.encode() + target)]
+    return [(b"Location", b"https://" + authority.encode() + target)]
 
 
 async def challenge_answer(lookup: Callable[[str], Awaitable[bytes | None]], target: bytes) -> bytes | None:

@@ -291,13 +291,15 @@ class Request:
         if value is None:
             self.answer(404)
         else:
-            self.respond(200, [(b"content-type", b"application/octet-stream")], value)
+            self.respond(200, [(b"Content-Type", b"application/octet-stream")], value)
 
     def respond(self, status: int, fields: h1.Headers, body: bytes) -> None:
         """A whole response of edge's own, through the same four calls as a forwarded one."""
         self.to(_RESPONDING)
         self.status = status
         no_body = self.method == b"HEAD"
+        if self.version == "2":
+            fields = [(name.lower(), value) for name, value in fields]  # RFC 9113 §8.2.1
         downstream = self.downstream
         downstream.batch_begin()
         downstream.send_head(self, status, phrase(status).encode(), fields, len(body), no_body)

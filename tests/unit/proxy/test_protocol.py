@@ -158,8 +158,7 @@ def test_plain_http_redirects_to_https():
 
     transport = run(scenario)
     assert status_of(transport) == b"HTTP/1.1 301 Moved Permanently"
-    # Field names are case-insensitive (RFC 9110 §5.1): edge writes its own in lower case.
-    assert b"location: https://demo.apps.test/path?q=1\r\n" in transport.written
+    assert b"Location: https://demo.apps.test/path?q=1\r\n" in transport.written
 
 
 def test_head_timeout_answers_408():
