@@ -1,14 +1,11 @@
 """The client side of an HTTP/1.1 connection: an asyncio.Protocol over httptools.
 
 Per connection: the transport, the parser, one timer, the reasons reading is
-paused. Per request: a ``Request`` (``edge.proxy.request``), which routes,
-forwards and answers; this connection is its ``Downstream``: it writes the
-response heads and bodies as HTTP/1.1 and decides nothing but the framing.
-Requests are answered in order; pipelined ones wait in a queue with reading
-paused so they cannot pile up. Bodies stream both ways with back-pressure: a
-slow client pauses the backend's reads, a slow backend pauses the client's.
-After a ``101`` the connection becomes a byte pipe to the backend
-(``upgrade``: WebSocket and other non-HTTP upgrades; never h2c).
+paused. Per request a ``Request``, which routes, forwards and answers; this
+connection is its ``Downstream``: it writes HTTP/1.1 and decides only the
+framing. Requests are answered in order; pipelined ones wait in a queue with
+reading paused. Bodies stream both ways with back-pressure. After a ``101``
+the connection is a byte pipe to the backend (WebSocket; never h2c).
 """
 
 from __future__ import annotations
@@ -34,6 +31,7 @@ log = logging.getLogger(__name__)
 
 _NOTED = frozenset({b"host", b"connection", b"x-request-id", *h1.FRAMING})
 _HEAD = Phase.HEAD
+FIRST_REQUEST_GRACE = 1.0  # seconds a new connection has for its first request once shutdown began
 
 
 class HttpProxyProtocol(ClientConnection):
@@ -369,8 +367,7 @@ class HttpProxyProtocol(ClientConnection):
         req.request_end()
 
     def body_apart_done(self) -> None:
-        """The refused upgrade's body is read: nothing after it is (the connection ends)."""
-        self._pause("upgrade")
+        self._pause("upgrade")  # the refused upgrade's body is read; nothing after it is
         self._body_apart = False
         self.on_message_complete()
 
@@ -393,6 +390,11 @@ class HttpProxyProtocol(ClientConnection):
 
     # --- shutdown ------------------------------------------------------------------------------
     def drain(self) -> None:
-        """Shutdown: close now when idle; otherwise after the response in flight."""
-        if not self.queue and self._tunnel is None:
+        """Shutdown: close when idle, else after the response in flight. A new connection
+        gets a moment for its first request (likely on its way; closing it unread fails it)."""
+        if self.queue or self._tunnel is not None:
+            return
+        if self.served:
             self._close()
+        else:
+            self._arm(min(self.config.request_head_timeout, FIRST_REQUEST_GRACE))
