@@ -31,8 +31,9 @@ def request_authority(
     if target[:1] != b"/" and target != b"*":
         raw, target = _absolute_form(target)
     elif raw is None:
-        if version == "1.1":
-            raise HttpError(400, "no Host header")  # RFC 9112 §3.2
+        if version != "1.0":
+            # RFC 9112 §3.2; an HTTP/2 request names its authority too (RFC 9113 §8.3.1).
+            raise HttpError(400, "no Host header")
         # HTTP/1.0 without Host: the TLS server name is the only authority.
         return Authority(sni, target, sni.encode() if sni else b"")
     authority = raw.strip()

@@ -13,7 +13,6 @@ import time
 
 from edge.limits import RateLimiter
 from edge.proxy.appstats import AppStats
-from edge.proxy.errors import phrase
 from edge.store.index import App
 from edge.tls.gate import Peer
 
@@ -67,23 +66,6 @@ def answer_head_fields(app: App | None, status: int, tls: bool, retry_after: int
     if retry_after:
         fields.append((b"retry-after", b"%d" % retry_after))
     return fields
-
-
-def h1_answer(status: int, keep_alive: bool, body: bytes, fields: list[tuple[bytes, bytes]]) -> bytes:
-    """An HTTP/1.1 answer of edge's own with ``body`` (HTML) and extra ``fields``."""
-    out = [b"HTTP/1.1 %d %s\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: %d\r\n"
-           b"Cache-Control: no-store\r\n" % (status, phrase(status).encode(), len(body))]
-    for name, value in fields:
-        out += (name, b": ", value, b"\r\n")
-    out.append(b"Connection: keep-alive\r\n\r\n" if keep_alive else b"Connection: close\r\n\r\n")
-    out.append(body)
-    return b"".join(out)
-
-
-def default_body(status: int) -> bytes:
-    """Edge's own small page for ``status`` (as ``errors`` writes it)."""
-    title = f"{status} {phrase(status)}"
-    return f"<html><head><title>{title}</title></head><body><h1>{title}</h1><hr><p>edge</p></body></html>\n".encode()
 
 
 def count_done(app: App | None, stats: AppStats, status: int, seconds: float) -> None:

@@ -1,30 +1,22 @@
-"""The request side of a client connection: route a parsed request head by
-its one authority, write the head for the backend, and send it on a pooled
-or new backend connection. A mixin of ``HttpProxyProtocol``."""
+"""Routing and forwarding a request, for both protocols: act on ``decide``'s
+one decision, write the head for the backend, and send it on a pooled or a
+new backend connection."""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
-import logging
 import os
-from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
-
-import httptools
+from typing import TYPE_CHECKING
 
 from edge.config import ProxyConfig
 from edge.proxy import h1
-from edge.proxy.controls import count_upstream_error, rate_wait
+from edge.proxy.authority import Authority
+from edge.proxy.controls import rate_wait
 from edge.proxy.decide import Action, decide
-from edge.proxy.exchange import Exchange
-from edge.proxy.responses import STATUS_FOR
 from edge.proxy.upstream import Backend, BackendConnection, Pool, UpstreamError
 
 if TYPE_CHECKING:
-    from edge.proxy.protocol import HttpProxyProtocol
-
-log = logging.getLogger("edge.proxy.protocol")
+    from edge.proxy.request import Request
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
@@ -50,31 +42,90 @@ def next_request_id() -> bytes:
     return b"%b%016x" % (_request_id_prefix, next(_request_counter))
 
 
-class _BodyApart:
-    """Reads the body of an Upgrade request whose upgrade edge refused.
+def route(req: Request) -> None:
+    """Requests per address first ([limits]), then where the request goes (``decide``)."""
+    downstream = req.downstream
+    shared = downstream.shared
+    if shared.rate is not None:
+        wait = rate_wait(shared.rate, downstream.peer, downstream.client_ip)
+        if wait:
+            req.answer(429, wait)
+            return
+    tls = downstream.tls
+    decision = decide(
+        shared.router, req.method, req.target, req.host_header, req.host_headers, req.version,
+        tls.server_name if tls is not None else None, plain=tls is None, challenges=shared.challenge is not None,
+    )
+    authority = decision.authority
+    if authority is not None:
+        req.target = authority.target
+        req.host = authority.name or ""
+    req.app = decision.app
+    action = decision.action
+    if action is Action.FORWARD:
+        assert authority is not None and decision.pool is not None
+        forward(req, decision.pool, authority)
+    elif action is Action.CHALLENGE:
+        assert shared.challenge is not None  # decide answers challenges only when there is a lookup
+        downstream.spawn(req.challenge(shared.challenge))
+    elif action is Action.REDIRECT:
+        req.redirect()
+    else:
+        req.answer(decision.status or 404)
 
-    llhttp hands every byte after an Upgrade request's head over as bytes of
-    the new protocol, body included. Edge does not switch (RFC 9110 §7.8 lets
-    a server ignore Upgrade), so a parser of its own reads that body with the
-    request's framing and hands it on as any body; then the connection ends.
-    """
 
-    def __init__(self, protocol: HttpProxyProtocol) -> None:
-        self.protocol = protocol
-        self.done = False
+def forward(req: Request, pool: Pool, authority: Authority) -> None:
+    downstream = req.downstream
+    peer = downstream.peer
+    if not req.request_id:
+        req.request_id = next_request_id()
+    head = h1.request_head(
+        req.method,
+        req.target,
+        req.headers,
+        host=authority.host,
+        client_ip=downstream.client_ip,
+        proto=downstream.listener.scheme,
+        port=downstream.listener.port,
+        request_id=req.request_id,
+        content_length=req.content_length,
+        chunked=req.chunked,
+        upgrade=req.upgrade_to,
+        has_connection=req.has_connection,
+        trusted=peer is not None and peer.trusted,
+    )
+    # Idempotent requests without a body may be sent again on a fresh
+    # connection when a reused one turns out dead (RFC 9110 §9.2.2).
+    if req.method in IDEMPOTENT and not req.body_expected and not req.upgrade:
+        req.retry_head = head
+    backend = pool.pick()
+    # http_reuse = "safe" (HAProxy's policy): the first request of a client
+    # connection never rides a connection another client used.
+    fresh = not downstream.served and downstream.config.http_reuse == "safe"
+    conn = None if fresh else backend.take_idle()
+    if conn is not None:
+        # The common keep-alive case: sent now, no task, no await.
+        req.backend = backend.address
+        req.attach(conn, head)
+    else:
+        req.wait_for(connect(req, pool.candidates(first=backend), head, fresh))
 
-    def on_body(self, body: bytes) -> None:
-        if not self.done:
-            self.protocol.on_body(body)
 
-    def on_message_complete(self) -> None:
-        if not self.done:
-            self.done = True
-            self.protocol._pause("upgrade")  # nothing after it is read: the connection ends
-            exchange = self.protocol._parsing
-            if exchange is not None:
-                exchange.body_apart = False
-                self.protocol.on_message_complete()
+def retry(req: Request) -> bool:
+    """Send the request again on a fresh connection (a reused one was dead); False: no app left."""
+    router = req.downstream.shared.router
+    app = router.app_for(req.host)
+    if app is None:
+        return False
+    head, req.retry_head = req.retry_head, b""
+    req.body = []
+    req.wait_for(connect(req, router.pool_for(app).candidates(), head))
+    return True
+
+
+async def connect(req: Request, candidates: list[Backend], head: bytes, fresh: bool = False) -> None:
+    conn, address, error = await obtain_connection(candidates, req.downstream.config, fresh)
+    req.connected(conn, address, error, head)
 
 
 async def obtain_connection(
@@ -94,122 +145,3 @@ async def obtain_connection(
                 continue
         return conn, backend.address, None
     return None, "", error or UpstreamError("refused", "no backend to try")
-
-
-class RequestSide:
-    def _read_body_apart(self: HttpProxyProtocol, exchange: Exchange, rest: bytes) -> None:
-        self.parser = httptools.HttpRequestParser(_BodyApart(self))
-        framing = b"transfer-encoding: chunked" if exchange.chunked else b"content-length: %d" % (
-            exchange.content_length or 0)
-        self.parser.feed_data(b"POST / HTTP/1.1\r\n" + framing + b"\r\n\r\n")
-        if rest:
-            self.data_received(rest)
-
-    def _start(self: HttpProxyProtocol, exchange: Exchange) -> None:
-        exchange.started = True
-        if self.shared.rate is not None:
-            wait = rate_wait(self.shared.rate, self.peer, self.client_ip)
-            if wait:
-                self._answer_error(exchange, 429, wait)
-                return
-        sni = self.tls.server_name if self.tls is not None else None
-        decision = decide(
-            self.shared.router, exchange.method, exchange.target, exchange.host_header, exchange.host_headers,
-            exchange.version, sni, plain=self.tls is None, challenges=self.shared.challenge is not None,
-        )
-        authority = decision.authority
-        if authority is not None:
-            exchange.target = authority.target
-            exchange.host = authority.name or ""
-        action = decision.action
-        if action is Action.CHALLENGE:
-            self._spawn(self._answer_challenge(exchange))
-            return
-        if action is Action.REDIRECT:
-            self._redirect(exchange, exchange.host)
-            return
-        exchange.app = decision.app
-        if action is not Action.FORWARD:
-            self._answer_error(exchange, decision.status or 404)
-            return
-        assert authority is not None and decision.pool is not None
-        pool = decision.pool
-        if not exchange.request_id:
-            exchange.request_id = next_request_id()
-        head = h1.request_head(
-            exchange.method,
-            exchange.target,
-            exchange.headers,
-            host=authority.host,
-            client_ip=self.client_ip,
-            proto=self.listener.scheme,
-            port=self.listener.port,
-            request_id=exchange.request_id,
-            content_length=exchange.content_length,
-            chunked=exchange.chunked,
-            upgrade=exchange.upgrade_to,
-            has_connection=exchange.has_connection,
-            trusted=self.peer is not None and self.peer.trusted,
-        )
-        # Idempotent requests without a body may be sent again on a fresh
-        # connection when a reused one turns out dead (RFC 9110 §9.2.2).
-        if exchange.method in IDEMPOTENT and not exchange.body_expected and not exchange.upgrade:
-            exchange.retry_head = head
-        self._dispatch(exchange, pool, head)
-
-    def _dispatch(self: HttpProxyProtocol, exchange: Exchange, pool: Pool, head: bytes) -> None:
-        """Send on an idle pooled connection now when the chosen backend has one
-        (the common keep-alive case: no task, no await); else connect in a task."""
-        backend = pool.pick()
-        # http_reuse = "safe" (HAProxy's policy): the first request of a client
-        # connection never rides a connection another client used.
-        fresh = not self._served and self.config.http_reuse == "safe"
-        conn = None if fresh else backend.take_idle()
-        if conn is not None:
-            exchange.backend = backend.address
-            self._attach(exchange, conn, head)
-        else:
-            self._spawn(self._forward(exchange, pool.candidates(first=backend), head, fresh))
-
-    def _spawn(self: HttpProxyProtocol, coro: Coroutine[Any, Any, None]) -> None:
-        # The loop holds tasks weakly: keep a reference until each is done.
-        task = asyncio.get_running_loop().create_task(coro)
-        tasks = self.shared.tasks
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-
-    async def _forward(
-        self: HttpProxyProtocol, exchange: Exchange, candidates: list[Backend], head: bytes, fresh: bool = False
-    ) -> None:
-        conn, address, error = await obtain_connection(candidates, self.config, fresh)
-        if conn is not None:
-            exchange.backend = address
-        if self._closing or exchange.response_done:
-            if conn is not None:
-                conn.close()
-            return
-        if conn is None:
-            assert error is not None
-            log.info("upstream %s: %s", error.kind, error)
-            self.shared.stats.upstream_error(error.kind)
-            count_upstream_error(exchange.app, self.shared.app_stats, error.kind)
-            self._answer_error(exchange, STATUS_FOR.get(error.kind, 502))
-            return
-        self._attach(exchange, conn, head)
-
-    def _attach(self: HttpProxyProtocol, exchange: Exchange, conn: BackendConnection, head: bytes) -> None:
-        """Send the request on ``conn`` and let it answer to this protocol."""
-        exchange.conn = conn
-        conn.start(self, head_only=exchange.method == b"HEAD")
-        body, exchange.body = exchange.body, None
-        conn.write(head)
-        if body:
-            conn.write(b"".join(h1.chunk(b) for b in body) if exchange.chunked else b"".join(body))
-        if exchange.request_done and exchange.chunked:
-            conn.write(h1.LAST_CHUNK)
-        self._resume("buffer")
-        if self._writing_paused:
-            conn.pause_reading()
-        if not conn.reused:
-            exchange.retry_head = b""  # a fresh connection that fails is not a stale one
-        self._arm(self.config.response_timeout)

@@ -68,6 +68,14 @@ def upgrade_protocols(headers: Headers) -> list[bytes]:
     return names
 
 
+def solicited_upgrade(offered: bytes, headers: Headers) -> bool:
+    """A 101's Upgrade names only protocols the forwarded request offered
+    (RFC 9110 §15.2.2: a server switches only to a protocol the client listed)."""
+    asked = upgrade_protocols([(b"upgrade", offered)])
+    chosen = upgrade_protocols(headers)
+    return bool(chosen) and all(p in asked for p in chosen)
+
+
 def forwardable_upgrade(headers: Headers) -> bytes | None:
     """The Upgrade value to forward, or None when edge refuses the upgrade.
 
@@ -216,3 +224,14 @@ def chunk(data: bytes) -> bytes:
 
 
 LAST_CHUNK = b"0\r\n\r\n"
+# Fields a trailer section must not carry: framing, routing, and what edge
+# itself writes (RFC 9110 §6.5.1).
+_NOT_IN_TRAILERS = _NOT_FORWARDED_UNTRUSTED | {b"authorization", b"cookie", b"set-cookie"}
+
+
+def last_chunk(trailers: Headers | None = None) -> bytes:
+    """The end of a chunked body, with the request's trailer fields (RFC 9112 §7.1.2)."""
+    if not trailers:
+        return LAST_CHUNK
+    kept = [n + b": " + v + b"\r\n" for n, v in trailers if n not in _NOT_IN_TRAILERS]
+    return b"0\r\n" + b"".join(kept) + b"\r\n"

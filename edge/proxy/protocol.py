@@ -1,128 +1,79 @@
-"""The client side of the data path: an asyncio.Protocol over httptools.
+"""The client side of an HTTP/1.1 connection: an asyncio.Protocol over httptools.
 
 Per connection: the transport, the parser, one timer, the reasons reading is
-paused. Per request: an ``Exchange``. Requests are answered in order;
-pipelined ones wait in a queue with reading paused so they cannot pile up.
-Bodies stream both ways with back-pressure: a slow client pauses the
-backend's reads, a slow backend pauses the client's. After a ``101`` the
-connection becomes a byte pipe to the backend (WebSocket and other non-HTTP
-upgrades; never h2c, see ``h1.forwardable_upgrade``).
-
-Mixins hold the rest: ``forwarding`` (route and send upstream), ``responses``
-(what the backend answers), ``answers`` (what edge answers itself).
+paused. Per request a ``Request``, which routes, forwards and answers; this
+connection is its ``Downstream``: it writes HTTP/1.1 and decides only the
+framing. Requests are answered in order; pipelined ones wait in a queue with
+reading paused. Bodies stream both ways with back-pressure. After a ``101``
+the connection is a byte pipe to the backend (WebSocket; never h2c).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 
 import httptools
 
 from edge.proxy import h1
-from edge.proxy.answers import LocalAnswers
-from edge.proxy.controls import count_done
-from edge.proxy.errors import HttpError
-from edge.proxy.exchange import Exchange, ListenerInfo, ProxyContext, keeps_alive
-from edge.proxy.forwarding import RequestSide
-from edge.proxy.responses import ResponseSide
+from edge.proxy.downstream import ClientConnection, keeps_alive
+from edge.proxy.errors import HttpError, error_response
+from edge.proxy.exchange import ListenerInfo, ProxyContext
+from edge.proxy.phase import Phase
+from edge.proxy.request import Request
+from edge.proxy.upgrade import read_body_apart
 from edge.proxy.upstream import BackendConnection, UpstreamError
 from edge.tls.acceptor import TlsInfo
 from edge.tls.gate import Peer
 
 log = logging.getLogger(__name__)
 
-# Body bytes held while the backend connection is being made; past this the
-# client is paused, so a large upload never sits in memory.
-_MAX_BUFFERED = 256 * 1024
-# What the client transport may hold unsent before the backend is paused.
-# asyncio's default high-water mark is 64 KiB too, but explicit: a stalled
-# reader must cost little (a backend read is at most this much on top).
-WRITE_HIGH_WATER = 64 * 1024
-
 _NOTED = frozenset({b"host", b"connection", b"x-request-id", *h1.FRAMING})
+_HEAD = Phase.HEAD
+FIRST_REQUEST_GRACE = 1.0  # seconds a new connection has for its first request once shutdown began
 
 
-# One read buffer for every client connection of this process. uvloop's TLS
-# transport reads into it and ``buffer_updated`` parses it before returning,
-# so connections never see each other's bytes. Without it (a plain Protocol)
-# each TLS read allocates and shrinks a 256 KiB bytes object: mmap, mremap and
-# munmap were 7% of a keep-alive profile. And no per-connection buffer: idle
-# connections stay small.
-_READ_BUFFER = memoryview(bytearray(64 * 1024))
-
-
-class HttpProxyProtocol(ResponseSide, RequestSide, LocalAnswers, asyncio.BufferedProtocol):
+class HttpProxyProtocol(ClientConnection):
     def __init__(self, shared: ProxyContext, listener: ListenerInfo, tls: TlsInfo | None,
                  peer: Peer | None = None) -> None:
-        self.shared = shared  # what every connection of this process shares (not an SSLContext)
-        self.config = shared.config
-        self.listener = listener
-        self.tls = tls
-        # The client when a control named it (PROXY header, limits); None: the socket's peer.
-        self.peer = peer if peer is not None or tls is None else tls.peer
-        self.transport: asyncio.Transport | None = None
+        super().__init__(shared, listener, tls, peer)
         self.parser = httptools.HttpRequestParser(self)
-        self.queue: deque[Exchange] = deque()
-        self.client_ip = b""
-        self.tls_version = ""
+        self.queue: deque[Request] = deque()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0  # when the scheduled handle fires
         self._timer_deadline = 0.0
         self._batch: list[bytes] | None = None
-        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set in connection_made
         self._paused: set[str] = set()
-        self._writing_paused = False
         self._closing = False
-        self._served = 0  # exchanges finished on this connection
         self._response_chunked = False
-        # The exchange whose request the parser is reading (the last one begun);
-        # it may already be answered (an early 404) while its body still arrives.
-        self._parsing: Exchange | None = None
+        self._response_framed = False  # the response in flight says where it ends (length, chunks)
+        # The request the parser is reading (the last one begun); it may be
+        # answered already (an early 404) while its body still arrives.
+        self._parsing: Request | None = None
+        self._head_bytes = 0  # of the head being parsed
+        self._framing = False  # a Content-Length or Transfer-Encoding field came in it
+        self._body_apart = False  # a refused upgrade whose body a parser of its own reads
         # Upgrade: bytes the client sent after the head, before the backend's 101.
         self._tunnel: BackendConnection | None = None
         self._tunnel_pending: bytearray | None = None
 
     # --- connection -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self._loop = asyncio.get_running_loop()
-        if self.peer is not None:
-            self.client_ip = self.peer.ip
-        else:
-            peername = transport.get_extra_info("peername")
-            self.client_ip = str(peername[0]).encode() if peername else b""
-        if self.tls is not None:
-            sslobj = transport.get_extra_info("ssl_object")
-            self.tls_version = (sslobj.version() or "") if sslobj is not None else ""
-        self.shared.connections.add(self)
-        # Bounded buffering per connection: above this the backend is paused
-        # (pause_writing), so a client that reads nothing holds little.
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+        super().connection_made(transport)
         self._arm(self.config.request_head_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         self._cancel_timer()
-        self.shared.connections.discard(self)
-        if self.peer is not None and self.peer.slot is not None:
-            self.peer.slot.release()  # [limits]: the connection's place frees now, not at collection
-        for exchange in self.queue:
-            if exchange.conn is not None:
-                exchange.conn.close()  # the client is gone: nobody to answer
-        self.queue.clear()
+        super().connection_lost(exc)
+        queue, self.queue = self.queue, deque()
+        for req in queue:
+            req.client_gone()  # nobody to answer
         if self._tunnel is not None:
             self._tunnel.close()
             self._tunnel = None
         self.transport = None
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return _READ_BUFFER
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(_READ_BUFFER[:nbytes])
 
     def data_received(self, data: bytes | memoryview) -> None:
         """Bytes from the client; ``data`` may be a view of the shared buffer,
@@ -140,9 +91,8 @@ class HttpProxyProtocol(ResponseSide, RequestSide, LocalAnswers, asyncio.Buffere
         except httptools.HttpParserUpgrade as exc:
             # The head of an Upgrade request is parsed; what follows is the new protocol.
             rest = data[exc.args[0] :] if exc.args else b""
-            exchange = self._parsing
-            if exchange is not None and exchange.body_apart:
-                self._read_body_apart(exchange, bytes(rest))
+            if self._body_apart and self._parsing is not None:
+                read_body_apart(self, self._parsing, bytes(rest))
                 return
             self._tunnel_pending = bytearray(rest)  # a copy
             self._pause("upgrade")
@@ -151,35 +101,128 @@ class HttpProxyProtocol(ResponseSide, RequestSide, LocalAnswers, asyncio.Buffere
             self._refuse(cause.status if isinstance(cause, HttpError) else 400)
 
     def eof_received(self) -> bool | None:
-        exchange = self._parsing
-        if exchange is not None and exchange.body_expected and not exchange.request_done:
+        req = self._parsing
+        if req is not None and req.body_expected and not req.request_done:
             # The client ended mid-body: the request is incomplete (RFC 9112
-            # §8). The backend must not take what it got for a whole body:
-            # abort its connection rather than wait for the response timeout.
-            if exchange.conn is not None:
-                exchange.conn.close()
-                exchange.conn = None
+            # §8). The backend must not take what it got for a whole body.
+            req.client_gone()
             return False
         # A client that half-closes has sent all it will: answer what is in
         # flight (keep the transport open for writing), then close.
         return bool(self.queue) and self.tls is None
 
     def pause_writing(self) -> None:
-        self._writing_paused = True
-        conn = self._current_conn()
-        if conn is not None:
-            conn.pause_reading()
+        self.write_paused = True
+        if self._tunnel is not None:
+            self._tunnel.pause_reading()
+        elif self.queue:
+            self.queue[0].hold()
 
     def resume_writing(self) -> None:
-        self._writing_paused = False
-        conn = self._current_conn()
-        if conn is not None:
-            conn.resume_reading()
-
-    def _current_conn(self) -> BackendConnection | None:
+        self.write_paused = False
         if self._tunnel is not None:
-            return self._tunnel
-        return self.queue[0].conn if self.queue else None
+            self._tunnel.resume_reading()
+        elif self.queue:
+            self.queue[0].release()
+
+    # --- Downstream: what the request calls -------------------------------------------
+    def send_head(self, req: Request, status: int, reason: bytes, headers: h1.Headers,
+                  length: int | None, no_body: bool) -> None:
+        if self.transport is None:
+            return
+        if status < 200:
+            self._write(h1.response_head(status, reason, headers, content_length=None, chunked=False,
+                                         keep_alive=True))
+            if status == 101:
+                self._open_tunnel(req)
+            return
+        if no_body or length is not None:
+            chunked = False
+        elif req.version == "1.1":
+            chunked = True
+        else:
+            chunked = False  # an HTTP/1.0 client cannot read chunked: the body ends with the connection
+        keep = req.keep_alive = keeps_alive(req, self.shared.draining,
+                                            close_delimited=not (chunked or no_body or length is not None))
+        self._response_chunked = chunked
+        self._response_framed = chunked or no_body or length is not None
+        self._write(h1.response_head(status, reason, headers, content_length=length, chunked=chunked,
+                                     keep_alive=keep))
+
+    def send_body(self, req: Request, data: bytes) -> None:
+        if self.transport is None:
+            return
+        if self._tunnel is None:
+            # Activity pushes the stall deadline back; the timer itself is not touched.
+            self._timer_deadline = self._loop.time() + self.config.response_timeout
+        self._write(h1.chunk(data) if self._response_chunked else data)
+
+    def end(self, req: Request) -> None:
+        if self._response_chunked:
+            self._write(h1.LAST_CHUNK)
+            self._response_chunked = False
+        self.served += 1
+        queue = self.queue
+        if queue and queue[0] is req:
+            queue.popleft()
+        if req.body_held:
+            req.release_body()  # a backend that was full is gone
+        if not keeps_alive(req, draining=False):
+            # Closing mid-body (an early error answer) avoids reading a body
+            # nobody wants; after a refused upgrade the parser is spent.
+            self._close()
+            return
+        if queue:
+            nxt = queue[0]
+            if nxt.method:  # its head is complete
+                nxt.start()
+            else:
+                self._arm(self.config.request_head_timeout)
+        else:
+            self._arm(self.config.idle_timeout)
+        if len(queue) <= 1:
+            self._resume("pipeline")
+
+    def abort(self, req: Request, error: UpstreamError) -> None:
+        """The client must see an incomplete message, never a complete one (no
+        last-chunk, RFC 9112 §8). With Content-Length or chunked framing, closing
+        after what was sent tells it; a close-delimited body cannot tell, so the
+        connection is aborted (RST, and no TLS close_notify: RFC 8446 §6.1)."""
+        if self._tunnel is not None:
+            self._tunnel = None  # the backend ended the upgraded connection
+            self._close()
+            return
+        queue, self.queue = self.queue, deque()
+        for other in queue:
+            other.client_gone()  # pipelined behind it: never begun
+        if self._response_framed:
+            self._close()
+            return
+        self._closing = True
+        self._cancel_timer()
+        self._batch = None
+        if self.transport is not None:
+            self.transport.abort()
+
+    def pause(self, req: Request) -> None:
+        self._pause("request")
+
+    def resume(self, req: Request) -> None:
+        self._resume("request")
+
+    def waiting(self, req: Request) -> None:
+        self._arm(self.config.response_timeout)
+
+    def _open_tunnel(self, req: Request) -> None:
+        assert self.transport is not None
+        self._cancel_timer()
+        self.queue.clear()
+        conn = self._tunnel = req.conn
+        pending, self._tunnel_pending = self._tunnel_pending or b"", None
+        if conn is not None and pending:
+            conn.write(bytes(pending))
+        self._paused.clear()
+        self.transport.resume_reading()
 
     # --- writes: one TLS record and one send per backend read ---------------------------
     def _write(self, data: bytes) -> None:
@@ -192,7 +235,8 @@ class HttpProxyProtocol(ResponseSide, RequestSide, LocalAnswers, asyncio.Buffere
     def batch_begin(self) -> None:
         """A backend read starts: hold client writes (head, body, last chunk) until
         it ends, then send them as one write (one TLS record, one system call)."""
-        self._batch = []
+        if self._batch is None:
+            self._batch = []
 
     def batch_end(self) -> None:
         batch, self._batch = self._batch, None
@@ -245,131 +289,97 @@ class HttpProxyProtocol(ResponseSide, RequestSide, LocalAnswers, asyncio.Buffere
         head = self.queue[0] if self.queue else None
         if head is None:
             self._close()  # idle keep-alive, or a new connection that never spoke
-        elif not head.started:
+        elif head.phase is _HEAD:
             self._refuse(408)  # the request head is too slow (slowloris)
-        elif not head.responded:
-            # The backend has not answered in time (RFC 9110 §15.6.5).
-            if head.conn is not None:
-                head.conn.close()
-                head.conn = None
-            self._answer_error(head, 504)
         else:
-            # The response stalled half way: the client must see it cut short.
-            if head.conn is not None:
-                head.conn.close()
-                head.conn = None
-            self._abort_response(head, UpstreamError("timeout", f"backend {head.backend} stalled mid-response"))
+            head.timed_out()  # no answer from the backend (504), or a stalled response (cut)
 
     # --- httptools request callbacks -----------------------------------------------------
     def on_message_begin(self) -> None:
-        exchange = Exchange()
-        self._parsing = exchange
-        self.queue.append(exchange)
+        req = self._parsing = Request(self)
+        self._head_bytes = 0
+        self._framing = False
+        self.queue.append(req)
         if len(self.queue) == 1:
             self._arm(self.config.request_head_timeout)
 
     def on_url(self, url: bytes) -> None:
-        exchange = self._parsing
-        assert exchange is not None
-        exchange.target += url
-        if len(exchange.target) > self.config.max_uri_bytes:
+        req = self._parsing
+        assert req is not None
+        req.target += url
+        if len(req.target) > self.config.max_uri_bytes:
             raise HttpError(414)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        exchange = self._parsing
-        assert exchange is not None
-        exchange.head_bytes += len(name) + len(value) + 4
-        if exchange.head_bytes > self.config.max_header_bytes:
+        req = self._parsing
+        assert req is not None
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > self.config.max_header_bytes:
             raise HttpError(431)
         name = name.lower()
-        exchange.headers.append((name, value))
+        req.headers.append((name, value))
         if name in _NOTED:
             if name == b"host":
-                exchange.host_header = value
-                exchange.host_headers += 1
+                req.host_header = value
+                req.host_headers += 1
             elif name == b"connection":
-                exchange.has_connection = True
+                req.has_connection = True
             elif name == b"x-request-id":
-                exchange.request_id = value
+                req.request_id = value
             else:
-                exchange.framing = True
+                self._framing = True
 
     def on_headers_complete(self) -> None:
-        exchange = self._parsing
-        assert exchange is not None
+        req = self._parsing
+        assert req is not None
         parser = self.parser
-        exchange.method = parser.get_method()
-        exchange.version = parser.get_http_version()
-        exchange.keep_alive = parser.should_keep_alive() and not self.shared.draining
-        if exchange.framing:
-            exchange.content_length, exchange.chunked = h1.check_framing(exchange.headers)
-            exchange.body_expected = exchange.chunked or bool(exchange.content_length)
+        req.method = parser.get_method()
+        req.version = parser.get_http_version()
+        req.keep_alive = parser.should_keep_alive()
+        if self._framing:
+            req.content_length, req.chunked = h1.check_framing(req.headers)
+            req.body_expected = req.chunked or bool(req.content_length)
         if parser.should_upgrade():
             # llhttp reads nothing after this head as HTTP: the connection ends with it.
-            exchange.upgrade = True
-            if exchange.body_expected:
+            req.upgrade = True
+            if req.body_expected:
                 # Its body would be taken for bytes of the new protocol, and the
                 # switch would happen mid-body: refuse the upgrade, read the body.
-                exchange.body_apart = True
-            elif exchange.method != b"CONNECT":
-                exchange.upgrade_to = h1.forwardable_upgrade(exchange.headers)
-        if exchange is self.queue[0]:
-            self._start(exchange)
+                self._body_apart = True
+            elif req.method != b"CONNECT":
+                req.upgrade_to = h1.forwardable_upgrade(req.headers)
+        if req is self.queue[0]:
+            req.start()
         else:
             # Pipelined behind a request still in flight: stop reading until its turn.
             self._pause("pipeline")
 
     def on_body(self, body: bytes) -> None:
-        exchange = self._parsing
-        assert exchange is not None
-        if exchange.response_done:
-            return  # answered early (an error): the rest of its body is dropped
-        if exchange.body is not None:
-            exchange.body.append(body)
-            exchange.buffered += len(body)
-            if exchange.buffered > _MAX_BUFFERED:
-                self._pause("buffer")
-        elif exchange.conn is not None:
-            exchange.conn.write(h1.chunk(body) if exchange.chunked else body)
+        req = self._parsing
+        assert req is not None
+        req.request_body(body)
 
     def on_message_complete(self) -> None:
-        exchange = self._parsing
-        assert exchange is not None
-        if exchange.body_apart:
-            return  # llhttp's end of an Upgrade request's head; _BodyApart reads the body
-        exchange.request_done = True
-        if exchange.response_done:
-            return
-        if exchange.body is None and exchange.conn is not None and exchange.chunked:
-            exchange.conn.write(h1.LAST_CHUNK)
+        req = self._parsing
+        assert req is not None
+        if self._body_apart:
+            return  # llhttp's end of an Upgrade request's head; BodyApart reads the body
+        req.request_end()
 
-    def _finish(self, exchange: Exchange) -> None:
-        exchange.response_done = True
-        self._served += 1
-        seconds = time.monotonic() - exchange.t0
-        self.shared.stats.request_done(exchange.status, seconds, exchange.version)
-        count_done(exchange.app, self.shared.app_stats, exchange.status, seconds)
-        self._log(exchange)
-        if self.queue and self.queue[0] is exchange:
-            self.queue.popleft()
-        if exchange.conn is not None:
-            exchange.conn.close()
-            exchange.conn = None
-        if not keeps_alive(exchange, draining=False):
-            # Closing mid-body (an early error answer) avoids reading a body
-            # nobody wants; after a refused upgrade the parser is spent.
-            self._close()
+    def body_apart_done(self) -> None:
+        self._pause("upgrade")  # the refused upgrade's body is read; nothing after it is
+        self._body_apart = False
+        self.on_message_complete()
+
+    def _refuse(self, status: int) -> None:
+        """A malformed or too slow request: answer and close (the stream cannot be trusted)."""
+        if self.transport is None:
             return
-        if self.queue:
-            nxt = self.queue[0]
-            if nxt.method:  # its head is complete
-                self._start(nxt)
-            else:
-                self._arm(self.config.request_head_timeout)
-        else:
-            self._arm(self.config.idle_timeout)
-        if len(self.queue) <= 1:
-            self._resume("pipeline")
+        queue, self.queue = self.queue, deque()
+        for req in queue:
+            req.client_gone()
+        self._write(error_response(status, keep_alive=False))
+        self._close()
 
     def _close(self) -> None:
         self._closing = True
@@ -380,6 +390,11 @@ class HttpProxyProtocol(ResponseSide, RequestSide, LocalAnswers, asyncio.Buffere
 
     # --- shutdown ------------------------------------------------------------------------------
     def drain(self) -> None:
-        """Shutdown: close now when idle; otherwise after the response in flight."""
-        if not self.queue and self._tunnel is None:
+        """Shutdown: close when idle, else after the response in flight. A new connection
+        gets a moment for its first request (likely on its way; closing it unread fails it)."""
+        if self.queue or self._tunnel is not None:
+            return
+        if self.served:
             self._close()
+        else:
+            self._arm(min(self.config.request_head_timeout, FIRST_REQUEST_GRACE))

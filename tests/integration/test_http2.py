@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import socket
+import socketserver
 import ssl
 import subprocess
 import threading
@@ -172,6 +173,78 @@ def test_httpx_http2_upload_without_length_goes_chunked(edge: EdgeProcess, monke
     echo = response.json()
     assert echo["body_length"] == len(body) and echo["body_sha256"] == hashlib.sha256(body).hexdigest()
     assert dict(echo["headers"]).get("transfer-encoding") == "chunked"
+
+
+class _RawCapture(socketserver.StreamRequestHandler):
+    """A backend that answers with the exact bytes of the request it read, as
+    JSON: the framing edge chose and the trailer section are visible."""
+
+    def handle(self) -> None:
+        raw = bytearray()
+        while (line := self.rfile.readline()) not in (b"\r\n", b""):
+            raw += line
+        raw += b"\r\n"
+        head = raw.lower()
+        if b"transfer-encoding: chunked" in head:
+            while True:
+                size_line = self.rfile.readline()
+                raw += size_line
+                size = int(size_line.split(b";")[0], 16)
+                if size == 0:
+                    while (line := self.rfile.readline()) not in (b"\r\n", b""):
+                        raw += line  # the trailer section (RFC 9112 §7.1.2)
+                    raw += b"\r\n"
+                    break
+                raw += self.rfile.read(size + 2)
+        body = json.dumps({"raw": raw.decode("latin-1")}).encode()
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%b"
+                         % (len(body), body))
+
+
+NODE_TRAILERS = r"""
+const http2 = require('http2');
+const fs = require('fs');
+const [port, host, ca] = process.argv.slice(2);
+const client = http2.connect(`https://127.0.0.1:${port}`, {ca: fs.readFileSync(ca), servername: host});
+const req = client.request({':method': 'POST', ':path': '/trailers', ':authority': `${host}:${port}`},
+                           {waitForTrailers: true});
+req.on('wantTrailers', () => req.sendTrailers({'x-checksum': 'abc123', 'content-length': '99'}));
+let status, data = '';
+req.on('response', h => { status = h[':status']; });
+req.on('data', d => { data += d; });
+req.on('end', () => { console.log(JSON.stringify({status, raw: JSON.parse(data).raw})); client.close(); });
+req.on('error', e => { console.error(e); process.exit(1); });
+req.write('hello ');
+req.end('world');
+"""
+
+
+def test_node_request_trailers_reach_the_backend_in_a_chunked_body(edge: EdgeProcess, tmp_path: Path) -> None:
+    """An h2 request with trailers and no content-length goes to the HTTP/1.1
+    backend chunked, its trailers in the trailer section; framing fields sent
+    as trailers are not (RFC 9110 §6.5.1)."""
+    node = require_tool("node")
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _RawCapture)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        edge.cli("apps-add", "trailers", "--backend", f"127.0.0.1:{server.server_address[1]}")
+        edge.wait_routed("trailers.edge.test")
+        script = tmp_path / "trailers.js"
+        script.write_text(NODE_TRAILERS)
+        result = subprocess.run([node, str(script), str(edge.https_port), "trailers.edge.test", str(edge.dev_ca)],
+                                capture_output=True, text=True, timeout=30)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    head, _, body = answer["raw"].partition("\r\n\r\n")
+    assert answer["status"] == 200
+    assert "transfer-encoding: chunked" in head and "content-length" not in head.lower()
+    # Node may send the body in one DATA frame or two: the chunks differ, the end does not.
+    assert body.endswith("0\r\nx-checksum: abc123\r\n\r\n"), body
+    assert "hello " in body and "world" in body
 
 
 # --- one connection, several authorities ----------------------------------------------------

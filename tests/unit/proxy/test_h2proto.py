@@ -1,4 +1,4 @@
-"""The HTTP/2 client side (H2ProxyProtocol, H2Exchange) on a fake transport,
+"""The HTTP/2 client side (H2ProxyProtocol driving its streams' Requests) on a fake transport,
 an h2 client (python-hyper) in front and a fake backend connection behind."""
 
 from __future__ import annotations
@@ -10,15 +10,16 @@ import h2.connection
 import h2.events
 
 from edge.config import ProxyConfig
-from edge.proxy import h2proto
+from edge.proxy import upstream
 from edge.proxy.exchange import ListenerInfo, ProxyContext
 from edge.proxy.h2proto import H2ProxyProtocol
-from edge.proxy.h2stream import STREAM_HIGH_WATER, Phase
+from edge.proxy.h2stream import STREAM_HIGH_WATER
+from edge.proxy.request import Phase
 from tests.unit.proxy.test_protocol import FakeTransport, make_protocol
 
 
 class FakeBackend:
-    """What H2Exchange sees of a BackendConnection."""
+    """What a Request sees of a BackendConnection."""
 
     reused = False
 
@@ -93,7 +94,7 @@ def test_forwarded_request_and_streamed_response_with_back_pressure(monkeypatch)
 
     def body():
         proto, transport, client = setup()
-        monkeypatch.setattr(h2proto.H2Exchange, "dispatch", lambda self, pool, head: self.attach(backend, head))
+        monkeypatch.setattr(upstream.Backend, "take_idle", lambda self: backend)
         request(client, 1)
         exchange_bytes(proto, transport, client)
         head = bytes(backend.written)
@@ -126,12 +127,12 @@ def test_a_stalled_stream_is_reset_at_the_response_timeout(monkeypatch) -> None:
 
     def body():
         proto, transport, client = setup(response_timeout=5)
-        monkeypatch.setattr(h2proto.H2Exchange, "dispatch", lambda self, pool, head: self.attach(backend, head))
+        monkeypatch.setattr(upstream.Backend, "take_idle", lambda self: backend)
         request(client, 1)
         exchange_bytes(proto, transport, client)
         exchange = proto.exchanges[1]
         exchange.response_head(200, b"OK", [], True, True, None)
-        exchange.deadline = proto.now() - 1  # as if 5 s passed without progress
+        exchange.deadline = proto._loop.time() - 1  # as if 5 s passed without progress
         proto._tick()
         events = exchange_bytes(proto, transport, client)
         assert exchange.phase is Phase.ABORTED and backend.closed
@@ -145,10 +146,10 @@ def test_no_answer_from_the_backend_is_504(monkeypatch) -> None:
 
     def body():
         proto, transport, client = setup()
-        monkeypatch.setattr(h2proto.H2Exchange, "dispatch", lambda self, pool, head: self.attach(backend, head))
+        monkeypatch.setattr(upstream.Backend, "take_idle", lambda self: backend)
         request(client, 1)
         exchange_bytes(proto, transport, client)
-        proto.exchanges[1].deadline = proto.now() - 1
+        proto.exchanges[1].deadline = proto._loop.time() - 1
         proto._tick()
         events = exchange_bytes(proto, transport, client)
         (resp,) = [e for e in events if isinstance(e, h2.events.ResponseReceived)]
@@ -175,7 +176,7 @@ def test_a_client_reading_nothing_pauses_every_backend(monkeypatch) -> None:
     def body():
         proto, transport, client = setup()
         it = iter(backends)
-        monkeypatch.setattr(h2proto.H2Exchange, "dispatch", lambda self, pool, head: self.attach(next(it), head))
+        monkeypatch.setattr(upstream.Backend, "take_idle", lambda self: next(it))
         request(client, 1)
         request(client, 3)
         exchange_bytes(proto, transport, client)

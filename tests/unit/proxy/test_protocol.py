@@ -182,3 +182,26 @@ def test_idle_keepalive_closed_after_timeout():
         return transport
 
     assert run(scenario).closed
+
+
+def test_drain_closes_a_served_idle_connection_and_lets_a_new_one_ask_once():
+    async def scenario():
+        served, served_transport = make_protocol()
+        served.data_received(b"GET /x HTTP/1.1\r\nHost: nope.test\r\n\r\n")  # answered (404), kept alive
+        assert not served_transport.closed
+        fresh, fresh_transport = make_protocol()
+        for protocol in (served, fresh):
+            protocol.shared.draining = True
+            protocol.drain()
+        assert served_transport.closed
+        assert not fresh_transport.closed  # its first request may be on the way
+        fresh.data_received(b"GET /y HTTP/1.1\r\nHost: nope.test\r\n\r\n")
+        assert status_of(fresh_transport) == b"HTTP/1.1 404 Not Found"
+        assert b"connection: close\r\n" in fresh_transport.written and fresh_transport.closed
+
+        silent, silent_transport = make_protocol()
+        silent.shared.draining = True
+        silent.drain()
+        await advance(1.5)  # no request within the grace: closed
+        assert silent_transport.closed and not silent_transport.written
+    run(scenario)
