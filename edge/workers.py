@@ -68,14 +68,16 @@ def _worker(config: Config, fixed: FixedContexts, number: int, metrics_dir: Path
         os._exit(code)
 
 
-def _prepare(config: Config) -> None:
+def _prepare(config: Config) -> Config:
     if config.server.takeover:
         warn_if_queues_are_dropped()
     # Check (and rebuild, if damaged) the host's local copy once, before any
     # worker opens it; closed before forking: an LMDB handle must not cross a fork.
     prepared = open_copy(config, rebuild=True)
-    if prepared is not None:
-        prepared.close()
+    prepared.close()
+    if prepared.path != config.store.index_dir:  # a stand-in for this run: every worker opens that one
+        config = dataclasses.replace(config, store=dataclasses.replace(config.store, index_path=prepared.path))
+    return config
 
 
 def supervise(config: Config) -> int:
@@ -87,7 +89,7 @@ def supervise(config: Config) -> int:
     )
     config = dataclasses.replace(config, server=server)
     fixed = load_fixed_contexts(config)
-    _prepare(config)
+    config = _prepare(config)
     # Workers publish their counters here; the one serving /metrics sums them.
     metrics_dir = Path(tempfile.mkdtemp(prefix="edge-metrics-"))
 

@@ -16,7 +16,7 @@ from edge.proxy.appstats import DURATION_BUCKETS as DURATION_BUCKETS  # re-expor
 from edge.proxy.appstats import AppStats
 from edge.proxy.routing import Router
 from edge.proxy.upstream import BackendConnection
-from edge.store.index import App
+from edge.records import App
 
 access_log = logging.getLogger("edge.access")
 

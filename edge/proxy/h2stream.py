@@ -37,7 +37,7 @@ from edge.proxy.exchange import log_access
 from edge.proxy.forwarding import IDEMPOTENT, next_request_id, obtain_connection
 from edge.proxy.responses import STATUS_FOR
 from edge.proxy.upstream import BackendConnection, Pool, UpstreamError
-from edge.store.index import App
+from edge.records import App
 
 if TYPE_CHECKING:
     from edge.proxy.h2proto import H2ProxyProtocol

@@ -26,9 +26,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+# The certificate key space is defined with its records (edge.records); named here with the rest.
+from edge.records import CERTS as CERTS
+from edge.records import cert_key as cert_key
+from edge.records import parse_cert_key as parse_cert_key
+
 APPS = "apps/"
 DOMAINS = "domains/"
-CERTS = "certs/"
 CHALLENGES = "acme/challenges/"
 TLS_ALPN = "acme/tls-alpn/"
 ACME_STATUS = "acme/status/"
@@ -69,27 +73,12 @@ def domain_key(domain: str) -> str:
     return DOMAINS + domain
 
 
-def cert_key(domain: str, source: str, key_type: str) -> str:
-    return f"{CERTS}{source}-{key_type}/{domain}"
-
-
 def challenge_key(token: str) -> str:
     return CHALLENGES + token
 
 
 def tls_alpn_key(domain: str) -> str:
     return TLS_ALPN + domain
-
-
-def parse_cert_key(key: str) -> tuple[str, str, str] | None:
-    """``certs/custom-ecdsa/www.example.com`` -> (domain, source, key_type)."""
-    if not key.startswith(CERTS):
-        return None
-    kind, _, domain = key[len(CERTS) :].partition("/")
-    source, _, key_type = kind.partition("-")
-    if not domain or not source or not key_type:
-        return None
-    return domain, source, key_type
 
 
 class Store(ABC):
@@ -147,6 +136,11 @@ class Store(ABC):
     async def check(self) -> list[str]:
         """Problems an operator should hear about (``edge check``); empty when fine."""
         return []
+
+    async def prepare(self) -> None:  # noqa: B027 - an optional hook: most backends need nothing
+        """A host's first start (no local copy): make what an empty store needs
+        (the file store's directory). Never done later: a store that vanished
+        is an outage, not an empty store."""
 
     async def leftovers(self) -> list[str]:
         """Debris of interrupted writes (``edge check``); empty when none."""

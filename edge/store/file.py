@@ -187,6 +187,18 @@ class FileStore(Store):
     async def delete(self, key: str) -> bool:
         return await asyncio.to_thread(self._remove, key)
 
+    def _root_present(self) -> None:
+        """A full read of a store whose directory is gone (moved away, unmounted,
+        replaced by a file) would see an empty store and drop every name: it
+        is a store error instead (issue #18), and the local copy is served."""
+        if not self.root.is_dir():
+            raise StoreError(f"store directory {self.root} is missing or not a directory")
+        if not os.access(self.root, os.R_OK | os.X_OK):
+            raise StoreError(f"store directory {self.root} is not readable")
+
+    async def prepare(self) -> None:
+        await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
+
     async def items(self, prefix: str) -> dict[str, bytes]:
         listed = await asyncio.to_thread(self._list, prefix)
         return dict(await asyncio.to_thread(self._read_paths, listed))
@@ -242,10 +254,12 @@ class FileStore(Store):
         """Every entry, read in batches off the event loop: at a million names
         the whole store is never held in memory at once."""
         for prefix in (APPS, DOMAINS, CERTS):
+            self._root_present()
             listed = await asyncio.to_thread(self._list, prefix)
             for start in range(0, len(listed), _SNAPSHOT_BATCH):
                 for item in await asyncio.to_thread(self._read_paths, listed[start : start + _SNAPSHOT_BATCH]):
                     yield item
+        self._root_present()  # gone while it was read: what was listed last may be empty for that reason
 
     @property
     def revision(self) -> int:
@@ -259,6 +273,7 @@ class FileStore(Store):
         loads the snapshot: a change between the two is seen twice, never
         missed, and applying it twice is harmless.
         """
+        self._root_present()  # never created here: that would make a vanished store look empty
         watcher = Inotify()
         try:
             # Every directory an entry can land in exists and is watched before

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from edge import names
 from edge.config import Config
-from edge.records import CertSource
-from edge.store.index import CertMeta, Index
+from edge.records import CertMeta, CertSource
+from edge.store.index import Index
 
 
 class Source(enum.Enum):

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from edge.store.base import Event, EventKind
 from edge.store.file import FileStore
+from edge.store.copywriter import CopyWriter
 from edge.store.follower import StoreFollower
-from edge.store.index import Index
+from edge.store.localcopy import LocalCopy
 
 
 class _RacingStore(FileStore):
@@ -42,14 +43,18 @@ class _RacingStore(FileStore):
 def test_a_change_seen_during_a_full_reload_is_not_lost(tmp_path: Path) -> None:
     async def run() -> None:
         store = _RacingStore(tmp_path / "store")
-        follower = StoreFollower(store, Index())
+        copy = LocalCopy(tmp_path / "index", "file:/s", rebuild=True)
+        writer = CopyWriter(copy)
+        follower = StoreFollower(store, copy, writer)
         await follower.start()
         await asyncio.gather(*(t for t in follower.tasks if t is not follower.watch_task))  # loaded
         await asyncio.wait_for(follower.reload(), 5)
-        assert follower.index.domains["www.example.com"] == "new"
+        writer.flush()
+        assert follower.index.domains.get("www.example.com") == "new"
         assert follower.reloads == 2
         for task in follower.tasks:
             task.cancel()
         await asyncio.gather(*follower.tasks, return_exceptions=True)
+        writer.close()
 
     asyncio.run(run())
