@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -119,11 +119,21 @@ class Store(ABC):
 
     @abstractmethod
     def snapshot(self) -> AsyncIterator[tuple[str, bytes]]:
-        """Every key and value, in pages, for the in-memory index to load.
+        """Every key and value, in pages, for the local copy to load.
 
         ``revision`` holds the revision the snapshot was taken at once the
         iteration is done; ``watch(revision + 1)`` then misses nothing.
         """
+
+    async def snapshot_stamped(self, known: Callable[[list[str]], Mapping[str, bytes]]
+                               ) -> AsyncIterator[tuple[str, bytes | None, bytes]]:
+        """Like ``snapshot``, as (key, value, stamp). A backend that can tell
+        an entry unchanged without reading it (the file store: mtime, size,
+        inode) gives its stamp, and for an entry whose stamp ``known`` (what
+        the local copy recorded) already holds, None instead of the value:
+        catching up after a restart then reads only what changed. b"": no stamp."""
+        async for key, value in self.snapshot():
+            yield key, value, b""
 
     @property
     @abstractmethod

@@ -51,6 +51,7 @@ from edge.store.localcopy import _COMPLETE, _GENERATION, _REVISION, _WRITTEN, Lo
 log = logging.getLogger(__name__)
 
 Change = tuple[str, bytes | None]  # (key, value; None: deleted)
+_RELEASE_EVERY = 20_000
 
 
 def check(key: str, value: bytes, digest: bytes) -> str | None:
@@ -94,6 +95,7 @@ class CopyWriter:
         # store key -> why its value is not served (written on the writer thread; read as a copy).
         self.errors: dict[str, str] = {}
         self.failures = 0
+        self._loaded = 0  # entries a full load wrote since this process's mapping of them was last dropped
 
     def _run(self, job: Callable[..., None], *args: object) -> Future[None]:
         def guarded() -> None:
@@ -120,9 +122,12 @@ class CopyWriter:
         """Watched changes, and the store revision they bring the copy to (None: unknown)."""
         return self._run(self._apply, changes, revision, False)
 
-    def load(self, changes: list[Change]) -> Future[None]:
-        """A page of a full load (see the module doc)."""
-        return self._run(self._apply, changes, None, True)
+    def load(self, changes: list[Change], stamps: dict[str, bytes] | None = None, keep: list[str] | None = None
+             ) -> Future[None]:
+        """A page of a full load (see the module doc). ``stamps``: the file
+        store's stamps of the values; ``keep``: entries the store says are
+        unchanged since they were copied (not read again)."""
+        return self._run(self._apply, changes, None, True, stamps or {}, keep or [])
 
     def begin_full(self, first: bool) -> Future[None]:
         """``first``: the copy is not complete (no copy, or a first load was
@@ -151,12 +156,17 @@ class CopyWriter:
         self._thread.shutdown(wait=True)
 
     # --- on the writer thread ----------------------------------------------------------------
-    def _apply(self, changes: list[Change], revision: int | None, loaded: bool) -> None:
+    def _apply(self, changes: list[Change], revision: int | None, loaded: bool,
+               stamps: dict[str, bytes] | None = None, keep: list[str] | None = None) -> None:
         full = self._full
         if loaded and full is None:
             return  # the load was aborted: its late pages are dropped
         with self.copy.env.begin(write=True) as txn:
             touched: set[str] = set()
+            for key in keep or ():  # unchanged in the store: this load saw it
+                held = txn.get(key.encode(), db=self.copy.digests)
+                if full is not None and key not in full.touched and held is not None:
+                    txn.put(key.encode(), held[:8] + self._mark, db=self.copy.digests)
             for key, value in changes:
                 if not copied(key):
                     continue
@@ -165,18 +175,30 @@ class CopyWriter:
                         continue
                     if not loaded:
                         full.touched.add(key)
-                self._put(txn, key, value, touched)
+                self._put(txn, key, value, touched, (stamps or {}).get(key))
             for domain in touched:
                 self._write_record(txn, domain)
+            if loaded:
+                self._loaded += len(changes) + len(keep or ()) // 16
+                if self._loaded > _RELEASE_EVERY:
+                    self._loaded = 0
+                    self.copy.release()  # a long load must not map the whole copy into this process
             # During a full load the revision waits for its end: the copy holds
             # the snapshot only in part, a restart must not resume past it.
             if revision is not None and full is None:
                 self._stamp(txn, revision)
 
-    def _put(self, txn: lmdb.Transaction, key: str, value: bytes | None, touched: set[str]) -> None:
+    def _put(self, txn: lmdb.Transaction, key: str, value: bytes | None, touched: set[str],
+             stamp: bytes | None = None) -> None:
         copy = self.copy
         raw = key.encode()
         domain = domain_of(key)
+        # The stamp of the file this very value was read from, or none (a watched
+        # change, a value not copied): then the next catch-up reads the entry again.
+        if stamp:
+            txn.put(raw, stamp, db=copy.stamps)
+        else:
+            txn.delete(raw, db=copy.stamps)
         if value is None:
             self.errors.pop(key, None)
             if txn.delete(raw, db=copy.entries) and domain is not None:
@@ -191,6 +213,7 @@ class CopyWriter:
                 log.error("store entry %s skipped: %s; its last good version (if this host saw one) stays "
                           "in service", key, problem)
             self.errors[key] = problem
+            txn.delete(raw, db=copy.stamps)
             if held is not None:  # a full load keeps it
                 txn.put(raw, held[:8] + self._mark, db=copy.digests)
             return
@@ -244,7 +267,7 @@ class CopyWriter:
         with copy.env.begin(write=True) as txn:
             txn.put(_GENERATION, self._mark, db=copy.meta)
             if first:
-                for db in (copy.entries, copy.digests, copy.names):
+                for db in (copy.entries, copy.digests, copy.names, copy.stamps):
                     txn.drop(db, delete=False)
                 txn.delete(_COMPLETE, db=copy.meta)
                 self.errors.clear()
@@ -263,6 +286,7 @@ class CopyWriter:
             for raw in stale:
                 txn.delete(raw, db=copy.entries)
                 txn.delete(raw, db=copy.digests)
+                txn.delete(raw, db=copy.stamps)
                 key = raw.decode()
                 self.errors.pop(key, None)
                 if (domain := domain_of(key)) is not None:

@@ -17,9 +17,10 @@ import fcntl
 import itertools
 import logging
 import os
+import struct
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
 from edge.records import KEY_TYPES, SOURCES
@@ -203,6 +204,21 @@ class FileStore(Store):
         listed = await asyncio.to_thread(self._list, prefix)
         return dict(await asyncio.to_thread(self._read_paths, listed))
 
+    def _stamped(self, prefix: str) -> list[tuple[str, str, bytes]]:
+        """(key, path, stamp) of every entry under ``prefix``: the stamp changes
+        whenever the file does (edge replaces files by renaming: a new inode)."""
+        out = []
+        for key, path in self._list(prefix):
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue  # removed since it was listed: the watch reports it
+            except OSError as exc:
+                log.error("store: cannot read %s: %s; skipped", path, exc.strerror)
+                continue
+            out.append((key, path, struct.pack("<qqQ", st.st_mtime_ns, st.st_size, st.st_ino)))
+        return out
+
     def _list(self, prefix: str) -> list[tuple[str, str]]:
         """(key, path) of every entry under ``prefix`` (two directory levels at most)."""
         out: list[tuple[str, str]] = []
@@ -260,6 +276,25 @@ class FileStore(Store):
                 for item in await asyncio.to_thread(self._read_paths, listed[start : start + _SNAPSHOT_BATCH]):
                     yield item
         self._root_present()  # gone while it was read: what was listed last may be empty for that reason
+
+    async def snapshot_stamped(self, known: Callable[[list[str]], Mapping[str, bytes]]
+                               ) -> AsyncIterator[tuple[str, bytes | None, bytes]]:
+        for prefix in (APPS, DOMAINS, CERTS):
+            self._root_present()
+            listed = await asyncio.to_thread(self._stamped, prefix)
+            for start in range(0, len(listed), _SNAPSHOT_BATCH):
+                part = listed[start : start + _SNAPSHOT_BATCH]
+                held = await asyncio.to_thread(known, [key for key, _, _ in part])
+                stamps = {key: stamp for key, _, stamp in part}
+                changed = []
+                for key, path, stamp in part:
+                    if held.get(key) == stamp:
+                        yield key, None, stamp  # unchanged since the copy read it
+                    else:
+                        changed.append((key, path))
+                for key, value in await asyncio.to_thread(self._read_paths, changed):
+                    yield key, value, stamps[key]
+        self._root_present()
 
     @property
     def revision(self) -> int:

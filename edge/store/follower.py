@@ -135,24 +135,33 @@ class StoreFollower(CopyFollower):
         self.tasks.append(self.watch_task)
 
     async def _load_pages(self, armed: asyncio.Event | None = None) -> int:
-        """Read the store's snapshot into the copy's current full load; the count read."""
+        """Read the store's snapshot into the copy's current full load; how many values were read
+        (the file store does not read again what the copy holds: ``Store.snapshot_stamped``)."""
         read = 0
         page: list[tuple[str, bytes | None]] = []
-        async for key, value in self.store.snapshot():
+        stamps: dict[str, bytes] = {}
+        keep: list[str] = []
+        async for key, value, stamp in self.store.snapshot_stamped(self.copy.stamps_of):
             if armed is not None and self.store.resumable and self.watch_task is None:
                 # The snapshot's revision is known from its first page on.
                 self.revision = max(self.revision, self.store.revision)
                 self._start_watch(armed)
-            read += 1
-            if copied(key):
+            read += value is not None
+            if not copied(key):
+                continue
+            if value is None:
+                keep.append(key)  # unchanged since the copy read it: not read again
+            else:
                 page.append((key, value))
-            if len(page) >= _PAGE:
-                self.writer.load(page)
-                page = []
+                if stamp:
+                    stamps[key] = stamp
+            if len(page) + len(keep) // 16 >= _PAGE:
+                self.writer.load(page, stamps, keep)
+                page, stamps, keep = [], {}, []
                 await self.writer.backlog()
                 await asyncio.sleep(0)  # handshakes go on while loading
-        if page:
-            self.writer.load(page)
+        if page or keep:
+            self.writer.load(page, stamps, keep)
         return read
 
     async def _initial_load(self, armed: asyncio.Event) -> None:

@@ -86,6 +86,9 @@ class LocalCopy:
         # (without reading, and so mapping, every stored bundle), then removes
         # what it did not see.
         self.digests = self.env.open_db(b"digests")
+        # key -> the file store's stamp (mtime, size, inode) of the file the
+        # entry was read from: catching up reads only the files that changed.
+        self.stamps = self.env.open_db(b"stamps")
 
     # --- reading (any process, any thread) ---------------------------------------------------
     def state(self) -> CopyState:
@@ -131,6 +134,10 @@ class LocalCopy:
         with self.env.begin(db=self.names) as txn:
             for key, value in txn.cursor():
                 yield key.decode(), value
+
+    def stamps_of(self, keys: list[str]) -> dict[str, bytes]:
+        with self.env.begin(db=self.stamps) as txn:
+            return {k: v for k in keys if (v := txn.get(k.encode())) is not None}
 
     def get_many(self, keys: list[str]) -> dict[str, bytes]:
         with self.env.begin(db=self.entries) as txn:

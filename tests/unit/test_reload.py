@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from edge.store.base import Event, EventKind
-from edge.store.file import FileStore
 from edge.store.copywriter import CopyWriter
+from edge.store.file import FileStore
 from edge.store.follower import StoreFollower
 from edge.store.localcopy import LocalCopy
 
@@ -25,13 +25,13 @@ class _RacingStore(FileStore):
         self.reading = asyncio.Event()  # the reload's snapshot has begun
         self.delivered = asyncio.Event()  # the follower took the watched change
 
-    async def snapshot(self) -> AsyncIterator[tuple[str, bytes]]:  # type: ignore[override]
+    async def snapshot_stamped(self, known):  # type: ignore[no-untyped-def, override]
         self.snapshots += 1
         if self.snapshots == 1:  # the load at start: an empty store
             return
         self.reading.set()
         await self.delivered.wait()
-        yield "domains/www.example.com", b'{"app": "old"}'  # read before the change
+        yield "domains/www.example.com", b'{"app": "old"}', b""  # read before the change
 
     async def watch(self, start_revision: int) -> AsyncIterator[list[Event]]:  # type: ignore[override]
         await self.reading.wait()

@@ -121,8 +121,8 @@ def test_kill_9_during_a_full_load_leaves_every_name_before_or_after(tmp_path: P
         writer = CopyWriter(copy)
         writer.begin_full(first=False)
         for page in range(300):
-            writer.load([(f"domains/n{{page * 100 + i}}.test", json.dumps({{"app": "after", "pad": "y" * 900}}).encode())
-                         for i in range(100)])
+            value = json.dumps({{"app": "after", "pad": "y" * 900}}).encode()
+            writer.load([(f"domains/n{{page * 100 + i}}.test", value) for i in range(100)])
             if page == 50:
                 writer.flush()
                 print("writing", flush=True)
