@@ -24,7 +24,7 @@ import json
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from edge.appsettings import parse_error_pages, parse_hsts
 
@@ -130,12 +130,12 @@ class App:
         return None
 
 
-@dataclass(frozen=True, slots=True)
-class CertMeta:
+class CertMeta(NamedTuple):
     """The header of one stored bundle; enough to choose it without parsing it.
 
-    Kept small (the shared index decodes one per bundle of a name looked up):
-    the store key is derived, and the short strings are interned.
+    A named tuple: the shared index decodes one per bundle of each name a
+    handshake looks up (a frozen dataclass costs several times more to
+    build); the store key is derived, and the short strings are interned.
     """
 
     domain: str

@@ -7,6 +7,14 @@ resolves the listen addresses once (port 0 becomes a real port) by binding
 without listening, then each worker binds the same ports with SO_REUSEPORT
 and the kernel spreads connections over them. The supervisor restarts a
 worker that dies and forwards SIGTERM, SIGINT and SIGHUP to them.
+
+The first worker writes the host's local copy (the index every worker reads,
+``edge.store.shared``), as it runs the admin API and ACME; the others only
+read it. Not the supervisor: it stays a plain fork-and-wait loop, with no
+event loop, no store connection and no open LMDB environment, which must not
+cross the forks it makes whenever a worker dies; and a writer that dies is
+restarted like any worker and resumes from the copy (every change is one
+transaction), while the other workers keep serving from it.
 """
 
 from __future__ import annotations
