@@ -261,10 +261,13 @@ class CopyWriter:
 
     def _begin_full(self, first: bool) -> None:
         copy = self.copy
-        self._generation = (self._generation + 1) & 0xFFFFFFFF
-        self._mark = struct.pack("<I", self._generation)
-        self._full = _FullLoad(self._generation)
         with copy.env.begin(write=True) as txn:
+            raw = txn.get(_GENERATION, db=copy.meta)  # another process of the host may have begun one since
+            if raw is not None and len(raw) == 4:
+                self._generation = max(self._generation, struct.unpack("<I", raw)[0])
+            self._generation = (self._generation + 1) & 0xFFFFFFFF
+            self._mark = struct.pack("<I", self._generation)
+            self._full = _FullLoad(self._generation)
             txn.put(_GENERATION, self._mark, db=copy.meta)
             if first:
                 for db in (copy.entries, copy.digests, copy.names, copy.stamps):
@@ -281,6 +284,11 @@ class CopyWriter:
             return
         self._full = None
         with copy.env.begin(write=True) as txn:
+            if txn.get(_GENERATION, db=copy.meta) != full.mark:
+                # Another process began a newer full load (an upgrade's successor):
+                # its marks are not ours to sweep; it sweeps when it ends.
+                log.warning("local copy %s: another process is loading it; this load removes nothing", copy.path)
+                return
             stale = [bytes(k) for k, v in txn.cursor(db=copy.digests) if bytes(v[8:12]) != full.mark]
             touched: set[str] = set()
             for raw in stale:

@@ -45,6 +45,7 @@ _DECODED = 4096  # decoded records and parsed apps kept per process (keyed by th
 # How long a name read on demand stands in for the copy while the copy fills:
 # a change committed meanwhile is seen by every process within this.
 OVERLAY_TTL = 0.05
+_OVERLAY_NAMES = 10_000
 Record = tuple[str | None, DomainCerts]  # a domain's app and bundle headers
 _REUSE = 0.001  # seconds a lookup's answer is reused for the same name (far under the 100 ms a change may take)
 
@@ -238,9 +239,7 @@ class CopyFollower:
 
     def _set_loaded(self) -> None:
         self.loaded.set()
-        self.overlay.stop()
-        for pending in self._fetching.values():
-            pending.cancel()
+        self.overlay.stop()  # reads still under way finish; what they bring is not kept
 
     async def ensure(self, name: str) -> None:
         """Return when ``name`` is known (or certainly absent): at once when the
@@ -265,6 +264,8 @@ class CopyFollower:
         found = await self.store.get_many(wanted)
         until = time.monotonic() + OVERLAY_TTL
         if self.overlay.active:
+            if len(self.overlay.names) >= _OVERLAY_NAMES:
+                self.overlay.names.clear()  # bounded: each is read again on demand
             for each in (name, parent):
                 if each is not None:
                     self.overlay.names[each] = (until, _record(each, found))
