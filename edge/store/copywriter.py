@@ -39,6 +39,7 @@ from edge.records import (
     CertMeta,
     EntryError,
     cert_key,
+    decode_name_record,
     encode_name_record,
     parse_app,
     parse_cert,
@@ -51,21 +52,23 @@ from edge.store.localcopy import _COMPLETE, _GENERATION, _REVISION, _WRITTEN, Lo
 log = logging.getLogger(__name__)
 
 Change = tuple[str, bytes | None]  # (key, value; None: deleted)
-_RELEASE_EVERY = 20_000
+Parsed = dict[str, str | CertMeta | None]  # entries of one domain changed by a write: key -> parsed (None: gone)
+_ORDER = {(s, k): i for i, (s, k) in enumerate((s, k) for s in SOURCES for k in KEY_TYPES)}
+# Entries a full load writes or keeps between two drops of this process's mapping of the
+# copy: the kernel maps 64 KiB around each page touched (fault-around), so a load that
+# visits every record would otherwise count much of the file in this process's memory.
+_RELEASE_EVERY = 4_000
 
 
-def check(key: str, value: bytes, digest: bytes) -> str | None:
-    """Why ``value`` cannot be served under ``key`` (None: it can)."""
-    try:
-        if key.startswith(APPS):
-            parse_app(key[len(APPS):], value)
-        elif key.startswith(DOMAINS):
-            parse_domain(value)
-        else:
-            parse_cert(key, value, int.from_bytes(digest))
-    except EntryError as exc:
-        return str(exc)
-    return None
+def parse(key: str, value: bytes, digest: bytes) -> str | CertMeta | None:
+    """What a names record needs of an entry (a domain's app, a bundle's
+    header; None for an app); ``EntryError`` when it cannot be served."""
+    if key.startswith(APPS):
+        parse_app(key[len(APPS):], value)
+        return None
+    if key.startswith(DOMAINS):
+        return parse_domain(value)
+    return parse_cert(key, value, int.from_bytes(digest))
 
 
 def domain_of(key: str) -> str | None:
@@ -162,7 +165,7 @@ class CopyWriter:
         if loaded and full is None:
             return  # the load was aborted: its late pages are dropped
         with self.copy.env.begin(write=True) as txn:
-            touched: set[str] = set()
+            touched: dict[str, Parsed] = {}
             for key in keep or ():  # unchanged in the store: this load saw it
                 held = txn.get(key.encode(), db=self.copy.digests)
                 if full is not None and key not in full.touched and held is not None:
@@ -176,10 +179,10 @@ class CopyWriter:
                     if not loaded:
                         full.touched.add(key)
                 self._put(txn, key, value, touched, (stamps or {}).get(key))
-            for domain in touched:
-                self._write_record(txn, domain)
+            for domain, parsed in touched.items():
+                self._write_record(txn, domain, parsed)
             if loaded:
-                self._loaded += len(changes) + len(keep or ()) // 16
+                self._loaded += len(changes) + len(keep or ())
                 if self._loaded > _RELEASE_EVERY:
                     self._loaded = 0
                     self.copy.release()  # a long load must not map the whole copy into this process
@@ -188,7 +191,7 @@ class CopyWriter:
             if revision is not None and full is None:
                 self._stamp(txn, revision)
 
-    def _put(self, txn: lmdb.Transaction, key: str, value: bytes | None, touched: set[str],
+    def _put(self, txn: lmdb.Transaction, key: str, value: bytes | None, touched: dict[str, Parsed],
              stamp: bytes | None = None) -> None:
         copy = self.copy
         raw = key.encode()
@@ -202,12 +205,16 @@ class CopyWriter:
         if value is None:
             self.errors.pop(key, None)
             if txn.delete(raw, db=copy.entries) and domain is not None:
-                touched.add(domain)
+                touched.setdefault(domain, {})[key] = None
             txn.delete(raw, db=copy.digests)
             return
         digest = hashlib.sha256(value).digest()[:8]
         held = txn.get(raw, db=copy.digests)
-        problem = check(key, value, digest)
+        try:
+            parsed = parse(key, value, digest)
+            problem = None
+        except EntryError as exc:
+            parsed, problem = None, str(exc)
         if problem is not None:
             if self.errors.get(key) != problem:
                 log.error("store entry %s skipped: %s; its last good version (if this host saw one) stays "
@@ -221,12 +228,40 @@ class CopyWriter:
         if held is None or held[:8] != digest:
             txn.put(raw, value, db=copy.entries)
             if domain is not None:
-                touched.add(domain)
+                touched.setdefault(domain, {})[key] = parsed
         if held != digest + self._mark:
             txn.put(raw, digest + self._mark, db=copy.digests)
 
-    def _write_record(self, txn: lmdb.Transaction, domain: str) -> None:
-        """Derive ``domain``'s names record from its entries (already checked when copied)."""
+    def _write_record(self, txn: lmdb.Transaction, domain: str, changed: Parsed) -> None:
+        """Bring ``domain``'s names record in step with its entries, ``changed``
+        by this transaction: the record it holds, with those replaced; or,
+        when it holds none, derived from every entry of the domain."""
+        copy = self.copy
+        name = domain.encode()
+        current = txn.get(name, db=copy.names)
+        if current is None:
+            app, held = self._derive(txn, domain)
+        else:
+            app, metas = decode_name_record(domain, current)
+            by_kind = {(m.source, m.key_type): m for m in metas}
+            for key, parsed in changed.items():
+                if key.startswith(DOMAINS):
+                    app = parsed if isinstance(parsed, str) else None
+                elif (parts := parse_cert_key(key)) is not None:
+                    if isinstance(parsed, CertMeta):
+                        by_kind[parts[1], parts[2]] = parsed
+                    else:
+                        by_kind.pop((parts[1], parts[2]), None)
+            held = [by_kind[kind] for kind in sorted(by_kind, key=lambda kind: _ORDER.get(kind, len(_ORDER)))]
+        if app is None and not held:
+            txn.delete(name, db=copy.names)
+            return
+        record = encode_name_record(app, held)
+        if current != record:
+            txn.put(name, record, db=copy.names)
+
+    def _derive(self, txn: lmdb.Transaction, domain: str) -> tuple[str | None, list[CertMeta]]:
+        """A domain's app and bundle headers, from its entries (checked when copied)."""
         copy = self.copy
         raw = txn.get((DOMAINS + domain).encode(), db=copy.entries)
         app: str | None = None
@@ -247,13 +282,7 @@ class CopyWriter:
                     held.append(parse_cert(key, value, None if digest is None else int.from_bytes(digest[:8])))
                 except EntryError:
                     continue
-        name = domain.encode()
-        if app is None and not held:
-            txn.delete(name, db=copy.names)
-            return
-        record = encode_name_record(app, held)
-        if txn.get(name, db=copy.names) != record:
-            txn.put(name, record, db=copy.names)
+        return app, held
 
     def _stamp(self, txn: lmdb.Transaction, revision: int) -> None:
         txn.put(_REVISION, struct.pack("<q", revision), db=self.copy.meta)
@@ -290,7 +319,7 @@ class CopyWriter:
                 log.warning("local copy %s: another process is loading it; this load removes nothing", copy.path)
                 return
             stale = [bytes(k) for k, v in txn.cursor(db=copy.digests) if bytes(v[8:12]) != full.mark]
-            touched: set[str] = set()
+            touched: dict[str, Parsed] = {}
             for raw in stale:
                 txn.delete(raw, db=copy.entries)
                 txn.delete(raw, db=copy.digests)
@@ -298,9 +327,9 @@ class CopyWriter:
                 key = raw.decode()
                 self.errors.pop(key, None)
                 if (domain := domain_of(key)) is not None:
-                    touched.add(domain)
-            for domain in touched:
-                self._write_record(txn, domain)
+                    touched.setdefault(domain, {})[key] = None
+            for domain, parsed in touched.items():
+                self._write_record(txn, domain, parsed)
             self._stamp(txn, revision)
             txn.put(_COMPLETE, b"1", db=copy.meta)
         _trim()  # what the load allocated in this thread's arena: give it back

@@ -97,6 +97,7 @@ class StoreFollower(CopyFollower):
         counts = await asyncio.to_thread(self.copy.counts)
         log.info("local copy loaded: %d apps, %d domains, %d names with certificates in %.2f s",
                  *counts, time.monotonic() - started)
+        self.copy.release()  # the pages that count read: this process keeps none it does not serve from
         armed = asyncio.Event()
         self._start_watch(armed)  # etcd: from the copy's revision on; a compacted one reloads in full
         await armed.wait()
@@ -186,6 +187,7 @@ class StoreFollower(CopyFollower):
         log.info("store loaded: %d apps, %d domains, %d names with certificates in %.1f s (%d entries read)",
                  *await asyncio.to_thread(self.copy.counts), time.monotonic() - started, read)
         self._report_corrupted()
+        self.copy.release()
         if self._reload_after_load:
             self._reload_after_load = False
             await self.reload()
@@ -233,6 +235,7 @@ class StoreFollower(CopyFollower):
         self.reloads += 1
         log.info("store reloaded: %d apps, %d domains, %d names with certificates; %d damaged entries (%d read)",
                  *await asyncio.to_thread(self.copy.counts), len(self.writer.errors), read)
+        self.copy.release()
         if self.listener is not None:
             self.listener.rescan()
         return True
