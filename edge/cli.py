@@ -12,7 +12,6 @@ import asyncio
 import dataclasses
 import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -118,14 +117,6 @@ def _print_result(result: Result) -> None:
     print(result.message)
 
 
-def _with_port(message: str, cfg: config_mod.Config) -> str:
-    """The app's URL with the https listener's port, so that it can be pasted (port 0: unknown here)."""
-    port = cfg.server.https[0].port if cfg.server.https else 443
-    if port in (443, 0):
-        return message
-    return re.sub(r"(https://[^\s/:]+)(?=[\s/]|$)", rf"\g<1>:{port}", message, count=1)
-
-
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     def cell(value: Any) -> str:
         if isinstance(value, list):
@@ -225,7 +216,7 @@ async def _run_command(args: argparse.Namespace, cfg: config_mod.Config, ops: Op
         hsts = _hsts(args)
         result = await ops.apps_add(args.app, args.backend, force_https=not args.no_force_https, hsts=hsts,
                                     maintenance=args.maintenance)
-        _print_result(Result(_with_port(result.message, cfg), result.warnings))
+        _print_result(result)
     elif cmd == "apps-error-page":
         if args.remove == (args.file is not None):
             return _fail("give FILE, or --remove", EXIT_USAGE)

@@ -212,6 +212,13 @@ def _acme_renewals(gauges: dict[str, float]) -> Iterator[GaugeMetricFamily]:
         if key.startswith("reason_"):
             planned.add_metric([key[len("reason_"):]], value)
     yield planned
+    by_ca = GaugeMetricFamily("edge_acme_domains_by_ca",
+                              "Domains by where their ACME certificates come from (fallback: one of them "
+                              "from a CA of [acme] fallback_directories; the next renewal asks the primary)",
+                              labels=["ca"])
+    for ca in ("primary", "fallback"):
+        by_ca.add_metric([ca], gauges.get(f"ca_{ca}", 0))
+    yield by_ca
 
 
 # --- counters across workers -----------------------------------------------------------

@@ -121,6 +121,10 @@ class Operations(AppSettingsOps):
         self.config = config
         self.store = store
         self.platform_domain = config.platform.domain
+        port = config.server.https[0].port if config.server.https else 443
+        # The app's URL is printed to be pasted: off 443 (the shipped config listens on
+        # 8443) the port belongs in it; port 0 (chosen at bind) is not known here.
+        self.https_suffix = "" if port in (443, 0) else f":{port}"
 
     # --- reading ---------------------------------------------------------------------
     async def load_index(self) -> Index:
@@ -155,7 +159,8 @@ class Operations(AppSettingsOps):
             await self.store.put(base.app_key(name), records.encode_app(clean, force_https, record))
         verb = "updated" if old is not None else "added"
         note = " (in maintenance: answering 503)" if record.get("maintenance") else ""
-        return Result(f"app {name} {verb}: https://{name}.{self.platform_domain} -> {', '.join(clean)}{note}",
+        url = f"https://{name}.{self.platform_domain}{self.https_suffix}"
+        return Result(f"app {name} {verb}: {url} -> {', '.join(clean)}{note}",
                       tuple(hsts.warnings()) if isinstance(hsts, Hsts) else ())
 
     async def apps_remove(self, name: str) -> Result:

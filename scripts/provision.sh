@@ -20,6 +20,7 @@ wrk                  wrk
 h2load               nghttp2-client
 nghttp               nghttp2-client
 node                 nodejs
+chromium             chromium
 taskset              util-linux
 unshare              util-linux
 pkill                procps

@@ -105,6 +105,7 @@ def cert_id(cert_pem: bytes) -> str:
 class Issued:
     key_pem: bytes
     chain_pem: bytes  # leaf first, then intermediates, as the server sent them
+    replaced: str = ""  # the "replaces" the order that gave it carried (RFC 9773 §5); "": none
 
 
 # What an order asks of the store, as blocking calls:
@@ -159,13 +160,21 @@ def _retry_after_seconds(value: str | None) -> float | None:
 
 
 class _Network(client.ClientNetwork):
-    """``ClientNetwork`` that keeps the last Retry-After and retries badNonce more than once."""
+    """``ClientNetwork`` that keeps the last Retry-After (and the problem of a 409, which
+    ``acme`` raises as a bare ConflictError) and retries badNonce more than once."""
 
     last_retry_after: str | None = None
+    last_conflict: str = ""
 
     def _send_request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:
         response = super()._send_request(method, url, *args, **kwargs)
         self.last_retry_after = response.headers.get("Retry-After")
+        if response.status_code == 409:  # RFC 9773's alreadyReplaced comes as one (§5)
+            try:
+                problem = response.json()
+                self.last_conflict = f"{problem.get('type', '')}: {problem.get('detail', '')}"
+            except (ValueError, AttributeError):
+                self.last_conflict = ""
         return response
 
     def post(self, *args: Any, **kwargs: Any) -> requests.Response:
@@ -305,10 +314,13 @@ class AcmeClient:
                     raise AcmeError(f"{what}: the ACME server answered 409 Conflict") from None
                 raise
             # RFC 9773 §5: alreadyReplaced (409), or a certificate the CA does not know
-            # (restarted, or another of its accounts): "replaces" is only a hint, order without it.
+            # (restarted, another of its accounts, or Pebble's lookup of a serial whose DER
+            # value starts with 0x00, letsencrypt/pebble#550): "replaces" is only a hint.
             log.warning("ACME: the order for %s replacing %s was refused (%s); ordering without replaces",
-                        domain, replaces, exc if isinstance(exc, AcmeError) else "409 Conflict")
+                        domain, replaces, exc if isinstance(exc, AcmeError) else
+                        f"409 Conflict: {self.net.last_conflict or 'no problem document'}")
             order = self._call(what, self._new_order, acme, csr_pem, profile, "")
+            replaces = ""
         published: list[tuple[str, str]] = []
         try:
             for authzr in order.authorizations:
@@ -333,7 +345,7 @@ class AcmeClient:
                     withdraw(kind, name)
                 except Exception as exc:  # a leftover answer expires or does no harm
                     log.warning("could not remove the %s answer for %s: %s", kind, domain, exc)
-        return Issued(key_pem, done.fullchain_pem.encode())
+        return Issued(key_pem, done.fullchain_pem.encode(), replaces)
 
     @staticmethod
     def _new_order(acme: client.ClientV2, csr_pem: bytes, profile: str, replaces: str) -> messages.OrderResource:

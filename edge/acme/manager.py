@@ -24,6 +24,7 @@ from edge.acme import renewal
 from edge.acme.client import AcmeClient, AcmeError, new_account_key
 from edge.acme.orders import AcmeStats, Orders, status_key
 from edge.acme.renewal import DomainStatus
+from edge.acme.settings import CaEndpoint
 from edge.config import AcmeConfig, Config
 from edge.records import DomainCerts
 from edge.store import base
@@ -60,8 +61,9 @@ class AcmeManager:
         self.orders = Orders(config, store, self.status, index.domains, self._pool, collections.deque())
         self._config = config
         self._scan_requested = True
-        # domain -> (next planned renewal or retry, its reason, when its certificates fall due)
-        self._planned: dict[str, tuple[float, str, float | None]] = {}
+        # domain -> (next planned renewal or retry, its reason, when its certificates fall due,
+        # whether one of them came from a fallback CA)
+        self._planned: dict[str, tuple[float, str, float | None, bool]] = {}
         self._gauges: tuple[float, dict[str, float]] | None = None
 
     @property
@@ -98,10 +100,16 @@ class AcmeManager:
 
     # --- the loop -------------------------------------------------------------------------
     async def run(self) -> None:
+        for ca in self.config.fallback_directories:  # a fallback's own profile, checked in the background
+            if ca.profile:
+                task = asyncio.get_running_loop().create_task(self._check_profile(ca))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
         log.info("ACME manager on %s (key types %s; challenges %s; profile %s; fallbacks %s)",
                  self.config.directory, ", ".join(self.config.key_types), ", ".join(self.config.challenges),
-                 self.config.profile or "the CA's default",
-                 ", ".join(ca.directory for ca in self.config.fallback_directories) or "none")
+                 self.config.profile or "the CA's default", ", ".join(
+                     ca.directory + (f" (profile {ca.profile or 'its default'})" if ca.profile is not None else "")
+                     for ca in self.config.fallback_directories) or "none")
         if self.config.profile:
             await self._check_profile()
         if self.loaded is not None:
@@ -137,14 +145,16 @@ class AcmeManager:
                 task.cancel()
             self._pool.shutdown(wait=False, cancel_futures=True)
 
-    async def _check_profile(self) -> None:
-        """At start: an unknown ``[acme] profile`` is said at once, naming what the CA offers.
-        (Every order checks it again, and fails with the same message, when the CA is reached.)"""
-        client = AcmeClient(self.config.directory, new_account_key(), ca_bundle=self.config.ca_bundle)
+    async def _check_profile(self, ca: CaEndpoint | None = None) -> None:
+        """At start: an unknown profile (``[acme] profile``, or one a fallback CA names) is said
+        at once, naming what that CA offers. (Every order checks it again, and fails with the
+        same message, when the CA is reached.)"""
+        ca = ca or self.config.cas[0]
+        client = AcmeClient(ca.directory, new_account_key(), ca_bundle=ca.ca_bundle)
         try:
-            await asyncio.get_running_loop().run_in_executor(self._pool, client.check_profile, self.config.profile)
+            await asyncio.get_running_loop().run_in_executor(self._pool, client.check_profile, ca.profile or "")
         except AcmeError as exc:
-            log.error("ACME: %s", exc)
+            log.log(logging.ERROR if exc.config else logging.WARNING, "ACME: %s", exc)
 
     async def _load_status(self) -> None:
         try:
@@ -254,8 +264,9 @@ class AcmeManager:
         planned = renewal.soonest(held, self.config.key_types, now, status)
         if planned is None:
             self._planned.pop(domain, None)
-        else:
-            self._planned[domain] = planned
+            return
+        issuers = {p.issuer for p in (status.plan(k) for k in status.plans or {}) if p is not None} if status else set()
+        self._planned[domain] = (*planned, bool(issuers - {self.config.directory}))
 
     def renewal_gauges(self, now: float | None = None) -> dict[str, float]:
         """The renewal gauges as last computed (in a thread, by ``run``: every second, up to
@@ -276,15 +287,18 @@ class AcmeManager:
             await asyncio.sleep(min(GAUGES_TTL, max(1.0, 50 * (time.time() - now))))
 
 
-def renewal_gauges_of(planned: list[tuple[float, str, float | None]], now: float) -> dict[str, float]:
+def renewal_gauges_of(planned: list[tuple[float, str, float | None, bool]], now: float) -> dict[str, float]:
     """``next`` (seconds to the soonest planned renewal or retry, negative when late),
     ``overdue`` (domains whose certificates' planned renewal passed ``OVERDUE_AFTER``
-    ago), ``reason_<r>`` (domains whose next renewal is planned for reason r)."""
+    ago), ``reason_<r>`` (domains whose next renewal is planned for reason r),
+    ``ca_primary``/``ca_fallback`` (domains whose certificates all come from the primary
+    CA / one of them from a fallback CA)."""
     out: dict[str, float] = {f"reason_{r}": 0 for r in renewal.REASONS}
-    out["overdue"] = 0
+    out.update(overdue=0, ca_primary=0, ca_fallback=0)
     soonest = None
-    for when, reason, certs_due in planned:
+    for when, reason, certs_due, fallback in planned:
         out[f"reason_{reason}"] += 1
+        out["ca_fallback" if fallback else "ca_primary"] += 1
         soonest = when if soonest is None else min(soonest, when)
         if certs_due is not None and certs_due < now - renewal.OVERDUE_AFTER:
             out["overdue"] += 1

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import json
 import logging
 import threading
@@ -33,6 +32,7 @@ from typing import Any
 
 from edge import records
 from edge.acme import renewal
+from edge.acme.accounts import Accounts
 from edge.acme.client import AcmeClient, AcmeError, Issued, cert_id, new_account_key
 from edge.acme.renewal import DomainStatus, Plan
 from edge.acme.settings import AcmeConfig, CaEndpoint
@@ -50,14 +50,6 @@ ARI_CLIENT_TTL = 3600.0  # seconds a client (its connection, its directory) serv
 
 def status_key(domain: str) -> str:
     return base.ACME_STATUS + domain
-
-
-def account_key_name(directory: str, primary: str) -> str:
-    """The store key of a CA's account key: ``acme/account`` for the primary (as ever),
-    ``acme/account-<hash of the directory URL>`` for each other CA."""
-    if directory == primary:
-        return base.ACME_ACCOUNT
-    return f"{base.ACME_ACCOUNT}-{hashlib.sha256(directory.encode()).hexdigest()[:16]}"
 
 
 @dataclass
@@ -90,7 +82,7 @@ class Orders:
         self.stats = AcmeStats()
         self._pool = pool
         self._recent_orders = orders_cap
-        self._accounts: dict[str, bytes] = {}
+        self._accounts = Accounts(store, pool)
         self._ari_clients: dict[tuple[str, int], tuple[float, AcmeClient]] = {}
 
     # --- one domain's turn ------------------------------------------------------------------
@@ -195,28 +187,28 @@ class Orders:
             ident = cert_id(pem)
         except ValueError:
             ident = ""
-        lifetime = Plan(meta.fingerprint, client.directory_url, renewal.renew_at(meta), "lifetime",
-                        now + self.config.ari_min, ident)
+        lifetime = Plan(meta.fingerprint, client.directory_url, renewal.renew_at(meta), "lifetime", now, ident)
+        cfg = self.config
         try:
             window, retry = client.renewal_info(pem) if ident else (None, None)
         except (AcmeError, ValueError) as exc:
-            known = previous is not None and previous.fingerprint == meta.fingerprint and previous.reason == "ari"
-            if known and previous and isinstance(exc, AcmeError) and exc.kind == "unreachable":
-                # The CA is down: its last window for this certificate still stands (RFC 9773 §4.3.3).
-                log.warning("ACME: renewal information for %s: %s; keeping the CA's last window", domain, exc)
-                previous.ari_next = lifetime.ari_next
-                return previous
-            log.warning("ACME: renewal information for %s from %s unusable (%s); renewing by the lifetime "
-                        "rule, asking again in %.0f s", domain, client.directory_url, exc, self.config.ari_min)
-            return lifetime
+            unreachable = isinstance(exc, AcmeError) and exc.kind == "unreachable"
+            plan = renewal.plan_after_error(lifetime, previous, unreachable, now, cfg.ari_min, cfg.ari_max,
+                                            exc.retry_after if isinstance(exc, AcmeError) else None)
+            # RFC 9773 §4.3.3: logged, never fatal; a CA that is down keeps its last window for it.
+            log.warning("ACME: renewal information for %s from %s unusable (%s); %s, asking again in %.0f s "
+                        "(error %d in a row)", domain, client.directory_url, exc,
+                        "keeping the CA's last window" if plan.reason == "ari" else "renewing by the lifetime rule",
+                        plan.ari_next - now, plan.ari_failures)
+            return plan
         if window is None:  # the CA has no renewalInfo: ask again once a day, it may come
-            lifetime.ari_next = now + self.config.ari_max
+            lifetime.ari_next = now + cfg.ari_max
             return lifetime
         start, end = window
         keep = (previous is not None and previous.fingerprint == meta.fingerprint and previous.reason == "ari"
                 and start <= previous.renew_at <= end)
         when = previous.renew_at if keep and previous else renewal.pick_in_window(start, end)
-        check = now + renewal.next_check(retry, self.config.ari_min, self.config.ari_max)
+        check = now + renewal.next_check(retry, cfg.ari_min, cfg.ari_max)
         # Said once per window (at 1M domains a check every few hours is a lot of lines).
         log.log(logging.DEBUG if keep else logging.INFO,
                 "ACME: %s %s certificate: the CA suggests renewing between %s and %s; planned %s",
@@ -262,7 +254,7 @@ class Orders:
         loop = asyncio.get_running_loop()
         account_key = await self._account(ca)
         client = AcmeClient(ca.directory, account_key, self.config.email, ca.ca_bundle)
-        issued: Issued = await loop.run_in_executor(self._pool, self._order_blocking, client, domain,
+        issued: Issued = await loop.run_in_executor(self._pool, self._order_blocking, client, ca, domain,
                                                     key_type, replaces, loop)
         try:
             validated = await loop.run_in_executor(
@@ -289,15 +281,18 @@ class Orders:
         if not written:
             raise AcmeError("the issuance lock expired before the certificate was stored")
         self.stats.count("valid")
+        # What the order carried: the CA may have refused "replaces" (it is then ordered without).
+        said = f", replacing {issued.replaced}" if issued.replaced else (
+            f"; the CA refused to take it as replacing {replaces}" if replaces else "")
         log.info("ACME: %s certificate for %s in service until %s (from %s%s)", key_type.upper(), domain,
-                 _stamp(validated.not_after), ca.directory, f", replacing {replaces}" if replaces else "")
+                 _stamp(validated.not_after), ca.directory, said)
         plans = dict(previous.plans or {}) if previous else {}
         plans[validated.key_type] = asdict(plan)
         await self._set_status(domain, DomainStatus("valid", valid_until=validated.not_after, updated=time.time(),
                                                     plans=plans))
         return True
 
-    def _order_blocking(self, client: AcmeClient, domain: str, key_type: str, replaces: str,
+    def _order_blocking(self, client: AcmeClient, ca: CaEndpoint, domain: str, key_type: str, replaces: str,
                         loop: asyncio.AbstractEventLoop) -> Issued:
         """In a thread: the whole RFC 8555 exchange; store writes go through the loop."""
 
@@ -314,11 +309,10 @@ class Orders:
             key = base.challenge_key(name) if kind == "http-01" else base.tls_alpn_key(name)
             on_loop(self.store.delete(key))
 
-        profile = self.config.profile
-        if profile and client.directory_url != self.config.directory and profile not in client.profiles():
-            # A fallback CA is there to keep a valid certificate: its default profile will do.
-            log.warning("ACME: %s does not offer the profile %r; ordering its default", client.directory_url,
-                        profile)
+        profile = self.config.profile if ca.profile is None else ca.profile  # a profile named for this CA is checked
+        if ca.profile is None and profile and profile not in client.profiles():
+            # A fallback CA that names no profile is there to keep a valid certificate: its default will do.
+            log.warning("ACME: %s does not offer the profile %r; ordering its default", ca.directory, profile)
             profile = ""
         return client.order(domain, key_type, self.config.challenges, publish, withdraw,
                             profile=profile, replaces=replaces)
@@ -370,29 +364,7 @@ class Orders:
             await asyncio.sleep(wait)
 
     async def _account(self, ca: CaEndpoint) -> bytes:
-        """The account key for one CA, created once and kept in the store (0600)."""
-        name = account_key_name(ca.directory, self.config.directory)
-        if name in self._accounts:
-            return self._accounts[name]
-        try:
-            stored = await self.store.get(name)
-            if stored is None:
-                lock = await self.store.try_lock("acme-account", LOCK_TTL)
-                if lock is None:
-                    raise AcmeError("another node is creating the ACME account key", "failed", 5.0)
-                try:
-                    stored = await self.store.get(name)
-                    if stored is None:
-                        stored = await asyncio.get_running_loop().run_in_executor(self._pool, new_account_key)
-                        if not await lock.put_if_held(name, stored, secret=True):
-                            raise AcmeError("lost the lock while storing the ACME account key")
-                        log.info("ACME: account key created and stored for %s", ca.directory)
-                finally:
-                    await lock.release()
-        except base.StoreError as exc:
-            raise AcmeError(f"cannot read or write the ACME account key: {exc}", "failed") from None
-        self._accounts[name] = stored
-        return stored
+        return await self._accounts.key(ca.directory, self.config.directory)
 
 
 def _stamp(when: float) -> str:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import datetime
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from edge.records import CertMeta, CertSource, DomainCerts
@@ -48,12 +48,14 @@ class Plan:
     reason: str  # "ari" (the CA's window) or "lifetime" (two thirds)
     ari_next: float  # when to ask renewalInfo again (RFC 9773 §4.3)
     cert_id: str = ""  # RFC 9773 §4.1, for "replaces" in the renewal's order
+    ari_failures: int = 0  # renewalInfo errors in a row for this certificate (the back-off, §4.3.3)
 
     @classmethod
     def from_dict(cls, data: Any) -> Plan | None:
         try:
             return cls(str(data["fingerprint"]), str(data["issuer"]), float(data["renew_at"]),
-                       str(data["reason"]), float(data["ari_next"]), str(data.get("cert_id", "")))
+                       str(data["reason"]), float(data["ari_next"]), str(data.get("cert_id", "")),
+                       int(data.get("ari_failures", 0)))
         except (KeyError, TypeError, ValueError):
             return None
 
@@ -130,6 +132,33 @@ def next_check(retry_after: float | None, lowest: float = ARI_MIN, highest: floa
     if retry_after is None:
         retry_after = 6 * 3600.0  # §4.3 suggests six hours when the server says nothing
     return min(highest, max(lowest, retry_after))
+
+
+def ari_backoff(failures: int, lowest: float = ARI_MIN, highest: float = ARI_MAX,
+                retry_after: float | None = None) -> float:
+    """Seconds until renewalInfo is asked again after ``failures`` errors in a row: RFC 9773
+    §4.3.3 asks for exponential back-off on errors, and a malformed answer is one (a
+    long-term error: the client decides when to ask again). It starts at ``lowest`` and
+    doubles up to ``highest``, the bounds Retry-After is held to (§4.3.2); a Retry-After
+    the CA sent with its error is honoured within them."""
+    delay = min(highest, lowest * 2 ** max(0, failures - 1))
+    if retry_after is not None:
+        delay = max(delay, min(highest, retry_after))
+    return delay
+
+
+def plan_after_error(lifetime: Plan, previous: Plan | None, unreachable: bool, now: float,
+                     lowest: float = ARI_MIN, highest: float = ARI_MAX, retry_after: float | None = None) -> Plan:
+    """The plan when a certificate's renewalInfo could not be had (never fatal, RFC 9773 §4.3.3).
+
+    ``lifetime`` is the lifetime-rule plan for the certificate. While its CA cannot be
+    reached, the CA's last window for it stands; after any other error (a malformed or
+    invalid answer, a refusal) the lifetime rule does. Either way it is asked again
+    with back-off, counted per certificate."""
+    same = previous is not None and previous.fingerprint == lifetime.fingerprint
+    failures = (previous.ari_failures if previous is not None and same else 0) + 1
+    base = previous if previous is not None and same and unreachable and previous.reason == "ari" else lifetime
+    return replace(base, ari_next=now + ari_backoff(failures, lowest, highest, retry_after), ari_failures=failures)
 
 
 def _current(held: DomainCerts | None, key_type: str, now: float) -> CertMeta | None:

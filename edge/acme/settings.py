@@ -14,10 +14,13 @@ from edge.toml_tables import Table, join
 
 @dataclass(frozen=True, slots=True)
 class CaEndpoint:
-    """One ACME server: its directory URL and the CA to trust for its HTTPS."""
+    """One ACME server: its directory URL, the CA to trust for its HTTPS, the profile to ask for."""
 
     directory: str
     ca_bundle: Path | None = None
+    # A name from its meta.profiles; "": its default. None (a fallback that names none):
+    # the primary's profile when this CA offers it, else its default.
+    profile: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +42,7 @@ class AcmeConfig:
     @property
     def cas(self) -> tuple[CaEndpoint, ...]:
         """The primary first, then the fallbacks."""
-        return (CaEndpoint(self.directory, self.ca_bundle), *self.fallback_directories)
+        return (CaEndpoint(self.directory, self.ca_bundle, self.profile), *self.fallback_directories)
 
 
 def _choices(t: Table, key: str, allowed: tuple[str, ...], default: tuple[str, ...]) -> tuple[str, ...]:
@@ -88,20 +91,22 @@ def parse_acme(t: Table, base: Path, http: tuple[Any, ...], https: tuple[Any, ..
 
 
 def _fallbacks(t: Table, base: Path) -> tuple[CaEndpoint, ...]:
-    """``[acme] fallback_directories``: URLs, or tables ``{directory = "...", ca_bundle = "..."}``."""
+    """``[acme] fallback_directories``: URLs, or tables ``{directory = "...", ca_bundle = "...",
+    profile = "..."}``."""
     out = []
     for entry in t.get("fallback_directories", list, []):
         if isinstance(entry, str):
             entry = {"directory": entry}
-        if not isinstance(entry, dict) or set(entry) - {"directory", "ca_bundle"} \
-                or not isinstance(entry.get("directory"), str) or not isinstance(entry.get("ca_bundle", ""), str):
+        if not isinstance(entry, dict) or set(entry) - {"directory", "ca_bundle", "profile"} \
+                or not isinstance(entry.get("directory"), str) \
+                or not all(isinstance(entry.get(k, ""), str) for k in ("ca_bundle", "profile")):
             raise t.fail("fallback_directories", f"expected a directory URL or a table {{directory = \"https://...\", "
-                         f"ca_bundle = \"FILE\"}}, got {entry!r}")
+                         f"ca_bundle = \"FILE\", profile = \"NAME\"}} (the last two optional), got {entry!r}")
         if not entry["directory"].startswith("https://"):
             raise t.fail("fallback_directories", f"expected the https:// URL of an ACME directory, "
                          f"got {entry['directory']!r}")
         bundle = entry.get("ca_bundle", "")
-        out.append(CaEndpoint(entry["directory"], join(base, Path(bundle)) if bundle else None))
+        out.append(CaEndpoint(entry["directory"], join(base, Path(bundle)) if bundle else None, entry.get("profile")))
     if len({e.directory for e in out} | {t.data.get("directory")}) != len(out) + 1:
         raise t.fail("fallback_directories", "each directory may appear once (and not be the primary)")
     return tuple(out)

@@ -51,8 +51,10 @@ def _toml(value: object) -> str:
 class Pebble:
     def __init__(self, root: Path, *, validity: int | None = None, nonce_reject: int = 0,
                  debian: bool = False, profiles: tuple[str, ...] = ("default",),
-                 validates: Pebble | None = None) -> None:
-        """``validates``: validate challenges on the same ports as that Pebble (one edge, two CAs)."""
+                 validates: Pebble | None = None, authz_reuse: int = 0) -> None:
+        """``validates``: validate challenges on the same ports as that Pebble (one edge, two CAs);
+        ``authz_reuse``: the percentage of orders that reuse the account's valid authorization
+        for a name (RFC 8555 §7.1.4) instead of validating it again."""
         self.root = root
         self.debian = debian
         root.mkdir(parents=True, exist_ok=True)
@@ -87,7 +89,7 @@ class Pebble:
             settings["profiles"] = {name: {"description": name, "validityPeriod": periods[name]}
                                     for name in profiles}
         (root / "pebble.json").write_text(json.dumps({"pebble": settings}))
-        self.env = dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_AUTHZREUSE="0",
+        self.env = dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_AUTHZREUSE=str(authz_reuse),
                         PEBBLE_WFE_NONCEREJECT=str(nonce_reject))
         self.procs: list[subprocess.Popen[bytes]] = []
         self._root: bytes | None = None

@@ -187,13 +187,14 @@ def test_renewal_gauges_are_aggregates_without_a_label_per_domain(tmp_path):
     manager = AcmeManager(AcmeConfig(enabled=True), FileStore(tmp_path), Index())
     now = NOW
     manager._planned = {
-        "a.example.com": (now + 100, "ari", now + 100),
-        "b.example.com": (now + 60, "retry", now - 2 * 3600),  # its renewal failed 2 h ago: overdue
-        "c.example.com": (now + 3 * DAY, "lifetime", now + 3 * DAY),
-        "d.example.com": (now - 600, "ari", now - 600),  # due 10 minutes ago: late, not yet overdue
+        "a.example.com": (now + 100, "ari", now + 100, False),
+        "b.example.com": (now + 60, "retry", now - 2 * 3600, False),  # its renewal failed 2 h ago: overdue
+        "c.example.com": (now + 3 * DAY, "lifetime", now + 3 * DAY, True),  # from a fallback CA
+        "d.example.com": (now - 600, "ari", now - 600, False),  # due 10 minutes ago: late, not yet overdue
     }
     gauges = manager.renewal_gauges(now)
-    assert gauges == {"next": -600, "overdue": 1, "reason_ari": 2, "reason_lifetime": 1, "reason_retry": 1}
+    assert gauges == {"next": -600, "overdue": 1, "reason_ari": 2, "reason_lifetime": 1, "reason_retry": 1,
+                      "ca_primary": 3, "ca_fallback": 1}
     manager._planned.clear()
     assert manager.renewal_gauges(now + 1) == gauges  # kept a while: a scrape does not walk every domain
     assert "next" not in manager.renewal_gauges(now + 60)  # run() refreshes it every 30 s

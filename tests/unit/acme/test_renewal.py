@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import random
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -20,12 +21,14 @@ from edge.acme.renewal import (
     ARI_MIN,
     DomainStatus,
     Plan,
+    ari_backoff,
     ari_checks,
     fall_back,
     needs,
     next_check,
     parse_window,
     pick_in_window,
+    plan_after_error,
     soonest,
 )
 from edge.config import ConfigError, parse
@@ -92,6 +95,32 @@ def test_retry_after_is_bounded_between_an_hour_and_a_day():
     assert next_check(10 * DAY) == ARI_MAX == DAY
     assert next_check(None) == 6 * 3600  # none said: six hours
     assert next_check(5, 1, 2) == 2  # the test settings
+
+
+def test_renewal_information_errors_back_off_within_the_bounds():
+    # RFC 9773 §4.3.3: exponential back-off after errors, from an hour up to a day (§4.3.2's bounds).
+    assert [ari_backoff(n) for n in range(1, 8)] == [3600, 7200, 14400, 28800, 57600, DAY, DAY]
+    assert ari_backoff(1, 1, 8) == 1 and ari_backoff(4, 1, 8) == 8 and ari_backoff(9, 1, 8) == 8
+    assert ari_backoff(1, retry_after=5 * 3600) == 5 * 3600  # the CA's Retry-After with its error
+    assert ari_backoff(1, retry_after=9 * DAY) == DAY
+
+
+def test_a_malformed_answer_is_the_lifetime_rule_and_a_ca_that_is_down_keeps_its_window():
+    lifetime = Plan("f1", "https://ca/dir", NOW + 40 * DAY, "lifetime", NOW, "id")
+    ari = Plan("f1", "https://ca/dir", NOW + 59 * DAY, "ari", NOW - 1, "id")
+    first = plan_after_error(lifetime, ari, False, NOW)  # a malformed answer
+    assert (first.reason, first.renew_at, first.ari_next, first.ari_failures) == ("lifetime", NOW + 40 * DAY,
+                                                                               NOW + 3600, 1)
+    second = plan_after_error(lifetime, first, False, NOW)
+    assert (second.ari_next, second.ari_failures) == (NOW + 7200, 2)
+    # Unreachable: the CA's last window for this certificate stands, with the same back-off.
+    down = plan_after_error(lifetime, ari, True, NOW)
+    assert (down.reason, down.renew_at, down.ari_next, down.ari_failures) == ("ari", NOW + 59 * DAY, NOW + 3600, 1)
+    # Errors are counted per certificate: a plan for another one starts again at one.
+    other = Plan("f0", "https://ca/dir", NOW, "ari", NOW, "id", ari_failures=6)
+    assert plan_after_error(lifetime, other, True, NOW).ari_failures == 1
+    assert Plan.from_dict({**asdict(second)}) == second and Plan.from_dict(
+        {k: v for k, v in asdict(second).items() if k != "ari_failures"}).ari_failures == 0  # older states
 
 
 def test_a_plan_for_this_certificate_decides_and_one_for_another_does_not():
@@ -163,14 +192,19 @@ def test_acme_settings_of_this_issue(tmp_path: Path):
     bundle = tmp_path / "ca.pem"
     bundle.write_text("x")
     text = (f'[acme]\nprofile = "shortlived"\nari_min = 60\nfallback_directories = ["https://b.example/dir", '
-            f'{{directory = "https://c.example/dir", ca_bundle = "{bundle}"}}]\n')
+            f'{{directory = "https://c.example/dir", ca_bundle = "{bundle}", profile = "classic"}}, '
+            f'{{directory = "https://d.example/dir", profile = ""}}]\n')
     acme_cfg = parse(text, tmp_path / "edge.toml").acme
     assert acme_cfg.profile == "shortlived" and acme_cfg.ari_min == 60 and acme_cfg.ari_max == 86400
     assert [c.directory for c in acme_cfg.cas] == ["https://acme-v02.api.letsencrypt.org/directory",
-                                                    "https://b.example/dir", "https://c.example/dir"]
+                                                    "https://b.example/dir", "https://c.example/dir",
+                                                    "https://d.example/dir"]
     assert acme_cfg.cas[2].ca_bundle == bundle
+    # Each CA's profile: the primary's setting; a fallback's own, its default (""), or as the primary (None).
+    assert [c.profile for c in acme_cfg.cas] == ["shortlived", None, "classic", ""]
     for bad, said in (('fallback_directories = ["http://b/dir"]', "https:// URL"),
                       ('fallback_directories = [{dir = "https://b/dir"}]', "expected a directory URL or a table"),
+                      ('fallback_directories = [{directory = "https://b/dir", profile = 6}]', "profile = "),
                       ('fallback_directories = ["https://b/dir", "https://b/dir"]', "appear once"),
                       ("ari_min = 100\nari_max = 10", "ari_min <= ari_max")):
         with pytest.raises(ConfigError, match=said):
