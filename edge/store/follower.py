@@ -252,11 +252,18 @@ class StoreFollower(CopyFollower):
                 self.on_cert(event.key, value)
             if self.overlay.active and (domain := domain_of(event.key)) is not None:
                 self.overlay.names.pop(domain, None)  # read again on demand: the copy may hold it only in part
-        if changes:
-            self.writer.apply(changes, self.revision)
+        written = self.writer.apply(changes, self.revision) if changes else None
         if self.listener is not None:
-            for event in batch:
-                self.listener.notice(event.key)
+            listener, keys = self.listener, [event.key for event in batch]
+
+            def notice(_: object = None) -> None:
+                for key in keys:
+                    listener.notice(key)
+
+            if written is None:
+                notice()
+            else:  # once the copy holds the change: the listener reads it from there
+                asyncio.wrap_future(written).add_done_callback(notice)
         if batch and batch[-1].changed_at:
             self.sync_lag = max(0.0, time.time() - batch[-1].changed_at)
 
