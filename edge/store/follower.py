@@ -142,7 +142,7 @@ class StoreFollower(CopyFollower):
         page: list[tuple[str, bytes | None]] = []
         stamps: dict[str, bytes] = {}
         keep: list[str] = []
-        async for key, value, stamp in self.store.snapshot_stamped(self.copy.stamps_of):
+        async for key, value, stamp in self.store.snapshot_stamped(self._stamps_of):
             if armed is not None and self.store.resumable and self.watch_task is None:
                 # The snapshot's revision is known from its first page on.
                 self.revision = max(self.revision, self.store.revision)
@@ -164,6 +164,14 @@ class StoreFollower(CopyFollower):
         if page or keep:
             self.writer.load(page, stamps, keep)
         return read
+
+    def _stamps_of(self, keys: list[str]) -> dict[str, bytes]:
+        """The stamps the copy recorded (the store's thread, a catch-up): the
+        kernel maps 64 KiB around each page read, so this process's mapping is
+        dropped again, else a catch-up at a million names counts gigabytes."""
+        stamps = self.copy.stamps_of(keys)
+        self.copy.release()
+        return stamps
 
     async def _initial_load(self, armed: asyncio.Event) -> None:
         started = time.monotonic()
