@@ -318,7 +318,12 @@ class CopyWriter:
                 # its marks are not ours to sweep; it sweeps when it ends.
                 log.warning("local copy %s: another process is loading it; this load removes nothing", copy.path)
                 return
-            stale = [bytes(k) for k, v in txn.cursor(db=copy.digests) if bytes(v[8:12]) != full.mark]
+            stale = []
+            for count, (key, value) in enumerate(txn.cursor(db=copy.digests), 1):
+                if value[8:12] != full.mark:
+                    stale.append(bytes(key))
+                if count % _RELEASE_EVERY == 0:
+                    copy.release()  # a pass over every entry: not all of it mapped here at once
             touched: dict[str, Parsed] = {}
             for raw in stale:
                 txn.delete(raw, db=copy.entries)
