@@ -156,7 +156,7 @@ class StoreFollower(CopyFollower):
                 page.append((key, value))
                 if stamp:
                     stamps[key] = stamp
-            if len(page) + len(keep) // 16 >= _PAGE:
+            if len(page) >= _PAGE or len(keep) >= _PAGE:
                 self.writer.load(page, stamps, keep)
                 page, stamps, keep = [], {}, []
                 await self.writer.backlog()

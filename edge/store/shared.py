@@ -47,7 +47,6 @@ _DECODED = 4096  # decoded records and parsed apps kept per process (keyed by th
 OVERLAY_TTL = 0.05
 _OVERLAY_NAMES = 10_000
 Record = tuple[str | None, DomainCerts]  # a domain's app and bundle headers
-_REUSE = 0.001  # seconds a lookup's answer is reused for the same name (far under the 100 ms a change may take)
 
 
 class Overlay:
@@ -140,22 +139,13 @@ class SharedIndex:
         self.domains = _Domains(self)
         self.apps = _Apps(copy, self.overlay)
         self._decoded: dict[str, tuple[bytes, Record]] = {}
-        # The last lookup, reused for a millisecond: a selection asks for one
-        # name's certificates, then its domain (and SNI vs Host once more).
-        self._last: tuple[str, float, Record | None] = ("", 0.0, None)
 
     def record(self, name: str) -> Record | None:
         overlay = self.overlay
         if overlay.active and (fetched := overlay.names.get(name)) is not None:
             return fetched[1]
-        now = time.monotonic()
-        last = self._last
-        if last[0] == name and now - last[1] < _REUSE:
-            return last[2]
-        raw = self.copy.name(name)
-        record = None if raw is None else self._decode(name, raw)
-        self._last = (name, now, record)
-        return record
+        raw = self.copy.name(name)  # ~1 us: always read, a change is seen at once
+        return None if raw is None else self._decode(name, raw)
 
     def _decode(self, name: str, raw: bytes) -> Record:
         held = self._decoded.get(name)
