@@ -57,7 +57,7 @@ _ORDER = {(s, k): i for i, (s, k) in enumerate((s, k) for s in SOURCES for k in 
 # Entries a full load writes or keeps between two drops of this process's mapping of the
 # copy: the kernel maps 64 KiB around each page touched (fault-around), so a load that
 # visits every record would otherwise count much of the file in this process's memory.
-_RELEASE_EVERY = 4_000
+_RELEASE_EVERY = 1_000
 
 
 def parse(key: str, value: bytes, digest: bytes) -> str | CertMeta | None:
