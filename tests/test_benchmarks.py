@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.integration.conftest import require_tool
 
 ROOT = Path(__file__).parents[1]
@@ -43,3 +45,29 @@ def test_suite_runs_every_scenario_and_writes_results(tmp_path: Path) -> None:
     markdown = (tmp_path / "latest.md").read_text()
     assert "| scenario | edge | nginx | haproxy | edge/nginx | edge/haproxy |" in markdown
     assert (tmp_path / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_shared_index_rows_run_on_both_stores(tmp_path: Path) -> None:
+    """benchmarks.shared_index (issue #13's rows) in tiny mode: every row
+    measured, the restart with the copy on disk, etcd's database sized."""
+    for tool in ("nginx", "etcd", "taskset"):
+        require_tool(tool)
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.shared_index", "--tiny", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, "stderr:\n" + result.stderr[-4000:] + "\nstdout:\n" + result.stdout[-3000:]
+    (report,) = tmp_path.glob("*-shared-index-0k.json")
+    data = json.loads(report.read_text())
+    rows = {(row["store"], row["workers"]): row for row in data["rows"]}
+    assert set(rows) == {(s, w) for s in ("file", "etcd") for w in ("1", "2", "auto")}
+    for (_store, workers), row in rows.items():
+        assert row["processes"] == (1 if workers == "1" else 3), row  # auto: both cores, so 2 workers
+        assert row["first_s"] <= row["loaded_s"] <= row["copy_written_s"], row
+        assert row["restart_first_s"] > 0 and row["restart_first_s"] <= row["restart_loaded_s"], row
+        assert row["pss_loaded_mib"] == pytest.approx(sum(row["pss_loaded_each_mib"]))
+        assert row["cold_errors"] == 0 and row["cold_per_cpu_s"] > 0, row
+    sizes = data["etcd"]
+    assert sizes["entries"] == 201 and sizes["db_loaded_mib"] >= sizes["db_empty_mib"] > 0
+    assert set(sizes["per_name_by_bundle_size"]) == {"1000", "2000", "3000", "4000", "6000"}
+    assert "| etcd | 2 | 3 |" in (tmp_path / report.name.replace(".json", ".md")).read_text()

@@ -16,12 +16,17 @@ from collections.abc import AsyncIterator
 
 import aetcd
 from aetcd import exceptions as etcd_errors
+from aetcd import rpc
 
 from edge.store.base import LOCKS, Event, EventKind, Lock, ResyncNeeded, Store, StoreError
 
 log = logging.getLogger(__name__)
 
-PAGE = 1000  # keys per range request while loading a snapshot
+# Keys per range request while loading a snapshot. A bundle is at most 64 KiB
+# (SPEC §3), so a page is at most 32 MiB: under the receive limit set below
+# (gRPC's default, 4 MiB, is what ~3,000 small bundles already exceed).
+PAGE = 500
+MAX_MESSAGE = 64 * 1024 * 1024
 
 
 def _range_end(prefix: bytes) -> bytes:
@@ -79,7 +84,8 @@ class EtcdStore(Store):
         host, _, port = endpoints[0].rpartition(":")
         self.endpoint = endpoints[0]
         self.prefix = prefix.encode()
-        self.client = aetcd.Client(host=host or "127.0.0.1", port=int(port or 2379), timeout=timeout)
+        self.client = aetcd.Client(host=host or "127.0.0.1", port=int(port or 2379), timeout=timeout,
+                                   options={"grpc.max_receive_message_length": MAX_MESSAGE})
         self._revision = 0
 
     def _key(self, key: str) -> bytes:
@@ -126,7 +132,9 @@ class EtcdStore(Store):
         """(revision, key-values) pages of a prefix, all read at one revision."""
         start, end = prefix, _range_end(prefix)
         while True:
-            request = self.client._build_get_range_request(key=start, range_end=end, limit=PAGE, revision=revision)
+            # Built here: aetcd 1.0's request builder drops `limit` and `revision`
+            # (a TODO in its source), which made every snapshot one unbounded range.
+            request = rpc.RangeRequest(key=start, range_end=end, limit=PAGE, revision=revision)
             try:
                 response = await self.client.kvstub.Range(request, timeout=self.client._timeout,
                                                           metadata=self.client.metadata)

@@ -6,13 +6,14 @@ await, so a cold name would build its context (~1 ms of OpenSSL work, plus a
 store read) while every other connection waits. Instead:
 
 1. accept the raw socket (``intake.AcceptLoop``: pauses when out of fds);
-2. wait for the whole ClientHello, reading it with ``MSG_PEEK`` so the bytes
-   stay in the kernel for the TLS stack (``intake.HelloReader``), and parse
-   SNI and ALPN (``clienthello.parse``);
+2. wait for the whole ClientHello and read it (``intake.HelloReader``), the
+   bytes kept with the socket for the TLS stack, and parse SNI and ALPN
+   (``clienthello.parse``);
 3. select the certificate (``Selector``) and fetch its context from the
    cache, building it in a thread pool on a miss;
 4. start TLS with the *listener* context, the chosen one set on the
-   connection before the handshake (``handover.start_tls``).
+   connection and the ClientHello given to it before the handshake
+   (``handover.start_tls``).
 
 Handshakes run with the listener context so its session-ticket keys, made
 once before workers fork, are shared: resumption works across workers.
@@ -35,7 +36,7 @@ from edge.tls import clienthello, contexts, handover
 from edge.tls.contexts import ContextBuildError, ContextCache
 from edge.tls.gate import Gate, Peer
 from edge.tls.handover import alert
-from edge.tls.intake import AcceptLoop, HelloReader, close_gently
+from edge.tls.intake import Accepted, AcceptLoop, HelloReader, close_gently
 from edge.tls.selector import Choice, Selector, Source
 from edge.tls.stats import HandshakeStats, TlsInfo
 
@@ -109,7 +110,7 @@ class TlsAcceptor:
         self.stats = HandshakeStats()
         self._listeners: list[AcceptLoop] = []
         self._readers: list[HelloReader] = []
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task | handover.Handshake] = set()  # before or in their handshake
         handover.install(listener_context)
         handover.quiet_writes_after_close()
 
@@ -118,7 +119,7 @@ class TlsAcceptor:
         """Accept TLS connections on ``sock``; ``protocol_factory`` makes their protocol."""
         sock.setblocking(False)
         # Wake accept() only once the client has sent data (its ClientHello), as
-        # nginx's "deferred" does: the peek then succeeds at once, without an
+        # nginx's "deferred" does: the first read then succeeds at once, without an
         # extra epoll registration and wake-up per connection.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, max(1, int(self.handshake_timeout)))
         reader = HelloReader(
@@ -152,13 +153,14 @@ class TlsAcceptor:
         for task in list(self._tasks):
             task.cancel()
 
-    def _accepted(self, sock: socket.socket, address: tuple, reader: HelloReader) -> None:
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def _accepted(self, sock: Accepted, address: tuple, reader: HelloReader) -> None:
+        # No setblocking/TCP_NODELAY here: the reader passes MSG_DONTWAIT, and
+        # uvloop sets both when it takes the socket (intake.Accepted).
         if self.gate is None:
             reader.add(sock)
         else:
-            self.gate.admit(sock, address, reader.add)
+            sock.setblocking(False)  # the gate's reads wait for readiness
+            self.gate.admit(sock, address, reader.add)  # type: ignore[arg-type]
 
     def _refused(self, sock: socket.socket, data: bytes, why: str | clienthello.NotClientHello) -> None:
         if why == "timeout":
@@ -250,7 +252,7 @@ class TlsAcceptor:
         ctx.set_alpn_protocols([_ACME_TLS.decode()])
         handover.install(ctx)
         try:
-            await handover.start_tls(sock, _ClosingProtocol, ctx, None, max(0.001, self._left(deadline)))
+            await handover.handshake(sock, _ClosingProtocol, ctx, None, max(0.001, self._left(deadline)))
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             log.debug("TLS-ALPN-01 handshake for %s failed: %s", name, exc)
             sock.close()
@@ -280,8 +282,9 @@ class TlsAcceptor:
                   peer: Peer | None = None) -> None:
         """Start the TLS handshake with ``ctx``'s certificate, in what is left of the budget.
 
-        No coroutine of ours wraps it: the hot path is one task (uvloop's
-        ``connect_accepted_socket``) and a done callback.
+        No coroutine or task of ours wraps it: the hot path is uvloop's
+        ``connect_accepted_socket`` stepped by ``handover.Handshake``, and a
+        done callback.
         """
         left = self._left(deadline)
         if left <= 0:
@@ -289,23 +292,27 @@ class TlsAcceptor:
             close_gently(sock)
             return
         info = TlsInfo(name, choice.source, hello.alpn, peer)
-        task = handover.start_tls(sock, lambda: factory(info), self.listener_context, ctx, left)
-        self._tasks.add(task)
         started = asyncio.get_running_loop().time()
-        task.add_done_callback(lambda done: self._handshake_done(done, sock, name, choice.source, started))
+        source = choice.source
 
-    def _handshake_done(self, task: asyncio.Task, sock: socket.socket, name: str | None, source: Source,
-                        started: float) -> None:
-        self._tasks.discard(task)
-        if task.cancelled():
-            sock.close()
-            return
-        exc = task.exception()
-        if exc is None:
-            transport = task.result()[0]
-            sslobj = transport.get_extra_info("ssl_object")
+        def done(handshake: handover.Handshake, result: tuple[asyncio.BaseTransport, asyncio.BaseProtocol] | None,
+                 exc: BaseException | None) -> None:
+            self._handshake_done(handshake, result, exc, sock, name, source, started)
+
+        handshake = handover.start_tls(sock, lambda: factory(info), self.listener_context, ctx, left, done)
+        if not handshake.ended:
+            self._tasks.add(handshake)
+
+    def _handshake_done(self, handshake: handover.Handshake,
+                        result: tuple[asyncio.BaseTransport, asyncio.BaseProtocol] | None, exc: BaseException | None,
+                        sock: socket.socket, name: str | None, source: Source, started: float) -> None:
+        self._tasks.discard(handshake)
+        if result is not None:
+            sslobj = result[0].get_extra_info("ssl_object")
             version = (sslobj.version() if sslobj is not None else None) or "unknown"
             self.stats.done(version, source, asyncio.get_running_loop().time() - started)
+        elif isinstance(exc, asyncio.CancelledError):
+            sock.close()
         else:
             log.debug("handshake for %s failed: %s", name, exc)
             self.stats.fail("handshake")

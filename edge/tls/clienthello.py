@@ -1,6 +1,6 @@
 """Parse the SNI and ALPN of a TLS ClientHello from the first bytes of a connection.
 
-The listener peeks these bytes (MSG_PEEK) before the handshake starts, so it
+The listener reads these bytes before the handshake starts, so it
 can fetch or build the certificate context off the event loop and hand the
 socket to the TLS stack with it ready. A pure function of bytes: no I/O.
 
@@ -10,7 +10,7 @@ RFC 6066 §3 (server_name), RFC 7301 §3.1 (ALPN).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 _HANDSHAKE = 22  # ContentType.handshake, RFC 8446 §5.1
 _CLIENT_HELLO = 1  # HandshakeType.client_hello, RFC 8446 §4
@@ -26,7 +26,7 @@ _HOST_NAME = 0  # NameType.host_name, RFC 6066 §3
 MAX_CLIENT_HELLO = 64 * 1024
 # Records a ClientHello may be cut into. Browsers use one (or 2-4 for a large
 # hello, anti-censorship tools a few more); thousands of 1-byte records would
-# make each re-parse of the peeked bytes cost milliseconds.
+# make each re-parse of the bytes read so far cost milliseconds.
 MAX_RECORDS = 64
 _MAX_RECORD = 16384  # RFC 8446 §5.1: TLSPlaintext.length MUST NOT exceed 2^14
 # The most bytes a ClientHello within both bounds can take on the wire.
@@ -53,8 +53,7 @@ class TooLarge(NotClientHello):
     """A ClientHello past MAX_CLIENT_HELLO or MAX_RECORDS: refuse it."""
 
 
-@dataclass(frozen=True, slots=True)
-class ClientHello:
+class ClientHello(NamedTuple):
     server_name: bytes | None
     alpn: tuple[bytes, ...]
 
@@ -105,61 +104,74 @@ def parse(data: bytes) -> ClientHello:
     Raises NeedMore when the bytes end before the message does, and
     NotClientHello when they cannot be one.
     """
-    hello = _handshake_bytes(data)
+    # The common case, read on every connection: the whole message in the
+    # first record, parsed where it lies (no copy); anything else (several
+    # records, a partial one, garbage) takes the general path.
+    if (len(data) >= 9 and data[0] == _HANDSHAKE and data[1] == 3 and data[5] == _CLIENT_HELLO
+            and 4 <= (length := (data[3] << 8) | data[4]) <= _MAX_RECORD and len(data) >= 5 + length
+            and (end := 9 + ((data[6] << 16) | (data[7] << 8) | data[8])) <= 5 + length):
+        buf, pos = data, 9
+    else:
+        buf = _handshake_bytes(data)
+        pos, end = 0, len(buf)
     try:
-        return _parse_body(hello)
+        return _parse_body(buf, pos, end)
     except (IndexError, ValueError) as exc:
         raise NotClientHello(f"malformed ClientHello: {exc}") from None
 
 
-def _vector(buf: bytes, pos: int, size_len: int) -> tuple[bytes, int]:
-    size = int.from_bytes(buf[pos : pos + size_len], "big")
+def _vector(buf: bytes, pos: int, size_len: int, end: int) -> tuple[int, int]:
+    """The start and end of the vector at ``pos`` whose length takes
+    ``size_len`` bytes (RFC 8446 §3.4), within its parent ending at ``end``."""
     start = pos + size_len
-    end = start + size
-    if end > len(buf):
+    if start > end:
+        raise ValueError("vector length runs past its parent")
+    size = buf[pos] if size_len == 1 else (buf[pos] << 8) | buf[pos + 1]
+    if start + size > end:
         raise ValueError("vector runs past its parent")
-    return buf[start:end], end
+    return start, start + size
 
 
-def _parse_body(hello: bytes) -> ClientHello:
+def _parse_body(buf: bytes, pos: int, end: int) -> ClientHello:
     # legacy_version(2) random(32) session_id<0..32> cipher_suites<2..2^16-2>
     # legacy_compression_methods<1..2^8-1> extensions<8..2^16-1>
-    pos = 34
-    _, pos = _vector(hello, pos, 1)
-    _, pos = _vector(hello, pos, 2)
-    _, pos = _vector(hello, pos, 1)
-    if pos == len(hello):
+    pos += 34
+    _, pos = _vector(buf, pos, 1, end)
+    _, pos = _vector(buf, pos, 2, end)
+    _, pos = _vector(buf, pos, 1, end)
+    if pos == end:
         return ClientHello(None, ())  # no extensions at all (SSLv3-style hello)
-    extensions, _ = _vector(hello, pos, 2)
+    pos, extensions_end = _vector(buf, pos, 2, end)
     server_name: bytes | None = None
     alpn: tuple[bytes, ...] = ()
-    pos = 0
-    while pos + 4 <= len(extensions):
-        ext_type = int.from_bytes(extensions[pos : pos + 2], "big")
-        ext_data, pos = _vector(extensions, pos + 2, 2)
+    while pos + 4 <= extensions_end:
+        # Extension: type(2), extension_data<0..2^16-1> (RFC 8446 §4.2), _vector inlined: it runs per extension.
+        ext_type = (buf[pos] << 8) | buf[pos + 1]
+        start = pos + 4
+        pos = start + ((buf[pos + 2] << 8) | buf[pos + 3])
+        if pos > extensions_end:
+            raise ValueError("vector runs past its parent")
         if ext_type == _EXT_SERVER_NAME:
-            server_name = _server_name(ext_data)
+            server_name = _server_name(buf, start, pos)
         elif ext_type == _EXT_ALPN:
-            alpn = _alpn(ext_data)
+            alpn = _alpn(buf, start, pos)
     return ClientHello(server_name, alpn)
 
 
-def _server_name(ext: bytes) -> bytes | None:
-    names, _ = _vector(ext, 0, 2)
-    pos = 0
-    while pos + 3 <= len(names):
-        name_type = names[pos]
-        name, pos = _vector(names, pos + 1, 2)
+def _server_name(buf: bytes, pos: int, end: int) -> bytes | None:
+    pos, end = _vector(buf, pos, 2, end)
+    while pos + 3 <= end:
+        name_type = buf[pos]
+        start, pos = _vector(buf, pos + 1, 2, end)
         if name_type == _HOST_NAME:
-            return name  # RFC 6066 §3: at most one name of each type
+            return buf[start:pos]  # RFC 6066 §3: at most one name of each type
     return None
 
 
-def _alpn(ext: bytes) -> tuple[bytes, ...]:
-    protocols, _ = _vector(ext, 0, 2)
+def _alpn(buf: bytes, pos: int, end: int) -> tuple[bytes, ...]:
+    pos, end = _vector(buf, pos, 2, end)
     out = []
-    pos = 0
-    while pos < len(protocols):
-        proto, pos = _vector(protocols, pos, 1)
-        out.append(proto)
+    while pos < end:
+        start, pos = _vector(buf, pos, 1, end)
+        out.append(buf[start:pos])
     return tuple(out)

@@ -19,6 +19,7 @@ from typing import Any
 
 from edge.config import Config
 from edge.tls.groups import restrict_groups
+from edge.tls.selector import ContextKey
 
 log = logging.getLogger(__name__)
 
@@ -100,28 +101,28 @@ class ContextCache:
     def __init__(
         self,
         size: int,
-        loader: Callable[[tuple[str, ...]], Awaitable[ssl.SSLContext]],
+        loader: Callable[[ContextKey], Awaitable[ssl.SSLContext]],
         min_version: str = "TLSv1.2",
     ) -> None:
         self.size = size
         self.min_version = min_version  # what the loader builds with: the cache key does not name it
         self._loader = loader
-        self._entries: OrderedDict[tuple[str, ...], ssl.SSLContext] = OrderedDict()
-        self._building: dict[tuple[str, ...], asyncio.Future[ssl.SSLContext]] = {}
+        self._entries: OrderedDict[ContextKey, ssl.SSLContext] = OrderedDict()
+        self._building: dict[ContextKey, asyncio.Future[ssl.SSLContext]] = {}
         self.hits = 0
         self.misses = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get_nowait(self, key: tuple[str, ...]) -> ssl.SSLContext | None:
+    def get_nowait(self, key: ContextKey) -> ssl.SSLContext | None:
         ctx = self._entries.get(key)
         if ctx is not None:
             self._entries.move_to_end(key)
             self.hits += 1
         return ctx
 
-    async def get(self, key: tuple[str, ...]) -> ssl.SSLContext:
+    async def get(self, key: ContextKey) -> ssl.SSLContext:
         ctx = self.get_nowait(key)
         if ctx is not None:
             return ctx

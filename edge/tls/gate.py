@@ -11,8 +11,8 @@ For each accepted socket, before any TLS or HTTP work:
    client address is closed at once. Trusted proxies are exempt, unless a
    PROXY header named the client: then the client is counted.
 
-The header is read as ``HelloReader`` reads a ClientHello: peeked, with
-SO_RCVLOWAT (socket(7)) set to the bytes still needed, so a trickling sender
+The header is peeked, with SO_RCVLOWAT (socket(7)) set to the bytes still
+needed (as ``HelloReader`` waits for a ClientHello), so a trickling sender
 costs a wake-up per piece at most; then exactly its bytes are consumed, and
 what follows (the ClientHello, the request) stays in the kernel.
 """

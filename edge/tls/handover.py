@@ -9,12 +9,15 @@ through a context variable set on the handshake task:
 * **The certificate context is set before the handshake starts**
   (``SSLObject.context``, i.e. ``SSL_set_SSL_CTX``), where an
   ``sni_callback`` used to swap it in: the acceptor already chose it from
-  the peeked ClientHello. With no SNI callback, CPython never decodes the
+  the ClientHello it read. With no SNI callback, CPython never decodes the
   client's SNI bytes, so a non-ASCII name can no longer fail the handshake
   with a traceback on stderr (CPython decodes it as strict ASCII and reports
   the error with ``PyErr_WriteUnraisable``). Certificate and ALPN come from
   the set context; versions, options, groups and ticket keys stay the
   listener's (OpenSSL reads them from the SSL object and its session_ctx).
+* **The ClientHello edge already read is the SSL object's first input**
+  (``intake.Accepted.received``, written into its incoming BIO), so the
+  first ``do_handshake``, right at ``connection_made``, answers it.
 * **A fatal alert OpenSSL wrote is sent.** uvloop (like asyncio, CPython
   issue 98078) closes the transport on a handshake error without flushing
   the outgoing BIO, so clients saw "unexpected eof" instead of
@@ -28,9 +31,11 @@ import asyncio
 import contextvars
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from socket import socket
 from typing import Any
+
+from edge.tls.intake import Accepted
 
 # RFC 8446 §6: AlertDescription values edge sends itself.
 HANDSHAKE_FAILURE = 40
@@ -72,9 +77,15 @@ class EdgeSSLObject(ssl.SSLObject):
         )
         handover = _handover.get()
         obj._edge_outgoing = outgoing
-        obj._edge_sock = handover.sock if handover is not None else None
-        if handover is not None and handover.context is not None and handover.context is not context:
+        if handover is None:
+            obj._edge_sock = None
+            return obj
+        sock = obj._edge_sock = handover.sock
+        if handover.context is not None and handover.context is not context:
             obj.context = handover.context
+        if isinstance(sock, Accepted) and sock.received:
+            incoming.write(sock.received)
+            sock.received = b""  # the socket lives as long as the connection: not these bytes
         return obj
 
     def do_handshake(self) -> None:
@@ -101,22 +112,101 @@ def install(ctx: ssl.SSLContext) -> None:
     ctx.sslobject_class = EdgeSSLObject  # type: ignore[assignment]
 
 
+Done = Callable[["Handshake", "tuple[asyncio.BaseTransport, asyncio.BaseProtocol] | None", "BaseException | None"],
+               None]
+
+
+class Handshake:
+    """One socket's handover to uvloop's TLS transport, until its handshake ends.
+
+    uvloop's ``connect_accepted_socket`` coroutine, stepped here rather than by
+    a Task: its first step (the protocol, the transport, ``connection_made``
+    scheduled) runs at once instead of on the next loop iteration, and the
+    end of the handshake calls ``done`` straight from the waiter's callback
+    (a Task would add its own object, a scheduled step, and a scheduled done
+    callback per connection). ``done(handshake, (transport, protocol), None)``
+    on success, ``done(handshake, None, exc)`` on failure or cancellation.
+    """
+
+    __slots__ = ("_coro", "_done", "_waiting", "ended")
+
+    def __init__(self, coro: Coroutine[Any, Any, tuple[asyncio.BaseTransport, asyncio.BaseProtocol]],
+                 done: Done) -> None:
+        self._coro = coro
+        self._done = done
+        self._waiting: asyncio.Future[Any] | None = None
+        self.ended = False  # done was called (it may be, within start_tls already)
+
+    def cancel(self) -> None:
+        """Abandon the handshake (shutdown): the transport is closed, ``done`` gets CancelledError."""
+        if self._waiting is not None:
+            self._waiting.cancel()
+
+    def _step(self, _resolved: asyncio.Future[Any] | None = None) -> None:
+        self._waiting = None
+        try:
+            waiting = self._coro.send(None)
+        except StopIteration as stop:
+            self.ended = True
+            self._done(self, stop.value, None)
+            return
+        except BaseException as exc:  # CancelledError included: the coroutine closed its transport
+            self.ended = True
+            self._done(self, None, exc)
+            return
+        if waiting is None:  # a bare yield (none in uvloop today): step again on the next iteration
+            asyncio.get_running_loop().call_soon(self._step)
+            return
+        # An asyncio future (uvloop's waiter): Future.__await__ yielded itself;
+        # sending None once it is resolved returns its result or raises.
+        self._waiting = waiting
+        waiting.add_done_callback(self._step)
+
+
 def start_tls(
     sock: socket,
     protocol_factory: Callable[[], asyncio.BaseProtocol],
     listener: ssl.SSLContext,
     context: ssl.SSLContext | None,
     timeout: float,
-) -> asyncio.Task:
+    done: Done,
+) -> Handshake:
     """Start the handshake of ``sock`` with ``listener``, serving ``context``'s
-    certificate (None: the listener's own). The task gives (transport, protocol)."""
+    certificate (None: the listener's own); ``done`` is told how it ended."""
     loop = asyncio.get_running_loop()
-    run_in = contextvars.copy_context()
-    run_in.run(_handover.set, _Handover(sock, None if context is listener else context))
-    return loop.create_task(
+    handshake = Handshake(
         loop.connect_accepted_socket(protocol_factory, sock, ssl=listener, ssl_handshake_timeout=timeout),
-        context=run_in,
+        done,
     )
+    # Set for the first step only: uvloop copies the current context there
+    # for the transport's callbacks, where EdgeSSLObject._create reads it.
+    token = _handover.set(_Handover(sock, None if context is listener else context))
+    try:
+        handshake._step()
+    finally:
+        _handover.reset(token)
+    return handshake
+
+
+async def handshake(sock: socket, protocol_factory: Callable[[], asyncio.BaseProtocol], listener: ssl.SSLContext,
+                    context: ssl.SSLContext | None, timeout: float) -> asyncio.BaseTransport:
+    """``start_tls`` awaited: the transport once the handshake is done (raises if it failed)."""
+    ended: asyncio.Future[asyncio.BaseTransport] = asyncio.get_running_loop().create_future()
+
+    def done(_: Handshake, result: tuple[asyncio.BaseTransport, asyncio.BaseProtocol] | None,
+             exc: BaseException | None) -> None:
+        if not ended.done():
+            if result is not None:
+                ended.set_result(result[0])
+            else:
+                ended.set_exception(exc or ConnectionError("handshake abandoned"))
+
+    started = start_tls(sock, protocol_factory, listener, context, timeout, done)
+    try:
+        return await ended
+    except asyncio.CancelledError:
+        started.cancel()
+        raise
 
 
 # What uvloop (like asyncio) logs at WARNING, without saying which connection,

@@ -9,12 +9,18 @@ Two things one client (or a flood) must not turn into a busy event loop:
   watching the listener for a while instead (as nginx's
   ``accept_mutex_delay``/``ngx_disable_accept_events`` does) and logs once per
   period.
-* A ClientHello arriving in pieces: peeking (MSG_PEEK) leaves the bytes in
-  the kernel, so the socket stays readable too. ``HelloReader`` sets
-  SO_RCVLOWAT (socket(7)) to the number of bytes the message still needs,
-  so epoll wakes us only when they are there: no polling timers, and a
-  trickling client costs one wake-up per record at most, within the
-  handshake timeout and ``clienthello.MAX_WIRE_SIZE`` bytes.
+* A ClientHello arriving in pieces. ``HelloReader`` sets SO_RCVLOWAT
+  (socket(7)) to the number of bytes the message still needs, so epoll
+  wakes us only when they are there: no polling timers, and a trickling
+  client costs one wake-up per record at most, within the handshake
+  timeout and ``clienthello.MAX_WIRE_SIZE`` bytes.
+
+The ClientHello is read, not peeked: the bytes go to the TLS stack with the
+socket (``Accepted.received``, written into the SSL object's incoming BIO
+before its first ``do_handshake``), so the handshake answers at once instead
+of waiting for another wake-up and reading the same bytes again. Almost
+every ClientHello is whole at accept (``TCP_DEFER_ACCEPT``): one read, and
+no timer or waiting state is made for it.
 """
 
 from __future__ import annotations
@@ -45,6 +51,21 @@ LOG_EVERY = 10.0  # at most one warning per this many seconds while it lasts
 _BATCH = 64  # accepts per wake-up, so one busy listener cannot starve the loop
 
 
+class Accepted(socket.socket):
+    """An accepted connection, and the bytes read from it before the TLS stack
+    takes it over (its ClientHello, and anything sent right after it).
+
+    Blocking as accept(2) leaves it: edge's own reads pass MSG_DONTWAIT, and
+    uvloop makes the descriptor non-blocking when it takes it (libuv's
+    ``uv_tcp_open``), as it sets TCP_NODELAY: no system call of ours for either."""
+
+    __slots__ = ("received",)
+
+    def __init__(self, family: int, type: int, proto: int, fileno: int) -> None:
+        super().__init__(family, type, proto, fileno)
+        self.received = b""
+
+
 class AcceptLoop:
     """Accept connections on one listening socket and pass each on, with its peer address.
 
@@ -53,7 +74,7 @@ class AcceptLoop:
     ``worker_connections`` and HAProxy's ``maxconn`` make them), rather than
     being accepted and dropped."""
 
-    def __init__(self, sock: socket.socket, on_socket: Callable[[socket.socket, tuple], None],
+    def __init__(self, sock: socket.socket, on_socket: Callable[[Accepted, tuple], None],
                  limits: ConnectionLimits | None = None) -> None:
         self.sock = sock
         self.on_socket = on_socket
@@ -65,6 +86,7 @@ class AcceptLoop:
         self._closed = False
         self._unlogged = 0
         self._logged_at = -LOG_EVERY
+        self._family = int(sock.family)
         self._loop.add_reader(sock.fileno(), self._ready)
 
     def close(self) -> None:
@@ -85,7 +107,7 @@ class AcceptLoop:
                 limits.when_room(self._room)
                 return
             try:
-                conn, addr = self.sock.accept()
+                fd, addr = self.sock._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError):
                 self._pause = PAUSE_FIRST
                 return
@@ -98,7 +120,7 @@ class AcceptLoop:
                 # at once, or the loop spins.
                 self._stop_for_a_while(exc)
                 return
-            self.on_socket(conn, addr)
+            self.on_socket(Accepted(self._family, socket.SOCK_STREAM, 0, fd), addr)
 
     def _room(self) -> None:
         if self._held and not self._closed:
@@ -182,13 +204,13 @@ def close_gently(sock: socket.socket, last_words: bytes = b"") -> None:
     peeked bytes are read and dropped first, and the write side shut down
     (FIN) after the message."""
     try:
-        while sock.recv(65536):
+        while sock.recv(65536, socket.MSG_DONTWAIT):
             pass
     except OSError:
         pass  # BlockingIOError: nothing more queued
     try:
         if last_words:
-            sock.send(last_words)
+            sock.send(last_words, socket.MSG_DONTWAIT)
         sock.shutdown(socket.SHUT_WR)
     except OSError:
         pass
@@ -198,44 +220,50 @@ def close_gently(sock: socket.socket, last_words: bytes = b"") -> None:
 class _Pending:
     __slots__ = ("deadline", "lowat", "peer", "reading", "sock", "timer")
 
-    def __init__(self, sock: socket.socket, deadline: float, timer: asyncio.TimerHandle,
-                 peer: Peer | None) -> None:
+    def __init__(self, sock: Accepted, deadline: float, peer: Peer | None) -> None:
         self.sock = sock
         self.peer = peer
         self.deadline = deadline
-        self.timer = timer
+        self.timer: asyncio.TimerHandle | None = None
         self.lowat = 1
         self.reading = False
 
 
 class HelloReader:
-    """Wait, without polling, until each socket's whole ClientHello has arrived."""
+    """Read each socket's ClientHello, waiting without polling until it is whole."""
 
     def __init__(
         self,
         timeout: float,
-        on_hello: Callable[[socket.socket, clienthello.ClientHello, float, Peer | None], None],
+        on_hello: Callable[[Accepted, clienthello.ClientHello, float, Peer | None], None],
         on_refused: Callable[[socket.socket, bytes, str | clienthello.NotClientHello], None],
     ) -> None:
         self.timeout = timeout
-        # on_hello(sock, hello, deadline, peer); on_refused(sock, peeked bytes, why):
-        # why is "timeout", "closed" or what the parser found wrong.
+        # on_hello(sock, hello, deadline, peer), the bytes read in sock.received;
+        # on_refused(sock, bytes received, why): why is "timeout", "closed" or
+        # what the parser found wrong.
         self.on_hello = on_hello
         self.on_refused = on_refused
         self._pending: dict[int, _Pending] = {}
         self._loop = asyncio.get_running_loop()
+        # One buffer for every read: no 64 KiB allocation (and brk) per connection.
+        self._buffer = bytearray(clienthello.MAX_WIRE_SIZE)
+        self._view = memoryview(self._buffer)
 
     def __len__(self) -> int:  # connections still waiting (a shutdown lets them finish)
         return len(self._pending)
 
-    def add(self, sock: socket.socket, peer: Peer | None = None, deadline: float | None = None) -> None:
-        """Wait for ``sock``'s ClientHello until ``deadline`` (default: the timeout from now)."""
+    def add(self, sock: Accepted, peer: Peer | None = None, deadline: float | None = None) -> None:
+        """Read ``sock``'s ClientHello, waiting until ``deadline`` (default: the timeout from now)."""
         if deadline is None:
             deadline = self._loop.time() + self.timeout
-        fd = sock.fileno()
-        pending = _Pending(sock, deadline, self._loop.call_at(deadline, self._expired, fd), peer)
-        self._pending[fd] = pending
-        self._try(fd)
+        pending = _Pending(sock, deadline, peer)
+        need = self._read(pending)
+        if need:
+            fd = sock.fileno()
+            pending.timer = self._loop.call_at(deadline, self._expired, fd)
+            self._pending[fd] = pending
+            self._wait(fd, pending, need)
 
     def close_all(self) -> None:
         for fd in list(self._pending):
@@ -243,49 +271,67 @@ class HelloReader:
 
     def _forget(self, fd: int) -> _Pending:
         pending = self._pending.pop(fd)
-        pending.timer.cancel()
+        if pending.timer is not None:
+            pending.timer.cancel()
         if pending.reading:
             self._loop.remove_reader(fd)
         return pending
 
     def _expired(self, fd: int) -> None:
         if fd in self._pending:
-            self.on_refused(self._forget(fd).sock, b"", "timeout")
+            sock = self._forget(fd).sock
+            self.on_refused(sock, sock.received, "timeout")
 
     def _try(self, fd: int) -> None:
         pending = self._pending.get(fd)
         if pending is None:
             return
+        need = self._read(pending)
+        if need:
+            self._wait(fd, pending, need)
+
+    def _read(self, pending: _Pending) -> int:
+        """Read what has arrived and act on it: 0 when the connection is handed
+        on or refused, else how many more bytes the ClientHello needs at least."""
         sock = pending.sock
+        room = clienthello.MAX_WIRE_SIZE - len(sock.received)
+        if room <= 0:  # cannot happen (parse refuses first); recv_into would read 0 as "all of it"
+            self._refuse(pending, sock.received, clienthello.TooLarge("ClientHello past its bounds"))
+            return 0
         try:
-            data = sock.recv(clienthello.MAX_WIRE_SIZE, socket.MSG_PEEK)
+            count = sock.recv_into(self._buffer, room, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
-            self._wait(fd, pending, pending.lowat)
-            return
+            return pending.lowat
         except OSError:
-            self.on_refused(self._forget(fd).sock, b"", "closed")
-            return
-        if not data or (pending.reading and len(data) < pending.lowat):
-            # Woken below the low-water mark: end of stream, an error, or the
-            # socket's receive memory under pressure (tcp_epollin_ready: only
-            # a client sending tiny segments gets there; a 40 KiB ClientHello
-            # in 20-byte segments does not). Waiting on would spin: let go.
-            self.on_refused(self._forget(fd).sock, b"", "closed")
-            return
+            self._refuse(pending, sock.received, "closed")
+            return 0
+        if not count:
+            # End of stream before the ClientHello was whole.
+            self._refuse(pending, sock.received, "closed")
+            return 0
+        data = sock.received = sock.received + self._view[:count] if sock.received else bytes(self._view[:count])
         try:
             hello = clienthello.parse(data)
         except clienthello.NeedMore as more:
-            self._wait(fd, pending, more.need)
-            return
+            return more.need - len(data)
         except clienthello.NotClientHello as exc:
-            self.on_refused(self._forget(fd).sock, data, exc)
-            return
-        self._forget(fd)
+            self._refuse(pending, data, exc)
+            return 0
+        # Stop watching it before handing it on: the TLS transport takes the
+        # descriptor (and its reader) at once.
+        if pending.timer is not None:
+            self._forget(sock.fileno())
         if pending.lowat != 1:
             # Back to the default before the TLS stack reads: a low-water mark
             # would delay its wake-ups too.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         self.on_hello(sock, hello, pending.deadline, pending.peer)
+        return 0
+
+    def _refuse(self, pending: _Pending, data: bytes, why: str | clienthello.NotClientHello) -> None:
+        if pending.timer is not None:  # waited: watched no more
+            self._forget(pending.sock.fileno())
+        self.on_refused(pending.sock, data, why)
 
     def _wait(self, fd: int, pending: _Pending, need: int) -> None:
         if need != pending.lowat:

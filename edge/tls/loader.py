@@ -1,7 +1,8 @@
 """Build the TLS context a cache key names, from the store's bundles.
 
-A cache key (``edge.tls.selector``) names each bundle by its store key and the
-digest of the stored value the index accepted: ``certs/custom-rsa/x#<digest, hex>``.
+A cache key (``edge.tls.selector.BundleKey``) names each bundle by its record
+(domain, source, key type: its store key) and the digest of the stored value
+the index accepted.
 The loader uses the bytes it kept of that very version when it has them
 (delivered by the watch, or built before), without asking the store: a
 handshake then neither waits on the store nor fails when it is unreachable
@@ -32,6 +33,7 @@ from edge.store.base import Store, StoreError
 from edge.store.localcopy import LocalCopy
 from edge.tls import contexts
 from edge.tls.contexts import ContextBuildError
+from edge.tls.selector import ContextKey
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +85,8 @@ class ContextLoader:
     def kept(self, store_key: str, digest: int) -> bytes | None:
         return self._good.get(store_key, digest) or self._watched.get(store_key, digest)
 
-    async def _value(self, part: str) -> bytes:
-        """The stored value a cache key part names (see the module doc)."""
-        store_key, _, digest_hex = part.partition("#")
-        digest = int(digest_hex, 16)
+    async def _value(self, store_key: str, digest: int) -> bytes:
+        """The stored value of ``store_key`` whose digest is ``digest`` (see the module doc)."""
         kept = self.kept(store_key, digest)
         if kept is not None:
             return kept  # no store round trip: the handshake does not wait on it, nor fail with it
@@ -109,8 +109,11 @@ class ContextLoader:
             raise ContextBuildError(f"{store_key} is damaged ({exc}) and its last good version is unknown") from None
         return value
 
-    async def load(self, key: tuple[str, ...]) -> ssl.SSLContext:
-        values = [(part.partition("#")[0], await self._value(part)) for part in key]
+    async def load(self, key: ContextKey) -> ssl.SSLContext:
+        values = []
+        for bundle in key:
+            store_key = bundle.store_key
+            values.append((store_key, await self._value(store_key, bundle.digest)))
         try:
             ctx = await self._build(values)
         except ContextBuildError as exc:

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from edge import names
 from edge.config import Config
 from edge.records import CertMeta, CertSource
+from edge.store.base import cert_key
 from edge.store.index import Index
 
 
@@ -26,17 +27,39 @@ class Source(enum.Enum):
     DEFAULT = "default"
 
 
-@dataclass(frozen=True, slots=True)
-class Choice:
+class BundleKey(NamedTuple):
+    """One bundle as the TLS context cache names it: its record (domain,
+    source, key type) and the digest of the stored value the index accepted.
+
+    Record values as they are, compared as a tuple: nothing is formatted per
+    handshake, and the loader parses nothing back (``store_key`` is made on a
+    cache miss only)."""
+
+    domain: str
+    source: str
+    key_type: str
+    digest: int
+
+    @property
+    def store_key(self) -> str:
+        return cert_key(self.domain, self.source, self.key_type)
+
+
+ContextKey = tuple[BundleKey, ...]
+
+
+class Choice(NamedTuple):
     """A selected certificate: the bundles to serve (one per key type) and why.
 
     ``cache_key`` identifies the TLS context for exactly these bundles; it
     changes when any bundle is replaced, so a stale context is never served.
+    (A NamedTuple: made on every handshake, and cheaper to make than a frozen
+    dataclass.)
     """
 
     source: Source
     bundles: tuple[CertMeta, ...] = ()
-    cache_key: tuple[str, ...] = ()
+    cache_key: ContextKey = ()
 
 
 PLATFORM = Choice(Source.PLATFORM)
@@ -44,8 +67,7 @@ DEFAULT = Choice(Source.DEFAULT)
 
 
 def _choice(source: Source, bundles: tuple[CertMeta, ...]) -> Choice:
-    key = tuple(f"{b.store_key}#{b.digest:x}" for b in bundles)
-    return Choice(source, bundles, key)
+    return Choice(source, bundles, tuple([BundleKey(b.domain, b.source, b.key_type, b.digest) for b in bundles]))
 
 
 class Selector:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from edge.store import etcd as etcd_store
 from edge.store.etcd import EtcdStore
 from tests.integration.conftest import EDGE, EdgeProcess, wait_for
 from tests.integration.etcd_server import Etcd, etcd_node
@@ -150,5 +151,30 @@ def test_file_store_lock(tmp_path: Path) -> None:
         await first.release()
         assert not await first.put_if_held("apps/demo", b"{}")
         assert await store.try_lock("x.example.test", 10) is not None
+
+    asyncio.run(scenario())
+
+
+def test_a_store_larger_than_a_grpc_message_loads_in_pages_at_one_revision(etcd: Etcd) -> None:
+    # 1,200 bundles of 6 KiB: 7 MiB, over gRPC's default 4 MiB receive limit in one
+    # range, and more than two pages. A write between pages is not in the snapshot:
+    # every page is read at the first page's revision (the watch then starts after it).
+    value = os.urandom(3 * 1024).hex().encode()
+    keys = [f"certs/custom-ecdsa/big{n:04}.test" for n in range(1200)]
+
+    async def scenario() -> None:
+        writer, reader = EtcdStore((etcd.endpoint,), prefix="/paged/"), EtcdStore((etcd.endpoint,), prefix="/paged/")
+        await asyncio.gather(*(writer.put(key, value) for key in keys))
+        seen: dict[str, bytes] = {}
+        async for key, got in reader.snapshot():
+            if not seen:
+                await writer.put("zz-written-after-the-first-page", b"late")
+            seen[key] = got
+        assert len(keys) > 2 * etcd_store.PAGE and len(keys) * len(value) > 4 * 1024 * 1024
+        assert sorted(seen) == keys and all(got == value for got in seen.values())
+        assert "zz-written-after-the-first-page" not in seen
+        assert "zz-written-after-the-first-page" in await reader.items("")
+        await writer.close()
+        await reader.close()
 
     asyncio.run(scenario())

@@ -5,7 +5,7 @@ import pytest
 from edge.records import CertMeta, encode_bundle
 from edge.store.base import Event, EventKind, cert_key
 from edge.store.index import Index
-from edge.tls.selector import DEFAULT, PLATFORM, Selector, Source
+from edge.tls.selector import DEFAULT, PLATFORM, BundleKey, Selector, Source
 
 PEM = b"-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n-----BEGIN PRIVATE KEY-----\ny\n"
 NOW = 1_000_000.0
@@ -85,3 +85,12 @@ def test_both_key_types_served_and_cache_key_tracks_fingerprints(index, selector
     # Only the valid one of two key types is served.
     add(index, "www.example.com", "custom", "rsa", not_after=NOW - 1, fp="r3")
     assert [b.key_type for b in selector.select("www.example.com", NOW).bundles] == ["ecdsa"]
+
+
+def test_cache_key_is_the_record_values_and_digest(index, selector):
+    add(index, "www.example.com", "custom", "ecdsa", fp="e1")
+    choice = selector.select("www.example.com", NOW)
+    (meta,) = choice.bundles
+    assert choice.cache_key == (BundleKey("www.example.com", "custom", "ecdsa", meta.digest),)
+    assert meta.digest != 0  # the digest of the stored value the index accepted
+    assert choice.cache_key[0].store_key == cert_key("www.example.com", "custom", "ecdsa")
