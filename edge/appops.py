@@ -11,8 +11,8 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from edge import records
+from edge.appsettings import ERROR_PAGE_STATUSES, Hsts, error_page_problem
 from edge.store import base
-from edge.store.appsettings import ERROR_PAGE_STATUSES, Hsts, error_page_problem
 
 if TYPE_CHECKING:
     from edge.operations import Operations, Result

@@ -18,10 +18,11 @@ from typing import Any
 
 from edge import config as config_mod
 from edge import names
+from edge.appsettings import MAX_ERROR_PAGE, Hsts
 from edge.operations import OperationError, Operations, Result, Upload, acme_summary
-from edge.store.appsettings import MAX_ERROR_PAGE, Hsts
+from edge.records import split_bundle
 from edge.store.base import CERTS, Store, StoreError
-from edge.store.index import Index, split_bundle
+from edge.store.index import Index
 from edge.store.open import open_store
 from edge.tls import bundle as bundles
 

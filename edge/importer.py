@@ -19,9 +19,8 @@ from pathlib import Path
 
 from edge import records
 from edge.operations import OperationError, Operations
-from edge.records import CertSource
+from edge.records import CertMeta, CertSource, EntryError, parse_domain
 from edge.store import base
-from edge.store.index import CertMeta, EntryError, parse_domain
 from edge.tls import bundle as bundles
 
 _BLOCK = re.compile(rb"-----BEGIN ([A-Z ]+)-----.*?-----END \1-----\r?\n?", re.S)

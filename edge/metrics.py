@@ -29,7 +29,7 @@ from edge.tls.stats import HANDSHAKE_BUCKETS
 
 if TYPE_CHECKING:
     from edge.acme.manager import AcmeManager
-    from edge.store.index import Index
+    from edge.store.shared import SharedIndex
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,11 @@ class Observed(Protocol):
     """What /metrics reads of one edge process."""
 
     @property
-    def index(self) -> Index: ...
+    def index(self) -> SharedIndex: ...
+    @property
+    def store_loaded(self) -> bool:
+        """The store follower's: the index holds the whole store (else names are read on demand)."""
+        ...
     @property
     def acme(self) -> AcmeManager | None: ...
     @property
@@ -108,7 +112,7 @@ class EdgeCollector(Collector):
                                 value=edge.sync_lag)
         yield GaugeMetricFamily("edge_store_loading",
                                 "1 while the store loads in the background after start (names fetched on demand)",
-                                value=int(edge.index.loading))
+                                value=int(not edge.store_loaded))
         since = edge.stale_since
         yield GaugeMetricFamily("edge_store_stale_seconds",
                                 "Seconds since what is served was last known in step with the store "

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 from edge import names, records
 from edge.appops import AppSettingsOps, merged_record
+from edge.appsettings import Hsts
 from edge.config import Config, parse_address
-from edge.records import KEY_TYPES, SOURCES, CertSource
+from edge.records import KEY_TYPES, SOURCES, CertMeta, CertSource, EntryError, parse_cert, parse_domain
 from edge.store import base
-from edge.store.appsettings import Hsts
 from edge.store.base import Store
-from edge.store.index import CertMeta, EntryError, Index, parse_cert, parse_domain
+from edge.store.index import Index
 from edge.tls import bundle as bundles
 from edge.tls.selector import Selector
 

@@ -34,11 +34,11 @@ from edge.proxy.not_tls import answer_not_tls
 from edge.proxy.protocol import HttpProxyProtocol
 from edge.proxy.routing import Router
 from edge.store.base import Store, StoreError, challenge_key, parse_cert_key, tls_alpn_key
+from edge.store.copywriter import CopyWriter
 from edge.store.follower import FollowError, StoreFollower
-from edge.store.index import Index
-from edge.store.localcopy import CopyWriter, LocalCopy
+from edge.store.localcopy import LocalCopy
 from edge.store.open import open_copy, open_store
-from edge.store.shared import SharedFollower, SharedIndex
+from edge.store.shared import ReaderFollower, SharedIndex
 from edge.tls.acceptor import TlsAcceptor, TlsInfo
 from edge.tls.contexts import ContextCache
 from edge.tls.fixed import FixedContexts, load_fixed_contexts, reload_certificates
@@ -87,20 +87,28 @@ class Edge:
         platform = config.platform
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="edge-tls")
         self.store: Store = open_store(config)
-        # The per-host local copy of the index (LMDB): written by the first
-        # process, read by the others; serves through store outages (#13, #18).
-        self.copy: LocalCopy | None = open_copy(config, rebuild=not reuse_port)
-        self.copy_writer = CopyWriter(self.copy) if self.copy is not None and serve_admin else None
-        shared = self.copy is not None and reuse_port and not serve_admin and self.copy.state()[2] > 0
-        self.index = SharedIndex(self.copy) if shared else Index()  # type: ignore[assignment]
-        if shared:
-            log.info("worker reads the shared index %s", config.store.index_dir)
-        self.selector = Selector(self.index, platform.domain, platform.strict_sni,
-                                 default_is_platform=self.fixed.default is self.fixed.platform)
+        # The host's index is its local copy (LMDB): written by one process
+        # (this one, or the first worker), read by every process (#13, #18).
+        self.copy: LocalCopy = open_copy(config, rebuild=not reuse_port)
+        self.acme: AcmeManager | None = None  # this node's, when it runs one
         self.loader = ContextLoader(self.store, self.executor, lambda: self.config.tls.min_version,
                                     keep=min(config.tls.context_cache_size, 4096), copy=self.copy)
+        loaded = asyncio.Event()  # set by the follower only, once the copy holds the whole store
+        if serve_admin:  # the writer: with workers, the first (it also runs the admin API and ACME)
+            self.copy_writer: CopyWriter | None = CopyWriter(self.copy)
+            self.follower: StoreFollower | ReaderFollower = StoreFollower(
+                self.store, self.copy, self.copy_writer, listener=self._acme_manager(loaded), loaded=loaded,
+                on_cert=self.loader.remember)
+        else:
+            self.copy_writer = None
+            self.follower = ReaderFollower(self.store, self.copy)
+            log.info("worker reads the shared index %s", self.copy.path)
+        self.index = self.follower.index
+        self.selector = Selector(self.index, platform.domain, platform.strict_sni,  # type: ignore[arg-type]
+                                 default_is_platform=self.fixed.default is self.fixed.platform)
         self.cache = ContextCache(config.tls.context_cache_size, self.loader.load, config.tls.min_version)
-        self.router = Router(self.index, self.selector, platform.domain, config.proxy.pool_size)
+        self.router = Router(self.index, self.selector, platform.domain, config.proxy.pool_size,  # type: ignore[arg-type]
+                             loaded=self.follower.loaded)
         self.proxy = ProxyContext(
             router=self.router,
             config=config.proxy,
@@ -111,9 +119,6 @@ class Edge:
             rate=RateLimiter.from_config(config.limits),
         )
         self.gate = Gate.from_config(config)  # PROXY headers, connection limits: every listener of this process
-        self.follower: StoreFollower | SharedFollower = SharedFollower(self.copy) if shared else StoreFollower(
-            self.store, self.index, on_cert=self.loader.remember, copy=self.copy,  # type: ignore[arg-type]
-            writer=self.copy_writer)
         self.acceptor = TlsAcceptor(
             listener_context=self.fixed.default,
             platform_context=self.fixed.platform,
@@ -121,11 +126,11 @@ class Edge:
             cache=self.cache,
             handshake_timeout=config.proxy.handshake_timeout,
             challenge_certificate=lambda domain: self.store.get(tls_alpn_key(domain)),
-            fetch_name=self.follower.fetch_name,
+            ensure=self.follower.ensure,
+            loaded=self.follower.loaded,
             not_tls=answer_not_tls,
             gate=self.gate,
         )
-        self.acme: AcmeManager | None = None  # this node's, when it runs one
         self.https_sockets: list[socket.socket] = []
         self.http_servers: list[PlainListener] = []
         self.admin_runner: web.AppRunner | None = None
@@ -133,6 +138,18 @@ class Edge:
         self.metrics_runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
+
+    def _acme_manager(self, loaded: asyncio.Event) -> AcmeManager | None:
+        """One manager per node (the process that writes the copy); the store's
+        per-domain lock keeps the nodes of a fleet from ordering twice."""
+        if not self.config.acme.enabled:
+            return None
+        from edge.acme.manager import AcmeManager  # the ACME client stack loads only when used
+
+        # It reads the index through its own view of the copy (data only), and
+        # waits for ``loaded`` before its first scan; the follower tells it of changes.
+        self.acme = AcmeManager(self.config.acme, self.store, SharedIndex(self.copy), loaded)  # type: ignore[arg-type]
+        return self.acme
 
     # --- start ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -157,13 +174,7 @@ class Edge:
             self.http_servers.append(PlainListener(sock, self._http_protocol_factory(listener), self.gate))
         if self.serve_admin:  # one process per node cleans up
             self._tasks.append(loop.create_task(self._recover_store()))
-        if cfg.acme.enabled and self.serve_admin:
-            # One manager per node (the process serving the admin API); the
-            # store's per-domain lock keeps the nodes of a fleet from ordering twice.
-            from edge.acme.manager import AcmeManager  # the ACME client stack loads only when used
-
-            self.acme = AcmeManager(cfg.acme, self.store, self.index)
-            self.follower.acme = self.acme
+        if self.acme is not None:
             self._tasks.append(loop.create_task(self.acme.run()))
         await self._start_http_apis()
         if self.reuse_port and self.metrics_dir is not None:  # a worker: publish counters for /metrics
@@ -172,7 +183,7 @@ class Edge:
         log.info(
             "edge serving https on %s, http on %s (platform domain %s; %d apps; %s)",
             ", ".join(self.bound_https()), ", ".join(self.bound_http()), cfg.platform.domain, len(self.index.apps),
-            "loading the rest of the store" if self.index.loading else "store loaded",
+            "store loaded" if self.follower.loaded.is_set() else "loading the store (names read on demand)",
         )
 
     def _https_protocol_factory(self, listener: ListenerInfo) -> Callable[[TlsInfo], asyncio.BaseProtocol]:
@@ -233,9 +244,7 @@ class Edge:
             problems.append("TLS listeners closed")
         if self.follower.stopped():
             problems.append("the store follower stopped")
-        if self.copy is None:  # with a local copy, an unreachable store changes nothing served
-            problems += await self.store_problems()
-        return problems
+        return problems  # an unreachable store changes nothing served: the copy is (stale_since says so)
 
     async def store_problems(self) -> list[str]:
         try:
@@ -264,6 +273,11 @@ class Edge:
     def stale_since(self) -> float | None:
         return self.follower.stale_since
 
+    @property
+    def store_loaded(self) -> bool:
+        """The follower's: the index holds the whole store (else names are read on demand)."""
+        return self.follower.loaded.is_set()
+
     def bound_https(self) -> list[str]:
         return [f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in self.https_sockets]
 
@@ -281,7 +295,7 @@ class Edge:
         held = {m.store_key for key in self.loader.damaged if (parts := parse_cert_key(key))
                 for m in self.index.certs.get(parts[0], ())}
         # A damaged version since replaced or deleted is no longer a problem.
-        found = {**self.index.corrupted(limit), **{k: v for k, v in self.loader.damaged.items() if k in held}}
+        found = {**self.follower.corrupted(limit), **{k: v for k, v in self.loader.damaged.items() if k in held}}
         return dict(sorted(found.items())[:limit])
 
     async def _recover_store(self) -> None:
@@ -343,7 +357,7 @@ class Edge:
     async def stop(self, grace: float = 30.0) -> None:
         """Stop accepting, let requests in flight finish (up to ``grace`` s), then close."""
         self.state = State.STOPPING
-        self.follower.writer = None  # a successor (an upgrade) writes the local copy from now on
+        self.follower.close()  # a successor (an upgrade) writes the local copy from now on
         self.acceptor.stop_listening()
         for server in self.http_servers:
             server.close()
@@ -375,9 +389,9 @@ class Edge:
                 await runner.cleanup()
         with contextlib.suppress(Exception):
             await self.store.close()
-        for closing in (self.copy_writer, self.copy):  # queued copy writes land before exit
-            if closing is not None:
-                closing.close()
+        if self.copy_writer is not None:
+            self.copy_writer.close()  # queued copy writes land before exit
+        self.copy.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.state = State.STOPPED
         self._stopped.set()

@@ -7,6 +7,14 @@ resolves the listen addresses once (port 0 becomes a real port) by binding
 without listening, then each worker binds the same ports with SO_REUSEPORT
 and the kernel spreads connections over them. The supervisor restarts a
 worker that dies and forwards SIGTERM, SIGINT and SIGHUP to them.
+
+The first worker writes the host's local copy (the index every worker reads,
+``edge.store.shared``), as it runs the admin API and ACME; the others only
+read it. Not the supervisor: it stays a plain fork-and-wait loop, with no
+event loop, no store connection and no open LMDB environment, which must not
+cross the forks it makes whenever a worker dies; and a writer that dies is
+restarted like any worker and resumes from the copy (every change is one
+transaction), while the other workers keep serving from it.
 """
 
 from __future__ import annotations
@@ -68,14 +76,16 @@ def _worker(config: Config, fixed: FixedContexts, number: int, metrics_dir: Path
         os._exit(code)
 
 
-def _prepare(config: Config) -> None:
+def _prepare(config: Config) -> Config:
     if config.server.takeover:
         warn_if_queues_are_dropped()
     # Check (and rebuild, if damaged) the host's local copy once, before any
     # worker opens it; closed before forking: an LMDB handle must not cross a fork.
     prepared = open_copy(config, rebuild=True)
-    if prepared is not None:
-        prepared.close()
+    prepared.close()
+    if prepared.path != config.store.index_dir:  # a stand-in for this run: every worker opens that one
+        config = dataclasses.replace(config, store=dataclasses.replace(config.store, index_path=prepared.path))
+    return config
 
 
 def supervise(config: Config) -> int:
@@ -87,7 +97,7 @@ def supervise(config: Config) -> int:
     )
     config = dataclasses.replace(config, server=server)
     fixed = load_fixed_contexts(config)
-    _prepare(config)
+    config = _prepare(config)
     # Workers publish their counters here; the one serving /metrics sums them.
     metrics_dir = Path(tempfile.mkdtemp(prefix="edge-metrics-"))
 

@@ -26,8 +26,9 @@ from edge.acme.orders import AcmeStats, Orders, status_key
 from edge.acme.renewal import DomainStatus
 from edge.acme.settings import CaEndpoint
 from edge.config import AcmeConfig, Config
+from edge.records import DomainCerts
 from edge.store import base
-from edge.store.index import DomainCerts, Index
+from edge.store.index import Index
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,11 @@ GAUGES_TTL = 30.0  # at most this many seconds between two computations of the r
 
 
 class AcmeManager:
-    def __init__(self, config: AcmeConfig, store: base.Store, index: Index) -> None:
+    def __init__(self, config: AcmeConfig, store: base.Store, index: Index, loaded: asyncio.Event | None = None
+                 ) -> None:
         self.store = store
         self.index = index
+        self.loaded = loaded  # the store follower's (None: the index is complete)
         self.status: dict[str, DomainStatus] = {}
         self._due: dict[str, float] = {}  # domain -> when to look at it next (authoritative)
         self._heap: list[tuple[float, str]] = []  # (time, domain), lazily pruned against _due
@@ -109,9 +112,8 @@ class AcmeManager:
                      for ca in self.config.fallback_directories) or "none")
         if self.config.profile:
             await self._check_profile()
-        while self.index.loading:
-            # A half-loaded index would look like domains without certificates.
-            await asyncio.sleep(0.2)
+        if self.loaded is not None:
+            await self.loaded.wait()  # a half-loaded index would look like domains without certificates
         await self._load_status()
         self._scan_requested = True
         next_scan = 0.0
@@ -187,7 +189,7 @@ class AcmeManager:
         heapq.heappush(self._heap, (when, domain))
 
     def _look_at(self, domain: str, now: float) -> None:
-        if domain in self._running or self.index.loading:
+        if domain in self._running or (self.loaded is not None and not self.loaded.is_set()):
             return  # its turn's end looks again; the end of loading rescans
         if domain not in self.index.domains:
             if domain in self.status:

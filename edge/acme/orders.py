@@ -36,9 +36,8 @@ from edge.acme.accounts import Accounts
 from edge.acme.client import AcmeClient, AcmeError, Issued, cert_id, new_account_key
 from edge.acme.renewal import DomainStatus, Plan
 from edge.acme.settings import AcmeConfig, CaEndpoint
-from edge.records import KEY_TYPES, SOURCES, CertSource
+from edge.records import KEY_TYPES, SOURCES, CertMeta, CertSource, DomainCerts, EntryError, parse_cert
 from edge.store import base
-from edge.store.index import CertMeta, DomainCerts, EntryError, parse_cert
 from edge.tls import bundle as bundles
 
 log = logging.getLogger(__name__)

@@ -27,8 +27,7 @@ import random
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from edge.records import CertSource
-from edge.store.index import CertMeta, DomainCerts
+from edge.records import CertMeta, CertSource, DomainCerts
 
 STANDBY_BEFORE = 14 * 86400  # SPEC §2: a custom certificate this close to expiry gets an acme standby
 RENEW_AFTER = 2 / 3  # SPEC §7: without renewal information, renew at two thirds of the lifetime

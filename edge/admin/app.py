@@ -24,8 +24,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
+from edge.appsettings import Hsts, parse_hsts
 from edge.operations import NotFoundError, OperationError, Operations, Result, Upload
-from edge.store.appsettings import Hsts, parse_hsts
 from edge.store.base import StoreError
 
 OPENAPI = Path(__file__).with_name("openapi.json")

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from edge.proxy.controls import answer_head_fields, answer_page
 from edge.proxy.decide import CHALLENGE_PREFIX
 from edge.proxy.errors import error_body
-from edge.store.index import App
+from edge.records import App
 
 log = logging.getLogger("edge.proxy")
 

@@ -13,7 +13,7 @@ import time
 
 from edge.limits import RateLimiter
 from edge.proxy.appstats import AppStats
-from edge.store.index import App
+from edge.records import App
 from edge.tls.gate import Peer
 
 HSTS = b"strict-transport-security"

@@ -16,7 +16,7 @@ from edge.proxy.authority import Authority, request_authority
 from edge.proxy.errors import HttpError
 from edge.proxy.routing import Router
 from edge.proxy.upstream import Pool
-from edge.store.index import App
+from edge.records import App
 
 CHALLENGE_PREFIX = b"/.well-known/acme-challenge/"
 
@@ -74,8 +74,8 @@ def decide(
         return _answer(421, authority)
     app = router.app_for(host)
     if app is None:
-        # Still loading the store at start: the name may not be read yet (try again soon).
-        return _answer(503 if router.index.loading else 404, authority)
+        # The host's first load of the store is under way: the name may not be read yet (try again soon).
+        return _answer(503 if router.loading() else 404, authority)
     if plain and app.force_https:
         return Decision(Action.REDIRECT, 301, authority, None, app)
     if app.maintenance:

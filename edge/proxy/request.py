@@ -30,7 +30,7 @@ from edge.proxy.upstream import BackendConnection, UpstreamError
 
 if TYPE_CHECKING:
     from edge.proxy.downstream import Downstream
-    from edge.store.index import App
+    from edge.records import App
 
 log = logging.getLogger("edge.proxy")
 

@@ -8,15 +8,20 @@ the old backends are closed).
 
 from __future__ import annotations
 
+import asyncio
+
 from edge import names
 from edge.proxy.upstream import Pool
-from edge.store.index import App, Index
+from edge.records import App
+from edge.store.index import Index
 from edge.tls.selector import Selector
 
 
 class Router:
-    def __init__(self, index: Index, selector: Selector, platform_domain: str, pool_size: int) -> None:
+    def __init__(self, index: Index, selector: Selector, platform_domain: str, pool_size: int,
+                 loaded: asyncio.Event | None = None) -> None:
         self.index = index
+        self.loaded = loaded  # the store follower's: None or set, every name is in the index
         self.selector = selector
         self.platform_domain = platform_domain
         self.pool_size = pool_size
@@ -31,6 +36,9 @@ class Router:
         # A custom wildcard domain (*.example.com) routes its names one label down.
         parent = names.wildcard_parent(host)
         return self.index.app_of(parent) if parent is not None else None
+
+    def loading(self) -> bool:
+        return self.loaded is not None and not self.loaded.is_set()
 
     def pool_for(self, app: App) -> Pool:
         held = self._pools.get(app.name)

@@ -22,13 +22,17 @@ from __future__ import annotations
 import asyncio
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+# The certificate key space is defined with its records (edge.records); named here with the rest.
+from edge.records import CERTS as CERTS
+from edge.records import cert_key as cert_key
+from edge.records import parse_cert_key as parse_cert_key
+
 APPS = "apps/"
 DOMAINS = "domains/"
-CERTS = "certs/"
 CHALLENGES = "acme/challenges/"
 TLS_ALPN = "acme/tls-alpn/"
 ACME_STATUS = "acme/status/"
@@ -69,27 +73,12 @@ def domain_key(domain: str) -> str:
     return DOMAINS + domain
 
 
-def cert_key(domain: str, source: str, key_type: str) -> str:
-    return f"{CERTS}{source}-{key_type}/{domain}"
-
-
 def challenge_key(token: str) -> str:
     return CHALLENGES + token
 
 
 def tls_alpn_key(domain: str) -> str:
     return TLS_ALPN + domain
-
-
-def parse_cert_key(key: str) -> tuple[str, str, str] | None:
-    """``certs/custom-ecdsa/www.example.com`` -> (domain, source, key_type)."""
-    if not key.startswith(CERTS):
-        return None
-    kind, _, domain = key[len(CERTS) :].partition("/")
-    source, _, key_type = kind.partition("-")
-    if not domain or not source or not key_type:
-        return None
-    return domain, source, key_type
 
 
 class Store(ABC):
@@ -130,11 +119,21 @@ class Store(ABC):
 
     @abstractmethod
     def snapshot(self) -> AsyncIterator[tuple[str, bytes]]:
-        """Every key and value, in pages, for the in-memory index to load.
+        """Every key and value, in pages, for the local copy to load.
 
         ``revision`` holds the revision the snapshot was taken at once the
         iteration is done; ``watch(revision + 1)`` then misses nothing.
         """
+
+    async def snapshot_stamped(self, known: Callable[[list[str]], Mapping[str, bytes]]
+                               ) -> AsyncIterator[tuple[str, bytes | None, bytes]]:
+        """Like ``snapshot``, as (key, value, stamp). A backend that can tell
+        an entry unchanged without reading it (the file store: mtime, size,
+        inode) gives its stamp, and for an entry whose stamp ``known`` (what
+        the local copy recorded) already holds, None instead of the value:
+        catching up after a restart then reads only what changed. b"": no stamp."""
+        async for key, value in self.snapshot():
+            yield key, value, b""
 
     @property
     @abstractmethod
@@ -147,6 +146,11 @@ class Store(ABC):
     async def check(self) -> list[str]:
         """Problems an operator should hear about (``edge check``); empty when fine."""
         return []
+
+    async def prepare(self) -> None:  # noqa: B027 - an optional hook: most backends need nothing
+        """A host's first start (no local copy): make what an empty store needs
+        (the file store's directory). Never done later: a store that vanished
+        is an outage, not an empty store."""
 
     async def leftovers(self) -> list[str]:
         """Debris of interrupted writes (``edge check``); empty when none."""

@@ -17,9 +17,10 @@ import fcntl
 import itertools
 import logging
 import os
+import struct
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 
 from edge.records import KEY_TYPES, SOURCES
@@ -187,33 +188,69 @@ class FileStore(Store):
     async def delete(self, key: str) -> bool:
         return await asyncio.to_thread(self._remove, key)
 
+    def _root_present(self) -> None:
+        """A store whose directory is gone (moved away, unmounted, replaced by a file) read as
+        empty would drop every name: a store error instead (#18); the local copy is served."""
+        if not self.root.is_dir():
+            raise StoreError(f"store directory {self.root} is missing or not a directory")
+        if not os.access(self.root, os.R_OK | os.X_OK):
+            raise StoreError(f"store directory {self.root} is not readable")
+
+    async def prepare(self) -> None:
+        await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
+
     async def items(self, prefix: str) -> dict[str, bytes]:
         listed = await asyncio.to_thread(self._list, prefix)
         return dict(await asyncio.to_thread(self._read_paths, listed))
 
+    def _stamped(self, chunks: Iterator[list[tuple[str, str]]]) -> list[tuple[str, str, bytes]] | None:
+        """The next chunk of ``_walk`` as (key, path, stamp: mtime, size, inode); None at the end."""
+        chunk = next(chunks, None)
+        if chunk is None:
+            return None
+        out = []
+        for key, path in chunk:
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue  # removed since it was listed: the watch reports it
+            except OSError as exc:
+                log.error("store: cannot read %s: %s; skipped", path, exc.strerror)
+                continue
+            out.append((key, path, struct.pack("<qqQ", st.st_mtime_ns, st.st_size, st.st_ino)))
+        return out
+
     def _list(self, prefix: str) -> list[tuple[str, str]]:
-        """(key, path) of every entry under ``prefix`` (two directory levels at most)."""
-        out: list[tuple[str, str]] = []
+        return [item for chunk in self._walk(prefix) for item in chunk]
+
+    def _walk(self, prefix: str) -> Iterator[list[tuple[str, str]]]:
+        """(key, path) of every entry under ``prefix`` (two directory levels at most), in chunks."""
+        chunk: list[tuple[str, str]] = []  # edge replaces files by renaming: a change is a new inode
         suffix = _SUFFIX.get(prefix, ".dat")
         todo = [(str(self.root / prefix.rstrip("/")), prefix)]
         while todo:
             directory, key_prefix = todo.pop()
             try:
-                entries = list(os.scandir(directory))
+                entries = os.scandir(directory)
             except FileNotFoundError:
                 continue
-            for entry in entries:
-                name = entry.name
-                if name.startswith("."):
-                    continue
-                if entry.is_dir(follow_symlinks=False):
-                    todo.append((entry.path, f"{key_prefix}{name}/"))
-                elif name.endswith(suffix):
-                    stem = name[: -len(suffix)]
-                    if stem.startswith("_."):
-                        stem = "*" + stem[1:]
-                    out.append((key_prefix + stem, entry.path))
-        return out
+            with entries:
+                for entry in entries:
+                    name = entry.name
+                    if name.startswith("."):
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        todo.append((entry.path, f"{key_prefix}{name}/"))
+                    elif name.endswith(suffix):
+                        stem = name[: -len(suffix)]
+                        if stem.startswith("_."):
+                            stem = "*" + stem[1:]
+                        chunk.append((key_prefix + stem, entry.path))
+                        if len(chunk) >= _SNAPSHOT_BATCH:
+                            yield chunk
+                            chunk = []
+        if chunk:
+            yield chunk
 
     @staticmethod
     def _read_paths(items: list[tuple[str, str]]) -> list[tuple[str, bytes]]:
@@ -241,11 +278,27 @@ class FileStore(Store):
     async def snapshot(self) -> AsyncIterator[tuple[str, bytes]]:  # type: ignore[override]
         """Every entry, read in batches off the event loop: at a million names
         the whole store is never held in memory at once."""
+        async for key, value, _ in self.snapshot_stamped(lambda _keys: {}):
+            if value is not None:
+                yield key, value
+
+    async def snapshot_stamped(self, known: Callable[[list[str]], Mapping[str, bytes]]
+                               ) -> AsyncIterator[tuple[str, bytes | None, bytes]]:
         for prefix in (APPS, DOMAINS, CERTS):
-            listed = await asyncio.to_thread(self._list, prefix)
-            for start in range(0, len(listed), _SNAPSHOT_BATCH):
-                for item in await asyncio.to_thread(self._read_paths, listed[start : start + _SNAPSHOT_BATCH]):
-                    yield item
+            self._root_present()
+            chunks = self._walk(prefix)  # advanced in a thread, one chunk at a time
+            while (part := await asyncio.to_thread(self._stamped, chunks)) is not None:
+                held = await asyncio.to_thread(known, [key for key, _, _ in part])
+                stamps = {key: stamp for key, _, stamp in part}
+                changed = []
+                for key, path, stamp in part:
+                    if held.get(key) == stamp:
+                        yield key, None, stamp  # unchanged since the copy read it
+                    else:
+                        changed.append((key, path))
+                for key, value in await asyncio.to_thread(self._read_paths, changed):
+                    yield key, value, stamps[key]
+        self._root_present()  # gone while it was read: what was listed last may be empty for that reason
 
     @property
     def revision(self) -> int:
@@ -259,6 +312,7 @@ class FileStore(Store):
         loads the snapshot: a change between the two is seen twice, never
         missed, and applying it twice is harmless.
         """
+        self._root_present()  # never created here: that would make a vanished store look empty
         watcher = Inotify()
         try:
             # Every directory an entry can land in exists and is watched before

@@ -1,18 +1,19 @@
-"""The store follower: one process's in-memory index kept in step with the store.
+"""The store follower: the one process of a host that keeps its local copy in step with the store.
 
-Start-up: apps (few) are read before anything is served; the rest loads in
-the background (``_initial_load``), and meanwhile a handshake for a name not
-loaded yet fetches that name's entries itself (``fetch_name``), so every name
-is answered correctly from the first second.
+It holds no index of its own: every change it sees goes to the copy
+(``edge.store.copywriter``), which every process of the host, this one
+included, serves from (``edge.store.shared``). It owns "the store is
+loading": ``loaded`` is set once the copy holds the whole store, and until
+then ``ensure(name)`` reads a name's entries from the store for the handshake
+that asks (``CopyFollower``).
 
-With a local copy (``edge.store.localcopy``) that holds entries, they are
-read from it instead of the store: a restart does not wait on the store, and
-a node whose store is unreachable serves what it served before it stopped
-(``stale_since`` says since when). It then catches up: etcd resumes its
-watch from the revision the copy reflects (a compacted one: a full reload
-in the background, while serving); the file store is read again in the
-background and the differences applied. The writer process of the host
-writes every change it applies to the copy.
+Start-up with a complete copy: serve it at once (``stale_since`` says since
+when it may be behind), then catch up: etcd resumes its watch from the
+revision the copy reflects (a compacted one: a full reload in the
+background, while serving); the file store is read again in the background
+and the differences written (``CopyWriter`` rewrites only what changed).
+Without one (a host's first start): the apps are read, the watch armed,
+and the store loaded into the copy in the background.
 
 etcd: snapshot at revision R, then watch from R+1. inotify cannot replay the
 past: arm the watch first, then load (a change in between is seen twice,
@@ -24,120 +25,87 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
-from edge import names
-from edge.records import KEY_TYPES, SOURCES
-from edge.store.base import (
-    APPS,
-    CERTS,
-    DOMAINS,
-    Event,
-    EventKind,
-    ResyncNeeded,
-    Store,
-    StoreError,
-    cert_key,
-    domain_key,
-    parse_cert_key,
-)
-from edge.store.index import Index, name_record, read_name_record
-from edge.store.localcopy import CopyWriter, LocalCopy, copied
-
-if TYPE_CHECKING:
-    from edge.acme.manager import AcmeManager
+from edge.store.base import APPS, CERTS, Event, EventKind, ResyncNeeded, Store, StoreError
+from edge.store.copywriter import CopyWriter, domain_of
+from edge.store.localcopy import LocalCopy, copied
+from edge.store.shared import CopyFollower
 
 log = logging.getLogger(__name__)
+
+_PAGE = 2000  # entries per page of a full load
 
 
 class FollowError(RuntimeError):
     """The store cannot be read at start: nothing sensible to serve."""
 
 
-_COPY_BATCH = 2000  # entries per queued copy write during a full load
+class StoreListener(Protocol):
+    """Told of store changes (the ACME manager)."""
+
+    def notice(self, key: str) -> None:
+        """A watched change of ``key``."""
+        ...
+
+    def rescan(self) -> None:
+        """The whole store was (re)loaded: look at everything again."""
+        ...
 
 
-class StoreFollower:
-    def __init__(self, store: Store, index: Index, on_cert: Callable[[str, bytes], None] | None = None,
-                 copy: LocalCopy | None = None, writer: CopyWriter | None = None) -> None:
-        self.store = store
-        self.index = index
-        self.copy = copy  # read at start and by ``fetch_name``; None: no local copy
-        self.writer = writer  # this process writes the host's copy
-        # Wall-clock time since which what is served may be behind the store
-        # (unreachable, or not caught up yet after a start from the copy); None: following it.
-        self.stale_since: float | None = None
-        self._from_copy = False
-        self.acme: AcmeManager | None = None  # set once the manager exists
-        # Called with each certificate entry the watch delivers and the index
-        # accepted: the context loader keeps the bytes of the last good version.
+class StoreFollower(CopyFollower):
+    def __init__(self, store: Store, copy: LocalCopy, writer: CopyWriter, listener: StoreListener | None = None,
+                 on_cert: Callable[[str, bytes], None] | None = None, loaded: asyncio.Event | None = None) -> None:
+        super().__init__(store, copy, writer.errors, loaded)
+        self.writer = writer
+        self.listener = listener
+        # Called with each certificate entry the watch delivers: the context
+        # loader keeps the bytes of the last version (no copy or store read).
         self.on_cert = on_cert
-        self.tasks: list[asyncio.Task[None]] = []
+        self.revision = 0  # the store revision the copy is being brought to
         self.watch_task: asyncio.Task[None] | None = None
-        self.reloads = 0
-        self.sync_lag = 0.0  # seconds from the last store change to it being applied here
-        self._reload_events: list[Event] | None = None  # changes seen while a full reload runs
         self._reload_after_load = False
+        self._reloading = asyncio.Lock()  # one full load at a time: each sweeps what it did not see
 
     async def start(self) -> None:
-        """Read the apps, arm the watch, start loading the rest (see the module doc)."""
-        self.index.start_loading()
-        if self.copy is not None and self.copy.state()[2]:
-            self._start_from_copy(self.copy)
+        """Serve the copy, or start the first load (see the module doc)."""
+        state = self.copy.state()
+        loop = asyncio.get_running_loop()
+        if state.complete:
+            self.revision = state.revision
+            self.stale_since = state.written
+            self._set_loaded()
+            log.info("serving the local copy %s (%d entries, in step with the store at %s); catching up",
+                     self.copy.path, state.entries, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(state.written)))
+            self.tasks.append(loop.create_task(self._catch_up(time.monotonic())))
             return
         try:
-            for key, value in (await self.store.items(APPS)).items():
-                self.index.apply_loaded(key, value)
-        except StoreError as exc:
+            await self.store.prepare()
+            apps = await self.store.items(APPS)
+        except StoreError as exc:  # no copy, no store: nothing sensible to serve
             raise FollowError(f"cannot load the store: {exc}") from None
+        await self._start_overlay(apps)
+        await asyncio.wrap_future(self.writer.begin_full(first=True))
         armed = asyncio.Event()
         if not self.store.resumable:
             self._start_watch(armed)
             await armed.wait()
-        self.tasks.append(asyncio.get_running_loop().create_task(self._initial_load(armed)))
+        self.tasks.append(loop.create_task(self._initial_load(armed)))
 
-    def _start_from_copy(self, copy: LocalCopy) -> None:
-        _revision, written, count = copy.state()
-        self._from_copy = True
-        self.stale_since = written
-        for key, value in copy.items(APPS):
-            self.index.apply_loaded(key, value)
-        log.info("serving from the local copy %s (%d entries, in step with the store at %s); catching up",
-                 copy.path, count, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(written)))
-        self.tasks.append(asyncio.get_running_loop().create_task(self._load_copy(copy)))
-
-    async def _load_copy(self, copy: LocalCopy) -> None:
-        """Fill the index from the copy, then follow the store from where the copy left off."""
-        started = time.monotonic()
-        # The revision first: records read after it are as new or newer, and
-        # replaying a change the copy already holds is harmless.
-        for key, value in copy.items(APPS, with_revision=True):
-            if not key:
-                self.index.revision = int.from_bytes(value, "little", signed=True)
-            else:
-                self.index.apply_loaded(key, value)
-        for count, (domain, raw) in enumerate(copy.records(), 1):  # checked when written: nothing parsed again
-            app, held = read_name_record(domain, raw)
-            self.index.load_record(domain, app, held)
-            if count % 5000 == 0:
-                await asyncio.sleep(0)  # handshakes go on while loading
-        self.index.finish_loading()
-        self._from_copy = False
+    async def _catch_up(self, started: float) -> None:
+        counts = await asyncio.to_thread(self.copy.counts)
         log.info("local copy loaded: %d apps, %d domains, %d names with certificates in %.2f s",
-                 len(self.index.apps), len(self.index.domains), len(self.index.certs), time.monotonic() - started)
-        self._report_corrupted()
+                 *counts, time.monotonic() - started)
+        self.copy.release()  # the pages that count read: this process keeps none it does not serve from
         armed = asyncio.Event()
         self._start_watch(armed)  # etcd: from the copy's revision on; a compacted one reloads in full
         await armed.wait()
-        if not self.store.resumable:
-            await self._catch_up()  # inotify cannot replay what changed while edge was down
-        elif self.acme is not None:
-            self.acme.rescan()
-
-    async def _catch_up(self) -> None:
-        """Read the whole store again until it answers (file store after a start from the copy)."""
-        backoff = 0.5
+        if self.store.resumable:
+            if self.listener is not None:
+                self.listener.rescan()
+            return
+        backoff = 0.5  # inotify cannot replay what changed while edge was down: read the store again
         while not await self.reload():
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 10.0)
@@ -158,16 +126,7 @@ class StoreFollower:
         if self.stale_since is not None:
             log.info("store reachable again: following it")
         self.stale_since = None
-        if self.writer is not None:
-            self.writer.touch(self.index.revision)
-
-    def describe(self) -> dict[str, object]:
-        """For /healthz: where what is served comes from, and since when it may be stale."""
-        since = self.stale_since
-        state = "stale copy" if since is not None else "loading" if self.index.loading else "loaded"
-        return {"store": state, "index": "loading" if self.index.loading else "loaded",
-                "stale_since": None if since is None else
-                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))}
+        self.writer.touch(self.revision)
 
     def stopped(self) -> bool:
         return self.watch_task is not None and self.watch_task.done()
@@ -176,111 +135,80 @@ class StoreFollower:
         self.watch_task = asyncio.get_running_loop().create_task(self._watch(armed))
         self.tasks.append(self.watch_task)
 
+    async def _load_pages(self, armed: asyncio.Event | None = None) -> int:
+        """Read the store's snapshot into the copy's current full load; how many values were read
+        (the file store does not read again what the copy holds: ``Store.snapshot_stamped``)."""
+        read = 0
+        page: list[tuple[str, bytes | None]] = []
+        stamps: dict[str, bytes] = {}
+        keep: list[str] = []
+        async for key, value, stamp in self.store.snapshot_stamped(self._stamps_of):
+            if armed is not None and self.store.resumable and self.watch_task is None:
+                # The snapshot's revision is known from its first page on.
+                self.revision = max(self.revision, self.store.revision)
+                self._start_watch(armed)
+            read += value is not None
+            if not copied(key):
+                continue
+            if value is None:
+                keep.append(key)  # unchanged since the copy read it: not read again
+            else:
+                page.append((key, value))
+                if stamp:
+                    stamps[key] = stamp
+            if len(page) >= _PAGE or len(keep) >= _PAGE:
+                self.writer.load(page, stamps, keep)
+                page, stamps, keep = [], {}, []
+                await self.writer.backlog()
+                await asyncio.sleep(0)  # handshakes go on while loading
+        if page or keep:
+            self.writer.load(page, stamps, keep)
+        return read
+
+    def _stamps_of(self, keys: list[str]) -> dict[str, bytes]:
+        """The stamps the copy recorded (the store's thread, a catch-up): the
+        kernel maps 64 KiB around each page read, so this process's mapping is
+        dropped again, else a catch-up at a million names counts gigabytes."""
+        stamps = self.copy.stamps_of(keys)
+        self.copy.release()
+        return stamps
+
     async def _initial_load(self, armed: asyncio.Event) -> None:
         started = time.monotonic()
         backoff = 0.5
-        self._begin_copy()
         while True:
-            count = 0
             try:
-                async for key, value in self.store.snapshot():
-                    if self.store.resumable and self.watch_task is None:
-                        # The snapshot's revision is known from its first page on.
-                        self.index.revision = self.store.revision
-                        self._start_watch(armed)
-                    if self.index.apply_loaded(key, value):
-                        self._copy_loaded(key, value)
-                    count += 1
-                    if count % 2000 == 0:
-                        await asyncio.sleep(0)  # handshakes go on while loading
-                        await self._copy_backlog()
+                read = await self._load_pages(armed)
                 break
             except StoreError as exc:
                 self._mark_stale()
                 log.error("loading the store failed (%s); serving what is loaded, retrying in %.1f s", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
+        self.revision = max(self.revision, self.store.revision)
         if self.watch_task is None:  # an empty etcd prefix
-            self.index.revision = self.store.revision
             self._start_watch(armed)
-        self.index.finish_loading()
-        await self._end_copy(frozenset(self.index.errors))
+        await asyncio.wrap_future(self.writer.end_full(self.revision))
+        self._set_loaded()
         self.stale_since = None
         self.reloads += 1
-        index = self.index
-        log.info("store loaded: %d apps, %d domains, %d names with certificates in %.1f s",
-                 len(index.apps), len(index.domains), len(index.certs), time.monotonic() - started)
+        log.info("store loaded: %d apps, %d domains, %d names with certificates in %.1f s (%d entries read)",
+                 *await asyncio.to_thread(self.copy.counts), time.monotonic() - started, read)
         self._report_corrupted()
+        self.copy.release()
         if self._reload_after_load:
             self._reload_after_load = False
             await self.reload()
-        elif self.acme is not None:
-            self.acme.rescan()
-
-    # --- the local copy (this process writes it) --------------------------------------------
-    _pending: list[tuple[str, bytes | None]] | None = None  # entries of a full load, not queued yet
-
-    def _begin_copy(self) -> None:
-        if self.writer is not None:
-            self.writer.begin_full()
-            self._pending = []
-
-    def _copy_loaded(self, key: str, value: bytes) -> None:
-        if self._pending is not None and copied(key):
-            self._pending.append((key, value))
-            if len(self._pending) >= _COPY_BATCH:
-                self._flush_pending()
-
-    async def _copy_backlog(self) -> None:
-        if self.writer is not None:
-            await self.writer.backlog()
-
-    def _flush_pending(self) -> None:
-        if self.writer is not None and self._pending:
-            self.writer.apply(self._pending, 0)
-            self._pending = []
-
-    async def _end_copy(self, keep: frozenset[str], replay: Sequence[Event] = ()) -> None:
-        """Commit a full load; ``replay``: changes watched meanwhile, newer than what the snapshot read.
-
-        Every name's record is written again, in slices between which the
-        loop serves: a change applied meanwhile queues its own record after
-        the slice that held the older one, or lands before the slice reads it."""
-        if self.writer is None or self._pending is None:
-            return
-        self._flush_pending()
-        self._pending = None
-        self._copy_events(replay)
-        domains = list(self.index.domains.keys() | self.index.certs.keys())
-        for start in range(0, len(domains), 5000):
-            records = [(d, r) for d in domains[start : start + 5000] if (r := name_record(self.index, d)) is not None]
-            self.writer.apply([], None, records)
-            await self._copy_backlog()
-            await asyncio.sleep(0)
-        self.writer.end_full(self.index.revision, keep)
-
-    def _abort_copy(self) -> None:
-        if self.writer is not None and self._pending is not None:
-            self._pending = None
-            self.writer.abort_full()
-
-    def _copy_events(self, batch: Sequence[Event]) -> None:
-        if self.writer is None or not batch:
-            return
-        self._flush_pending()  # an older snapshot value must not land after a newer watched one
-        changes = [(e.key, e.value if e.kind is EventKind.PUT else None) for e in batch
-                   if copied(e.key) and e.key not in self.index.errors]
-        domains = {e.key[len(DOMAINS):] if e.key.startswith(DOMAINS) else parts[0] for e in batch
-                   if e.key.startswith(DOMAINS) or (parts := parse_cert_key(e.key)) is not None}
-        self.writer.apply(changes, self.index.revision, [(d, name_record(self.index, d)) for d in domains])
+        elif self.listener is not None:
+            self.listener.rescan()
 
     def _report_corrupted(self) -> None:
-        """Say at start what the store holds that is not served as stored."""
-        index = self.index
-        for key, reason in sorted(index.errors.items())[:20]:
-            log.error("store entry %s is damaged and not served (%s); no earlier version of it is known to this "
-                      "process; `edge check` lists every damaged entry", key, reason)
-        orphans = sorted(d for d in index.certs if d not in index.domains)
+        """Say what the store holds that is not served as stored."""
+        errors = self.index.corrupted(20)
+        for key, reason in errors.items():
+            log.error("store entry %s is damaged and not served (%s); `edge check` lists every damaged entry",
+                      key, reason)
+        orphans = [domain for domain, raw in self.copy.records() if raw.startswith(b"[null,")]
         if orphans:
             # Left by a command killed midway (or a hand edit): not served,
             # as they are listed nowhere; the operator decides what they were.
@@ -288,79 +216,62 @@ class StoreFollower:
                         "`edge check` lists them",
                         len(orphans), ", ".join(orphans[:5]), ", ..." if len(orphans) > 5 else "")
 
-    async def fetch_name(self, name: str) -> None:
-        """While the store loads: read the entries that decide ``name`` (its
-        domain, its certificates, its wildcard's) straight from the store."""
-        index = self.index
-        if not index.loading or name in index.fetched:
-            return
-        wanted = [domain_key(name)] + [cert_key(name, s, k) for s in SOURCES for k in KEY_TYPES]
-        parent = names.wildcard_parent(name)
-        if parent is not None:
-            wanted += [domain_key(parent)] + [cert_key(parent, "custom", k) for k in KEY_TYPES]
-        # From the copy when the index loads from it: local, and it needs no store.
-        source = self.copy.get_many(wanted) if self._from_copy and self.copy is not None else None
-        found = source if source is not None else await self.store.get_many(wanted)
-        for key, value in found.items():
-            index.apply_loaded(key, value)
-        index.fetched.add(name)
-
     async def reload(self) -> bool:
-        """Load the whole store again (SIGHUP, /v1/reload, a watch that lost track,
-        catching up after a start from the local copy); False when the store
-        could not be read.
+        """Load the whole store again into the copy (SIGHUP, /v1/reload, a watch
+        that lost track, catching up after a start from the copy); False when
+        the store could not be read: the copy stays in service as it is.
 
-        A store that cannot be read keeps the current index in service; an
-        entry that no longer parses keeps its last good version (``Index.replace_with``)."""
-        if self.index.loading:
-            self._reload_after_load = True  # the initial load may have read some keys too early
+        An entry that no longer parses keeps its last good version (the copy writer)."""
+        if not self.loaded.is_set():
+            self._reload_after_load = True  # the first load may have read some keys too early
             return True
-        fresh = Index()
-        # Changes the watch applies meanwhile may be newer than what the
-        # snapshot read: they are applied again on top of it.
-        self._reload_events = []
-        self._begin_copy()
-        read = 0
-        try:
-            async for key, value in self.store.snapshot():
-                fresh.apply_put(key, value)
-                if key not in fresh.errors:
-                    self._copy_loaded(key, value)
-                read += 1
-                if read % 2000 == 0:
-                    await self._copy_backlog()
-        except StoreError as exc:
-            self._reload_events = None
-            self._abort_copy()
-            self._mark_stale()
-            log.error("store reload failed, keeping the current index: %s", exc)
-            return False
-        events, self._reload_events = self._reload_events, None
-        for event in events:
-            fresh.apply(event)
-        fresh.revision = max(self.store.revision, fresh.revision)
-        self.index.replace_with(fresh)
-        await self._end_copy(frozenset(fresh.errors), events)
+        async with self._reloading:
+            await asyncio.wrap_future(self.writer.begin_full(first=False))
+            try:
+                read = await self._load_pages()
+            except StoreError as exc:
+                self.writer.abort_full()
+                self._mark_stale()
+                log.error("store reload failed, serving the local copy as it is: %s", exc)
+                return False
+            except BaseException:
+                self.writer.abort_full()
+                raise
+            self.revision = max(self.revision, self.store.revision)
+            await asyncio.wrap_future(self.writer.end_full(self.revision))
         self._mark_fresh()
         self.reloads += 1
-        log.info("store reloaded: %d apps, %d domains, %d names with certificates; %d damaged entries",
-                 len(fresh.apps), len(fresh.domains), len(fresh.certs), len(fresh.errors))
-        if self.acme is not None:
-            self.acme.rescan()
+        log.info("store reloaded: %d apps, %d domains, %d names with certificates; %d damaged entries (%d read)",
+                 *await asyncio.to_thread(self.copy.counts), len(self.writer.errors), read)
+        self.copy.release()
+        if self.listener is not None:
+            self.listener.rescan()
         return True
 
     def _apply(self, batch: list[Event]) -> None:
+        changes: list[tuple[str, bytes | None]] = []
         for event in batch:
-            self.index.apply_watched(event)
-            if (self.on_cert is not None and event.kind is EventKind.PUT and event.value is not None
-                    and event.key.startswith(CERTS) and event.key not in self.index.errors):
-                self.on_cert(event.key, event.value)
-        self._copy_events(batch)
-        if self._reload_events is not None:
-            self._reload_events.extend(batch)
-        if self.acme is not None:
-            for event in batch:
-                self.acme.notice(event.key)
+            self.revision = max(self.revision, event.revision)
+            if not copied(event.key):
+                continue
+            value = event.value if event.kind is EventKind.PUT else None
+            changes.append((event.key, value))
+            if self.on_cert is not None and value is not None and event.key.startswith(CERTS):
+                self.on_cert(event.key, value)
+            if self.overlay.active and (domain := domain_of(event.key)) is not None:
+                self.overlay.names.pop(domain, None)  # read again on demand: the copy may hold it only in part
+        written = self.writer.apply(changes, self.revision) if changes else None
+        if self.listener is not None:
+            listener, keys = self.listener, [event.key for event in batch]
+
+            def notice(_: object = None) -> None:
+                for key in keys:
+                    listener.notice(key)
+
+            if written is None:
+                notice()
+            else:  # once the copy holds the change: the listener reads it from there
+                asyncio.wrap_future(written).add_done_callback(notice)
         if batch and batch[-1].changed_at:
             self.sync_lag = max(0.0, time.time() - batch[-1].changed_at)
 
@@ -368,7 +279,7 @@ class StoreFollower:
         backoff = 0.1
         while True:
             try:
-                stream = self.store.watch(self.index.revision + 1)
+                stream = self.store.watch(self.revision + 1)
                 # The generator's first step arms the watch (inotify) before it
                 # first awaits; a short sleep lets that step run.
                 first = asyncio.ensure_future(stream.__anext__())

@@ -13,9 +13,12 @@ the state before or after a change, never a torn one; readers in every
 process see one consistent snapshot without locks and read values without
 copying them onto the Python heap until asked.
 
-One process per host writes (``CopyWriter``: every write runs on one thread,
-in order, off the event loop); every process reads. Files are 0600 in a
-0700 directory: the copy holds private keys.
+It *is* the index of the host: no process keeps one of its own on its heap.
+One process per host writes (``edge.store.copywriter``: every write runs on
+one thread, in order, off the event loop, and derives each domain's
+``names`` record from the entries inside the same transaction); every
+process reads (``edge.store.shared``). Files are 0600 in a 0700 directory:
+the copy holds private keys.
 
 A damaged file (truncated: reading past its end would kill the process with
 SIGBUS), a file that is not LMDB, or a copy of another store or format is
@@ -24,18 +27,14 @@ removed and rebuilt from the store, with one log line.
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
-import hashlib
 import logging
 import os
 import shutil
 import struct
-import time
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import lmdb
 
@@ -43,7 +42,7 @@ from edge.store.base import APPS, CERTS, DOMAINS
 
 log = logging.getLogger(__name__)
 
-FORMAT = b"edge-index-3"
+FORMAT = b"edge-index-4"  # 4: digests carry the generation of the full load that last saw the entry
 PREFIXES = (APPS, DOMAINS, CERTS)
 # The file is sparse at this size (``ls`` shows it, ``du`` shows what it holds:
 # ~1.3 GB at 100k bundles of 4 KiB); room for a million bundles of RSA chains.
@@ -51,6 +50,18 @@ MAP_SIZE = 16 << 30
 _MADV_DONTNEED = 4  # Linux: on a shared file mapping, drops this process's page table entries only
 _REVISION = b"revision"
 _WRITTEN = b"written"  # wall-clock time the copy was last known to match the store
+_COMPLETE = b"complete"  # set once a full load committed: the copy holds the whole store (as of ``written``)
+_GENERATION = b"generation"  # of the last full load begun (edge.store.copywriter)
+
+
+_SCAN = 50_000  # records read between two drops of this process's mapping (``records``)
+
+
+class CopyState(NamedTuple):
+    revision: int  # the store revision the copy reflects (etcd; 0 for the file store)
+    written: float  # wall-clock time it was last known to match the store
+    entries: int
+    complete: bool  # a full load committed (else: a first load is under way, or was interrupted)
 
 
 def copied(key: str) -> bool:
@@ -70,21 +81,48 @@ class LocalCopy:
         self.env = _open_checked(path, self.identity, rebuild)
         self.entries = self.env.open_db(b"entries")
         self.meta = self.env.open_db(b"meta")
-        # domain -> its app and bundle headers (``index.name_record``): what a
-        # worker reading the shared index selects from, one lookup per name.
+        # domain -> its app and bundle headers (``records.encode_name_record``):
+        # what every process selects from, one lookup per name.
         self.names = self.env.open_db(b"names")
-        # key -> 8 bytes of the value's SHA-256: a full load rewrites only what
-        # changed, without reading (and so mapping into memory) every stored bundle.
+        # key -> 8 bytes of the value's SHA-256 and 4 of the generation of the
+        # full load that last saw it: a full load rewrites only what changed
+        # (without reading, and so mapping, every stored bundle), then removes
+        # what it did not see.
         self.digests = self.env.open_db(b"digests")
+        # key -> the file store's stamp (mtime, size, inode) of the file the
+        # entry was read from: catching up reads only the files that changed.
+        self.stamps = self.env.open_db(b"stamps")
 
     # --- reading (any process, any thread) ---------------------------------------------------
-    def state(self) -> tuple[int, float, int]:
-        """(revision, written at, entries) of the last committed change."""
+    def state(self) -> CopyState:
+        """What the last committed change left."""
         with self.env.begin() as txn:
             revision = _unpack(txn.get(_REVISION, db=self.meta), "<q", 0)
             written = _unpack(txn.get(_WRITTEN, db=self.meta), "<d", 0.0)
             count = txn.stat(self.entries)["entries"]
-        return int(revision), float(written), int(count)
+            complete = txn.get(_COMPLETE, db=self.meta) == b"1"
+        return CopyState(int(revision), float(written), int(count), complete)
+
+    def complete(self) -> bool:
+        with self.env.begin(db=self.meta) as txn:
+            return txn.get(_COMPLETE) == b"1"
+
+    def version(self) -> int:
+        """Changes with every committed write (the LMDB transaction id): lets readers cache derived views."""
+        return int(self.env.info()["last_txnid"])
+
+    def names_count(self) -> int:
+        with self.env.begin() as txn:
+            return int(txn.stat(self.names)["entries"])
+
+    def counts(self) -> tuple[int, int, int]:
+        """(apps, domains, names with certificates): one pass over the names records, for log lines."""
+        apps = sum(1 for _ in self.items(APPS))
+        domains = certs = 0
+        for _domain, raw in self.records():
+            domains += not raw.startswith(b"[null,")
+            certs += not raw.endswith(b",[]]")
+        return apps, domains, certs
 
     def get(self, key: str) -> bytes | None:
         with self.env.begin(db=self.entries) as txn:
@@ -95,10 +133,18 @@ class LocalCopy:
             return txn.get(domain.encode())
 
     def records(self) -> Iterator[tuple[str, bytes]]:
-        """Every name record (``index.name_record``), from one snapshot."""
+        """Every name record (``records.encode_name_record``), from one snapshot.
+        A pass over all of them must not leave them mapped in this process (the
+        kernel maps 64 KiB around each page read): dropped every ``_SCAN`` records."""
         with self.env.begin(db=self.names) as txn:
-            for key, value in txn.cursor():
+            for count, (key, value) in enumerate(txn.cursor(), 1):
+                if count % _SCAN == 0:
+                    self.release()
                 yield key.decode(), value
+
+    def stamps_of(self, keys: list[str]) -> dict[str, bytes]:
+        with self.env.begin(db=self.stamps) as txn:
+            return {k: v for k in keys if (v := txn.get(k.encode())) is not None}
 
     def get_many(self, keys: list[str]) -> dict[str, bytes]:
         with self.env.begin(db=self.entries) as txn:
@@ -147,12 +193,13 @@ def _unpack(raw: bytes | None, fmt: str, default: float) -> float:
 def _open_checked(path: Path, identity: bytes, rebuild: bool) -> lmdb.Environment:
     """Open the copy; a damaged or foreign one is removed and a new one made."""
     env = None
-    data = path / "data.mdb"
-    # Measured before opening: with writemap, opening extends the file to the map size.
-    size = data.stat().st_size if data.exists() else None
     try:
-        env = _open(path)
-        problem = _problem(env, size, identity)
+        # Checked before opening for writing: with writemap, that extends the
+        # file to the map size (zeros where the truncated pages were).
+        problem = _truncated(path)
+        if problem is None:
+            env = _open(path)
+            problem = _problem(env, identity)
     except (lmdb.Error, OSError) as exc:
         problem = f"is not a readable LMDB file ({exc})"
     if problem is None and env is not None:
@@ -181,10 +228,21 @@ def _open(path: Path) -> lmdb.Environment:
         os.umask(old)
 
 
-def _problem(env: lmdb.Environment, size: int | None, identity: bytes) -> str | None:
-    info, stat = env.info(), env.stat()
-    if size is not None and size < (info["last_pgno"] + 1) * stat["psize"]:
-        return "is truncated"
+def _truncated(path: Path) -> str | None:
+    data = path / "data.mdb"
+    if not data.exists():
+        return None
+    size = data.stat().st_size
+    probe = lmdb.open(str(path), readonly=True, lock=False, subdir=True, max_dbs=8)
+    try:
+        needed = (probe.info()["last_pgno"] + 1) * probe.stat()["psize"]
+    finally:
+        probe.close()
+    return "is truncated" if size < needed else None
+
+
+def _problem(env: lmdb.Environment, identity: bytes) -> str | None:
+    stat = env.stat()
     meta = env.open_db(b"meta")
     with env.begin(db=meta) as txn:
         fmt, owner = txn.get(b"format"), txn.get(b"store")
@@ -204,145 +262,3 @@ def _stamp(env: lmdb.Environment, identity: bytes) -> None:
         txn.put(b"format", FORMAT, db=meta)
         txn.put(b"store", identity, db=meta)
 
-
-class CopyWriter:
-    """The one writer of a host's copy. Writes are queued to one thread, so
-    they apply in the order they were asked for and never block the event loop.
-
-    A full load (``begin_full`` … ``end_full``) is one transaction: until it
-    commits, readers (and a restart after a crash) see the previous copy.
-    Changes asked for meanwhile go into the same transaction, in order.
-    """
-
-    def __init__(self, copy: LocalCopy) -> None:
-        self.copy = copy
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-copy")
-        self._queued: deque[Future[None]] = deque()  # jobs not done yet: a full load waits when many are
-        self._full: lmdb.Transaction | None = None
-        self._seen: set[bytes] | None = None  # entries a full load wrote
-        self._seen_names: set[bytes] | None = None
-        self.failures = 0
-
-    def _run(self, job, *args: object) -> None:  # type: ignore[no-untyped-def]
-        def guarded() -> None:
-            try:
-                job(*args)
-            except lmdb.Error as exc:  # disk full, map full: serving goes on from memory
-                self.failures += 1
-                log.error("local copy %s: write failed: %s", self.copy.path, exc)
-                self._abort_full()
-
-        self._queued.append(self._thread.submit(guarded))
-        while self._queued and self._queued[0].done():
-            self._queued.popleft()
-
-    async def backlog(self, limit: int = 2) -> None:
-        """Wait until at most ``limit`` writes are queued: a full load must not
-        hold the whole store in the queue (memory) while the thread catches up."""
-        while len(self._queued) > limit:
-            await asyncio.wrap_future(self._queued.popleft())
-
-    def apply(self, changes: list[tuple[str, bytes | None]], revision: int | None,
-              names: list[tuple[str, bytes | None]] = ()) -> None:  # type: ignore[assignment]
-        """Puts (value) and deletes (None) of entries and of name records, and
-        the revision they bring the copy to (None: part of a full load)."""
-        self._run(self._apply, changes, revision, names)
-
-    def begin_full(self) -> None:
-        self._run(self._begin_full)
-
-    def end_full(self, revision: int, keep: frozenset[str] = frozenset()) -> None:
-        """Commit a full load: entries it did not put are removed (except ``keep``:
-        damaged in the store, their last good version stays)."""
-        self._run(self._end_full, revision, keep)
-
-    def abort_full(self) -> None:
-        """Drop a full load that failed midway: the previous copy stays."""
-        self._run(self._abort_full)
-
-    def touch(self, revision: int) -> None:
-        """The store answered and the copy matches it at ``revision``."""
-        self._run(self._apply, [], revision, [])
-
-    def flush(self) -> None:
-        """Wait for every queued write (tests, shutdown)."""
-        self._thread.submit(lambda: None).result()
-
-    def close(self) -> None:
-        """Finish the queued writes; a full load still open (its task was
-        cancelled at shutdown) is dropped: the copy keeps its previous state."""
-        self._run(self._abort_full)
-        self._thread.shutdown(wait=True)
-
-    # --- on the writer thread ----------------------------------------------------------------
-    def _apply(self, changes: list[tuple[str, bytes | None]], revision: int | None,
-               names: list[tuple[str, bytes | None]]) -> None:
-        if self._full is not None:
-            self._write(self._full, changes, None, names)
-            return
-        with self.copy.env.begin(write=True) as txn:
-            self._write(txn, changes, revision, names)
-
-    def _write(self, txn: lmdb.Transaction, changes: list[tuple[str, bytes | None]], revision: int | None,
-               names: list[tuple[str, bytes | None]]) -> None:
-        entries, digests, records = self.copy.entries, self.copy.digests, self.copy.names
-        for key, value in changes:
-            raw = key.encode()
-            if self._seen is not None:
-                self._seen.add(raw)
-            if value is None:
-                txn.delete(raw, db=entries)
-                txn.delete(raw, db=digests)
-                continue
-            digest = hashlib.sha256(value).digest()[:8]
-            if txn.get(raw, db=digests) != digest:  # unchanged values are not rewritten (a catch-up)
-                txn.put(raw, value, db=entries)
-                txn.put(raw, digest, db=digests)
-        for key, value in names:
-            raw = key.encode()
-            if self._seen_names is not None:
-                self._seen_names.add(raw)
-            if value is None:
-                txn.delete(raw, db=records)
-            elif txn.get(raw, db=records) != value:
-                txn.put(raw, value, db=records)
-        if revision is not None:
-            self._stamp_revision(txn, revision)
-
-    def _stamp_revision(self, txn: lmdb.Transaction, revision: int) -> None:
-        meta = self.copy.meta
-        txn.put(_REVISION, struct.pack("<q", revision), db=meta)
-        txn.put(_WRITTEN, struct.pack("<d", time.time()), db=meta)
-
-    def _begin_full(self) -> None:
-        if self._full is None:
-            self._full = self.copy.env.begin(write=True)
-            self._seen, self._seen_names = set(), set()
-
-    def _abort_full(self) -> None:
-        if self._full is not None:
-            self._full.abort()
-            self._full, self._seen, self._seen_names = None, None, None
-
-    def _end_full(self, revision: int, keep: frozenset[str]) -> None:
-        txn, seen, seen_names = self._full, self._seen, self._seen_names
-        if txn is None or seen is None or seen_names is None:
-            return
-        seen |= {k.encode() for k in keep}
-        for dbs, kept in (((self.copy.digests, self.copy.entries), seen), ((self.copy.names,), seen_names)):
-            stale = [bytes(k) for k in txn.cursor(db=dbs[0]).iternext(keys=True, values=False) if bytes(k) not in kept]
-            for key in stale:
-                for db in dbs:
-                    txn.delete(key, db=db)
-        self._stamp_revision(txn, revision)
-        txn.commit()
-        self._full, self._seen, self._seen_names = None, None, None
-        _trim()  # what a full load allocated in this thread's arena: give it back
-        self.copy.release()
-
-
-def _trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
 
 import lmdb
 
@@ -32,12 +34,21 @@ def copy_identity(config: Config) -> str:
     return f"file:{store.path.resolve()}"
 
 
-def open_copy(config: Config, *, rebuild: bool) -> LocalCopy | None:
-    """The host's local copy; None (with one log line) when it cannot be used:
-    edge then serves as without it, from memory, following the store."""
+def open_copy(config: Config, *, rebuild: bool) -> LocalCopy:
+    """The host's local copy: the index every process serves from.
+
+    ``rebuild``: this process prepares the copy (before any other opens it);
+    when it cannot be used where configured (a read-only disk, a directory
+    that is not ours), a private one in a temporary directory stands in for
+    this run, with one log line: serving needs a copy, keeping it across
+    restarts does not. Another process raises ``StoreError``."""
     path = config.store.index_dir
     try:
         return LocalCopy(path, copy_identity(config), rebuild=rebuild)
     except (lmdb.Error, OSError) as exc:
-        log.error("local copy %s cannot be used (%s); serving without it", path, exc)
-        return None
+        if not rebuild:
+            raise StoreError(f"local copy {path} cannot be read: {exc}") from None
+        stand_in = Path(tempfile.mkdtemp(prefix="edge-index-"))
+        log.error("local copy %s cannot be used (%s); using %s for this run (it is not kept across restarts)",
+                  path, exc, stand_in)
+        return LocalCopy(stand_in, copy_identity(config), rebuild=True)

@@ -86,7 +86,8 @@ class TlsAcceptor:
         cache: ContextCache,
         handshake_timeout: float,
         challenge_certificate: Callable[[str], Awaitable[bytes | None]] | None = None,
-        fetch_name: Callable[[str], Awaitable[None]] | None = None,
+        ensure: Callable[[str], Awaitable[None]] | None = None,
+        loaded: asyncio.Event | None = None,
         not_tls: Callable[[bytes], bytes] | None = None,
         gate: Gate | None = None,
     ) -> None:
@@ -98,12 +99,12 @@ class TlsAcceptor:
         self.handshake_timeout = handshake_timeout
         # TLS-ALPN-01: the validation certificate of a name, from the store.
         self.challenge_certificate = challenge_certificate
-        # While the store loads in the background: read a name's entries before selecting.
-        self.fetch_name = fetch_name
+        # The store follower's: until ``loaded`` is set, ``ensure(name)`` before selecting.
+        self.ensure = ensure
+        self.loaded = loaded
         # Bytes that are no ClientHello: what to send back before closing (given
         # the bytes received). The HTTP layer decides; this one knows no HTTP.
         self.not_tls = not_tls
-        self._index = selector.index
         # PROXY headers and connection limits, before the ClientHello (edge.tls.gate).
         self.gate = gate if gate is not None and gate.active else None
         self.stats = HandshakeStats()
@@ -182,8 +183,8 @@ class TlsAcceptor:
         if is_acme_validation(hello):
             self._spawn(self._acme_tls(sock, name, deadline))
             return
-        if (self._index.loading and not fetched and name is not None and self.fetch_name is not None
-                and name not in self._index.fetched):
+        if (not fetched and name is not None and self.ensure is not None and self.loaded is not None
+                and not self.loaded.is_set()):
             self._spawn(self._fetch_then_start(sock, factory, hello, name, deadline, peer))
             return
         choice = self.selector.select(name)
@@ -211,9 +212,9 @@ class TlsAcceptor:
     async def _fetch_then_start(self, sock: socket.socket, factory: ProtocolFactory,
                                 hello: clienthello.ClientHello, name: str, deadline: float,
                                 peer: Peer | None) -> None:
-        assert self.fetch_name is not None
+        assert self.ensure is not None
         try:
-            await asyncio.wait_for(self.fetch_name(name), max(0.0, self._left(deadline)))
+            await asyncio.wait_for(self.ensure(name), max(0.0, self._left(deadline)))
         except (StoreError, OSError, TimeoutError) as exc:
             log.error("reading %s from the store failed: %s; selecting from what is loaded", name, exc)
         self._start(sock, factory, hello, deadline, peer, fetched=True)

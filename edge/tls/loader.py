@@ -28,8 +28,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Executor
 
+from edge.records import EntryError, entry_digest, parse_cert, split_bundle
 from edge.store.base import Store, StoreError
-from edge.store.index import EntryError, entry_digest, parse_cert, split_bundle
 from edge.store.localcopy import LocalCopy
 from edge.tls import contexts
 from edge.tls.contexts import ContextBuildError

@@ -11,9 +11,9 @@ from typing import NamedTuple
 
 from edge import names
 from edge.config import Config
-from edge.records import CertSource
+from edge.records import CertMeta, CertSource
 from edge.store.base import cert_key
-from edge.store.index import CertMeta, Index
+from edge.store.index import Index
 
 
 class Source(enum.Enum):

@@ -5,9 +5,21 @@ from __future__ import annotations
 
 import json
 
-from edge.records import KEY_TYPES, SOURCES, CertSource, KeyType, encode_app, encode_bundle, encode_domain
+from edge.records import (
+    KEY_TYPES,
+    SOURCES,
+    CertMeta,
+    CertSource,
+    KeyType,
+    encode_app,
+    encode_bundle,
+    encode_domain,
+    parse_app,
+    parse_cert,
+    parse_domain,
+    split_bundle,
+)
 from edge.store.base import cert_key
-from edge.store.index import CertMeta, parse_app, parse_cert, parse_domain, split_bundle
 
 PEM = (b"-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n"
        b"-----BEGIN PRIVATE KEY-----\ny\n-----END PRIVATE KEY-----\n")

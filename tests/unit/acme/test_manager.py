@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from edge.acme.client import ACME_IDENTIFIER_OID, tls_alpn_certificate
 from edge.acme.renewal import STANDBY_BEFORE, DomainStatus, backoff, needs, renew_at
-from edge.store.index import CertMeta, DomainCerts
+from edge.records import CertMeta, DomainCerts
 
 DAY = 86400.0
 NOW = 1_800_000_000.0

@@ -32,7 +32,7 @@ from edge.acme.renewal import (
     soonest,
 )
 from edge.config import ConfigError, parse
-from edge.store.index import CertMeta, DomainCerts
+from edge.records import CertMeta, DomainCerts
 
 DAY = 86400.0
 NOW = 1_800_000_000.0

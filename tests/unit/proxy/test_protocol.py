@@ -9,9 +9,9 @@ from edge.config import ProxyConfig
 from edge.proxy.exchange import ListenerInfo, ProxyContext
 from edge.proxy.protocol import HttpProxyProtocol
 from edge.proxy.routing import Router
-from edge.records import encode_bundle
+from edge.records import CertMeta, encode_bundle
 from edge.store.base import Event, EventKind
-from edge.store.index import CertMeta, Index
+from edge.store.index import Index
 from edge.tls.acceptor import TlsInfo
 from edge.tls.selector import Selector, Source
 

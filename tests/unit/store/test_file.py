@@ -59,3 +59,43 @@ def test_watch_sees_puts_and_deletes(tmp_path):
     assert events[-1].kind is EventKind.DELETE and events[-1].value is None
     revisions = [e.revision for e in events]
     assert revisions == sorted(revisions) and len(set(revisions)) == len(revisions)
+
+
+def test_a_stamped_snapshot_reads_only_what_changed_since_the_stamps_it_is_given(tmp_path):
+    """Catching up after a restart: files the local copy read already are not read again."""
+    store = FileStore(tmp_path)
+
+    async def snapshot(known):
+        return {key: (value, stamp) async for key, value, stamp in store.snapshot_stamped(lambda keys: known)}
+
+    async def run():
+        for i in range(5):
+            await store.put(f"domains/d{i}.example.com", b'{"app": "a"}')
+        first = await snapshot({})
+        assert all(value == b'{"app": "a"}' and stamp for value, stamp in first.values())
+        stamps = {key: stamp for key, (_, stamp) in first.items()}
+        await store.put("domains/d1.example.com", b'{"app": "b"}')  # replaced: a new file
+        await store.delete("domains/d2.example.com")
+        again = await snapshot(stamps)
+        assert {key: value for key, (value, _) in again.items()} == {
+            "domains/d0.example.com": None, "domains/d1.example.com": b'{"app": "b"}',
+            "domains/d3.example.com": None, "domains/d4.example.com": None}
+
+    asyncio.run(run())
+
+
+def test_a_snapshot_of_a_vanished_store_is_an_error_not_an_empty_store(tmp_path):
+    from edge.store.base import StoreError
+
+    store = FileStore(tmp_path / "store")
+
+    async def run():
+        await store.put("apps/demo", b'{"backends": []}')
+        (tmp_path / "store").rename(tmp_path / "away")
+        try:
+            [item async for item in store.snapshot()]
+        except StoreError as exc:
+            return str(exc)
+        return None
+
+    assert "missing" in (asyncio.run(run()) or "")

@@ -1,8 +1,8 @@
 import json
 
-from edge.records import encode_bundle
+from edge.records import CertMeta, encode_bundle
 from edge.store.base import Event, EventKind, cert_key
-from edge.store.index import CertMeta, Index
+from edge.store.index import Index
 
 PEM = b"-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n-----BEGIN PRIVATE KEY-----\ny\n"
 
@@ -59,21 +59,3 @@ def test_missing_pem_is_an_error():
     key, value = bundle("a.example.com")
     put(index, key, value.split(b"\n", 1)[0] + b"\nno pem here")
     assert "PEM certificate or key is missing" in index.errors[key]
-
-
-def test_while_loading_a_watched_change_wins_over_an_older_read():
-    index = Index()
-    index.start_loading()
-    old_key, old = bundle("www.example.com", fingerprint="old")
-    _, new = bundle("www.example.com", fingerprint="new")
-    index.apply_watched(Event(EventKind.PUT, old_key, new, 5))
-    index.apply_loaded(old_key, old)  # the snapshot read this key before the change
-    assert index.certs["www.example.com"].of("custom")[0].fingerprint == "new"
-    index.apply_watched(Event(EventKind.DELETE, "domains/gone.example.com", None, 6))
-    index.apply_loaded("domains/gone.example.com", b'{"app": "demo"}')  # deleted meanwhile: stays deleted
-    assert "gone.example.com" not in index.domains
-    index.apply_loaded("domains/www.example.com", b'{"app": "demo"}')  # untouched keys load as usual
-    assert index.domains["www.example.com"] == "demo"
-    index.finish_loading()
-    index.apply_loaded("domains/gone.example.com", b'{"app": "demo"}')  # after loading, no memory of it
-    assert index.domains["gone.example.com"] == "demo"

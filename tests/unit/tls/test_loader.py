@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from edge.records import encode_bundle
+from edge.records import CertMeta, encode_bundle, entry_digest
 from edge.store.base import StoreError, cert_key
-from edge.store.index import CertMeta, entry_digest
 from edge.tls.contexts import ContextBuildError
 from edge.tls.devcert import ensure_dev_certificates
 from edge.tls.loader import ContextLoader

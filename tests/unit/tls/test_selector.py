@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from edge.records import encode_bundle
+from edge.records import CertMeta, encode_bundle
 from edge.store.base import Event, EventKind, cert_key
-from edge.store.index import CertMeta, Index
+from edge.store.index import Index
 from edge.tls.selector import DEFAULT, PLATFORM, BundleKey, Selector, Source
 
 PEM = b"-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n-----BEGIN PRIVATE KEY-----\ny\n"
