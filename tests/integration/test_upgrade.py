@@ -1,7 +1,7 @@
 """An upgrade that refuses no connection (issue #13): the new edge binds the
 running one's ports (``edge serve --takeover``, SO_REUSEPORT), then the old
 one stops accepting and drains; a client sending requests all along sees
-every one answered."""
+every one answered, but for what Linux resets without net.ipv4.tcp_migrate_req."""
 
 from __future__ import annotations
 
@@ -14,20 +14,31 @@ from pathlib import Path
 
 from tests.integration.conftest import EDGE, EdgeProcess, free_port, wait_for
 
+HANDSHAKE_RESET = "reset before the TLS handshake ended"
 
-def _request(port: int) -> int:
-    """One request on a new connection: the status, or 0 when anything failed."""
+
+def _request(port: int) -> int | str:
+    """One request on a new connection: the status, or what went wrong."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
-                ctx.wrap_socket(raw, server_hostname="demo.edge.test") as tls:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    except OSError as exc:
+        return f"connect: {exc!r}"
+    with raw:
+        try:
+            tls = ctx.wrap_socket(raw, server_hostname="demo.edge.test")
+        except ConnectionResetError:
+            return HANDSHAKE_RESET
+        except (OSError, ssl.SSLError) as exc:
+            return f"handshake: {exc!r}"
+        try:
             tls.sendall(b"GET / HTTP/1.1\r\nHost: demo.edge.test\r\nConnection: close\r\n\r\n")
             head = tls.recv(64)
-    except (OSError, ssl.SSLError):
-        return 0
-    return int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else 0
+        except (OSError, ssl.SSLError) as exc:
+            return f"request: {exc!r}"
+    return int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else f"answer: {head!r}"
 
 
 def _node(root: Path, https: int, http: int, admin: int) -> EdgeProcess:
@@ -45,7 +56,7 @@ def test_takeover_then_drain_refuses_no_connection(tmp_path: Path, backend: str)
     old.start()
     new = _node(tmp_path / "new", *ports)
     new.config.write_text(new.config.read_text().replace('path = "store"', f'path = "{tmp_path / "old" / "store"}"'))
-    results: list[int] = []
+    results: list[int | str] = []
     stop = threading.Event()
 
     def client() -> None:
@@ -67,13 +78,21 @@ def test_takeover_then_drain_refuses_no_connection(tmp_path: Path, backend: str)
         thread.join()
         new.stop()
         old.stop()
-    print(f"{len(results)} requests across the upgrade, {sum(r != 200 for r in results)} failed")
-    assert len(results) > 50 and all(r == 200 for r in results), [r for r in results if r != 200][:5]
+    failed = [r for r in results if r != 200]
+    print(f"{len(results)} requests across the upgrade, {len(failed)} failed: {failed[:5]}")
+    assert len(results) > 50
     assert b"serving" in bytes(new.log)
-    # Without the sysctl, connections the old process has not accepted when it
-    # closes are reset (benchmarks/upgrade.py measures it): the successor says so.
+    # Without the sysctl, Linux resets the connections still queued on the old
+    # process's listener when it closes it (they were never accepted, so no
+    # process can answer them); with it, they move to the successor's listener.
+    # benchmarks/upgrade.py measures both: 0 with the sysctl, 9-44 without under
+    # load. The successor warns when it is off. Every other failure is a defect.
     migrate = Path("/proc/sys/net/ipv4/tcp_migrate_req").read_text().strip()
     assert (b"tcp_migrate_req is" in bytes(new.log)) == (migrate != "1"), migrate
+    if migrate == "1":
+        assert failed == []
+    else:
+        assert all(r == HANDSHAKE_RESET for r in failed) and len(failed) <= len(results) // 100, failed
 
 
 def test_without_takeover_a_held_port_is_refused(tmp_path: Path, backend: str) -> None:
