@@ -141,16 +141,22 @@ class SharedIndex:
         self._decoded: dict[str, tuple[bytes, Record]] = {}
 
     def record(self, name: str) -> Record | None:
+        """A name's app and certificates: one lookup in the copy (the
+        selector's and the router's only read of a name)."""
         overlay = self.overlay
         if overlay.active and (fetched := overlay.names.get(name)) is not None:
             return fetched[1]
         raw = self.copy.name(name)  # ~1 us: always read, a change is seen at once
-        return None if raw is None else self._decode(name, raw)
-
-    def _decode(self, name: str, raw: bytes) -> Record:
+        if raw is None:
+            return None
+        # The decoded record, kept while the stored bytes are the same (as
+        # _decode would: inlined, it runs on every handshake and request).
         held = self._decoded.get(name)
         if held is not None and held[0] == raw:
             return held[1]
+        return self._decode(name, raw)
+
+    def _decode(self, name: str, raw: bytes) -> Record:
         record = decode_name_record(name, raw)
         if len(self._decoded) >= _DECODED:
             self._decoded.clear()
@@ -158,8 +164,8 @@ class SharedIndex:
         return record
 
     def app_of(self, host: str) -> App | None:
-        app = self.domains.get(host)
-        return self.apps.get(app) if app is not None else None
+        record = self.record(host)
+        return self.apps.get(record[0]) if record is not None and record[0] is not None else None
 
     def corrupted(self, limit: int = 100) -> dict[str, str]:
         return dict(sorted(dict(self.errors).items())[:limit])
