@@ -20,6 +20,9 @@ _EXT_ALPN = 16
 _HOST_NAME = 0  # NameType.host_name, RFC 6066 §3
 # Extension: type(2), extension_data length(2) (RFC 8446 §4.2), read by one C call per extension.
 _EXTENSION_HEADER = struct.Struct(">HH").unpack_from
+# A record header (type, version, length) and the handshake header in it (type, 24-bit length).
+_HEADERS = struct.Struct(">BHHBBH").unpack_from
+_NO_HEADERS = (0, 0, 0, 0, 0, 0)  # fewer than 9 bytes: the general path says what they are
 # A ClientHello is at most 2^24 bytes by the format; real ones are a few KiB,
 # but post-quantum key shares (ML-KEM-768 + X25519 is ~1.2 KiB per share, and
 # clients may send several) and many extensions push them past one 16 KiB
@@ -110,9 +113,10 @@ def parse(data: bytes) -> ClientHello:
     # The common case, read on every connection: the whole message in the
     # first record, parsed where it lies (no copy); anything else (several
     # records, a partial one, garbage) takes the general path.
-    if (len(data) >= 9 and data[0] == _HANDSHAKE and data[1] == 3 and data[5] == _CLIENT_HELLO
-            and 4 <= (length := (data[3] << 8) | data[4]) <= _MAX_RECORD and len(data) >= 5 + length
-            and (end := 9 + ((data[6] << 16) | (data[7] << 8) | data[8])) <= 5 + length):
+    content_type, version, length, message_type, high, low = _HEADERS(data) if len(data) >= 9 else _NO_HEADERS
+    if (content_type == _HANDSHAKE and version >> 8 == 3 and message_type == _CLIENT_HELLO
+            and 4 <= length <= _MAX_RECORD and len(data) >= 5 + length
+            and (end := 9 + (high << 16 | low)) <= 5 + length):
         buf, pos = data, 9
     else:
         buf = _handshake_bytes(data)
@@ -145,16 +149,16 @@ def _parse_body(buf: bytes, pos: int, end: int) -> ClientHello:
     alpn: tuple[bytes, ...] = ()
     while pos + 4 <= extensions_end:
         # Extension: type(2), extension_data<0..2^16-1> (RFC 8446 §4.2). This
-        # loop runs some 15 times per connection: one C call reads the header.
+        # loop runs some 15 times per connection: one C call reads the header,
+        # and an extension running past the list is caught once, after it.
         ext_type, size = _EXTENSION_HEADER(buf, pos)
-        start = pos + 4
-        pos = start + size
-        if pos > extensions_end:
-            raise ValueError("vector runs past its parent")
-        if ext_type == _EXT_SERVER_NAME:
-            server_name = _server_name(buf, start, pos)
+        pos += 4 + size
+        if not ext_type:  # _EXT_SERVER_NAME (0)
+            server_name = _server_name(buf, pos - size, pos)
         elif ext_type == _EXT_ALPN:
-            alpn = _alpn(buf, start, pos)
+            alpn = _alpn(buf, pos - size, pos)
+    if pos > extensions_end:
+        raise ValueError("vector runs past its parent")
     return ClientHello(server_name, alpn)
 
 
