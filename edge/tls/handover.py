@@ -19,11 +19,10 @@ through a context variable set on the handshake task:
   (``intake.Accepted.received``, written into its incoming BIO), so the
   first ``do_handshake``, right at ``connection_made``, answers it.
 * **uvloop calls the C methods themselves** for ``read``, ``write`` and
-  ``pending`` (several times per request), ``version`` (edge asks it twice
-  per connection) and ``do_handshake``: the
-  ``ssl.SSLObject`` methods of the same names are one-line Python wrappers,
-  a frame per call on every connection. (``read`` then takes its arguments
-  positionally only, as uvloop passes them.)
+  ``pending`` (several times per request), and ``do_handshake`` below calls
+  the C one: the ``ssl.SSLObject`` methods of these names are one-line
+  Python wrappers, a frame per call on every connection. (``read`` then
+  takes its arguments positionally only, as uvloop passes them.)
 * **A fatal alert OpenSSL wrote is sent.** uvloop (like asyncio, CPython
   issue 98078) closes the transport on a handshake error without flushing
   the outgoing BIO, so clients saw "unexpected eof" instead of
@@ -81,7 +80,6 @@ class EdgeSSLObject(ssl.SSLObject):
         obj.read = sslobj.read  # type: ignore[method-assign]
         obj.write = sslobj.write  # type: ignore[method-assign]
         obj.pending = sslobj.pending  # type: ignore[method-assign]
-        obj.version = sslobj.version  # type: ignore[method-assign]
         if handover is None:
             obj._edge_sock = None
             return obj
