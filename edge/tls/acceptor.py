@@ -158,9 +158,10 @@ class TlsAcceptor:
             task.cancel()
 
     def _gated(self, reader: HelloReader, sock: Accepted, address: tuple) -> None:
-        # Without a gate the reader takes the socket as accepted (HelloReader.take):
-        # no setblocking/TCP_NODELAY, it passes MSG_DONTWAIT, and uvloop sets
-        # both when it takes the socket (intake.Accepted).
+        """With a gate (PROXY protocol, limits), which reads before the ClientHello.
+        Without one the reader takes each socket as accepted (``HelloReader.take``):
+        no setblocking/TCP_NODELAY, it passes MSG_DONTWAIT, and uvloop sets
+        both when it takes the socket (``intake.Accepted``)."""
         assert self.gate is not None
         sock.setblocking(False)  # the gate's reads wait for readiness
         self.gate.admit(sock, address, reader.add)  # type: ignore[arg-type]
