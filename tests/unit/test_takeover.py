@@ -6,8 +6,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import socket
+import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -186,3 +189,45 @@ def test_without_takeover_a_held_port_is_refused(tmp_path: Path) -> None:
             open_listeners(config, 1)
     finally:
         held.close()
+
+
+def test_another_user_is_refused_the_sockets(listeners: list[Listener],
+                                             monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Only the same user (or root) gets the listening sockets (SO_PEERCRED),
+    even past the socket file's 0600 mode."""
+    # pytest's own temporary directories are 0700: nobody could not even reach the socket.
+    reachable = Path(tempfile.mkdtemp(prefix="edge-offer-", dir="/tmp"))
+    reachable.chmod(0o755)
+    path = reachable / OFFER_NAME
+    offer = Offer(path, listeners)
+    try:
+        if os.geteuid() == 0:  # a real other user: a child as nobody, through a path it may reach
+            path.chmod(0o777)
+            client = os.fork()
+            if client == 0:  # the child only connects and reads, then leaves at once
+                try:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                    os._exit(len(takeover.receive(path)))
+                finally:
+                    os._exit(99)
+        else:  # this user, to an offer that believes it runs as another
+            monkeypatch.setattr(os, "geteuid", lambda: os.getuid() + 1)
+            client = None
+            got: list[list[Listener]] = []
+            thread = threading.Thread(target=lambda: got.append(takeover.receive(path)))
+            thread.start()
+        deadline = time.monotonic() + 10
+        while "refused the listening sockets" not in caplog.text and time.monotonic() < deadline:
+            offer.answer()
+            time.sleep(0.01)
+        if client is not None:
+            _, status = os.waitpid(client, 0)
+            assert os.waitstatus_to_exitcode(status) == 0  # it received no socket
+        else:
+            thread.join(10)
+            assert got == [[]]
+    finally:
+        offer.close()
+        reachable.rmdir()
+    assert "refused the listening sockets" in caplog.text
