@@ -147,7 +147,10 @@ class Upgrade:
 
     def run(self, mode: str, connections: int, before: float, after: float) -> dict[str, object]:
         old, old_log = self.spawn("old")
-        _wait_log(old_log, "edge serving", old)
+        # The whole store in its index, not just serving: wrk sends no SNI, so
+        # before that a worker that has not read the name yet answers 503 (a
+        # first start's "loading"), which is not what an upgrade measures.
+        _wait_log(old_log, "store loaded:", old)
         wait_port(self.port)
         load = _wrk(self.port, connections, 600)  # stopped (SIGINT: it prints its figures) once done
         stop = threading.Event()
