@@ -49,6 +49,7 @@ CONNECTION_ERRNOS = frozenset({
 PAUSE_FIRST = 0.1  # seconds without accepting after a resource error...
 PAUSE_MAX = 1.0  # ...doubling while it lasts, up to this
 LOG_EVERY = 10.0  # at most one warning per this many seconds while it lasts
+_BATCH = 64  # accepts per wake-up, so one busy listener cannot starve the loop
 
 
 class Accepted(socket.socket):
@@ -109,31 +110,34 @@ class AcceptLoop:
         self.sock.close()
 
     def _ready(self) -> None:
-        # One connection per wake-up, as libuv's own accept does: the listener
-        # is watched level-triggered, so another pending connection wakes the
-        # next loop iteration; trying again here would end every wake-up in
-        # an EAGAIN (a system call and a Python exception per connection).
+        # Accept until EAGAIN (at most _BATCH): under load several connections
+        # wait per wake-up, and libuv then registers them with one io_uring
+        # submission. One accept per wake-up, as uvloop's own servers do,
+        # measured ~1 system call more per connection with 8 concurrent
+        # clients (an epoll_pwait and an io_uring_enter each) against the
+        # EAGAIN it saves, ~0.25 per connection there.
         limits = self.limits
-        if limits is not None and limits.full():
-            self._loop.remove_reader(self.sock.fileno())
-            self._held = True
-            limits.when_room(self._room)
-            return
-        try:
-            fd, addr = self.sock._accept()  # type: ignore[attr-defined]
-        except (BlockingIOError, InterruptedError):
-            self._pause = PAUSE_FIRST
-            return
-        except OSError as exc:
-            if exc.errno in CONNECTION_ERRNOS:
-                log.debug("accept: %s", exc)
+        for _ in range(_BATCH):
+            if limits is not None and limits.full():
+                self._loop.remove_reader(self.sock.fileno())
+                self._held = True
+                limits.when_room(self._room)
                 return
-            # Out of descriptors or memory, or anything unforeseen: a
-            # readable listener we cannot accept from must not be retried
-            # at once, or the loop spins.
-            self._stop_for_a_while(exc)
-            return
-        self.on_socket(Accepted(self._family, socket.SOCK_STREAM, 0, fd), addr)
+            try:
+                fd, addr = self.sock._accept()  # type: ignore[attr-defined]
+            except (BlockingIOError, InterruptedError):
+                self._pause = PAUSE_FIRST
+                return
+            except OSError as exc:
+                if exc.errno in CONNECTION_ERRNOS:
+                    log.debug("accept: %s", exc)
+                    continue
+                # Out of descriptors or memory, or anything unforeseen: a
+                # readable listener we cannot accept from must not be retried
+                # at once, or the loop spins.
+                self._stop_for_a_while(exc)
+                return
+            self.on_socket(Accepted(self._family, socket.SOCK_STREAM, 0, fd), addr)
 
     def _room(self) -> None:
         if self._held and not self._closed:

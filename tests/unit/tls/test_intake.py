@@ -131,9 +131,8 @@ def test_end_of_stream_before_the_hello_is_whole_is_refused() -> None:
     asyncio.run(run())
 
 
-def test_accept_loop_takes_every_queued_connection_one_per_wake_up() -> None:
-    """One accept per wake-up (no EAGAIN ending each): connections already
-    queued when the loop first looks are all taken, on following wake-ups,
+def test_accept_loop_takes_every_queued_connection() -> None:
+    """Connections already queued when the loop first looks are all taken,
     each with its peer address and plain-number family and type for uvloop."""
 
     async def run() -> None:
