@@ -57,12 +57,9 @@ class StoreListener(Protocol):
 class StoreFollower(CopyFollower):
     def __init__(self, store: Store, copy: LocalCopy, writer: CopyWriter, listener: StoreListener | None = None,
                  on_cert: Callable[[str, bytes], None] | None = None, loaded: asyncio.Event | None = None) -> None:
-        super().__init__(store, copy, writer.errors, loaded)
+        super().__init__(store, copy, writer.errors, loaded, on_cert)
         self.writer = writer
         self.listener = listener
-        # Called with each certificate entry the watch delivers: the context
-        # loader keeps the bytes of the last version (no copy or store read).
-        self.on_cert = on_cert
         self.revision = 0  # the store revision the copy is being brought to
         self.watch_task: asyncio.Task[None] | None = None
         self._reload_after_load = False
