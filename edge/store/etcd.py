@@ -10,8 +10,9 @@ watch starts right after the last one applied.
 A page is a range bounded near its keys, not ``[key, end of prefix)`` with a
 limit: etcd 3.4 collects every revision of a range before it applies the
 limit (``mvcc.rangeKeys``), so each such page cost as much as the whole
-prefix, and a snapshot of N keys cost N²/PAGE (85 ms a page at 200k keys:
-13 s for the load, and every read queued behind it).
+prefix, and a snapshot of N keys cost N²/(2 PAGE) keys counted (85 ms a
+page at 200k keys, 12-14 s of a first load at 100k names, and every other
+read queued behind it).
 """
 
 from __future__ import annotations
@@ -166,10 +167,12 @@ class EtcdStore(Store):
 
         Each range ends where the keys sharing the start's first ``depth``
         bytes end (see the module doc): after a full page, ``depth`` is what
-        its first and last keys share, so the next range holds about as many
-        keys as one page's neighbourhood; after a range read whole, one byte
-        less, so the ranges widen again past the end of a group of keys (the
-        first range, ``depth`` = the prefix, is the whole prefix)."""
+        its middle and last keys share, so the next range holds about as
+        many keys as half a page's neighbourhood; after a range read whole
+        with under a quarter page, one byte less, so the ranges widen again
+        past the end of a group of keys. The first range, ``depth`` = the
+        prefix, is the whole prefix: nothing is known of the keys yet (one
+        range that etcd counts in full, sent first: edge.store.follower)."""
         start, end = prefix, _range_end(prefix)
         depth = len(prefix)
         first = True
