@@ -197,8 +197,9 @@ class EtcdStore(Store):
             elif bound == end:
                 return
             else:
-                start = bound
-                if len(kvs) < PAGE // 4:
+                # A bound that carried past 0xFF bytes is shorter: its range is one level up already.
+                start, depth = bound, min(depth, len(bound))
+                if 4 * len(kvs) < PAGE:
                     depth = max(len(prefix), depth - 1)
 
     async def items(self, prefix: str) -> dict[str, bytes]:

@@ -242,6 +242,29 @@ def test_snapshot_pages_are_ranges_near_their_keys_not_the_rest_of_the_prefix(
     assert len(calls) > len(items) // 50 and counted < 8 * len(items), (len(calls), counted)
 
 
+@pytest.mark.parametrize("page", [1, 3, 16])
+def test_snapshot_pages_read_every_key_of_any_shape(etcd: Etcd, monkeypatch: pytest.MonkeyPatch, page: int) -> None:
+    # Keys of every length, sharing prefixes or not, with bytes up to UTF-8's
+    # largest (0xf4 0x8f 0xbf 0xbf): each comes once, in order, whatever the page.
+    import random
+
+    monkeypatch.setattr(etcd_store, "PAGE", page)
+    rng = random.Random(page)
+    alphabet = ["a", "b", "/", ".", "é", "\U0010ffff", "0"]
+    keys = sorted({"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 9))) for _ in range(200)}
+                  | {"a", "aa", "aaa", "ab"}, key=str.encode)
+    prefix = f"/shapes{page}/"
+    _fill(etcd, prefix, [(key, key.encode()) for key in keys])
+    _fill(etcd, prefix[:-1] + "0", [("after", b"x")])  # just past the prefix: not in it
+
+    async def scenario() -> list[str]:
+        store = EtcdStore((etcd.endpoint,), prefix=prefix)
+        seen = [key async for key, _ in store.snapshot()]
+        await store.close()
+        return seen
+
+    assert asyncio.run(scenario()) == keys
+
 def test_a_names_entries_are_read_in_one_round_trip(etcd: Etcd) -> None:
     # A handshake for a name not loaded yet waits on this read (the first
     # handshake after a start without a local copy): one transaction, not a get per key.
