@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from edge import names
 from edge.records import (
@@ -36,7 +36,7 @@ from edge.records import (
     parse_cert,
     parse_domain,
 )
-from edge.store.base import APPS, Store, StoreError, cert_key, domain_key
+from edge.store.base import APPS, CERTS, Store, StoreError, cert_key, domain_key
 from edge.store.localcopy import LocalCopy
 
 log = logging.getLogger(__name__)
@@ -205,9 +205,13 @@ class CopyFollower:
     and, until it is, read the names asked for from the store (``ensure``)."""
 
     def __init__(self, store: Store, copy: LocalCopy, errors: Mapping[str, str] | None = None,
-                 loaded: asyncio.Event | None = None) -> None:
+                 loaded: asyncio.Event | None = None, on_cert: Callable[[str, bytes], None] | None = None) -> None:
         self.store = store
         self.copy = copy
+        # Told each certificate entry read from the store (the watch's, a name's
+        # on demand): the context loader keeps the bytes, so building the
+        # name's context reads neither the copy nor the store again.
+        self.on_cert = on_cert
         # Set once the copy is complete (every name is in it), by this follower
         # only; given when a part built before it waits on it (the ACME manager).
         self.loaded = loaded if loaded is not None else asyncio.Event()
@@ -258,6 +262,10 @@ class CopyFollower:
         parent = names.wildcard_parent(name)
         wanted = _wanted(name) + (_wanted(parent) if parent is not None else [])
         found = await self.store.get_many(wanted)
+        if self.on_cert is not None:
+            for key, value in found.items():
+                if key.startswith(CERTS):
+                    self.on_cert(key, value)
         until = time.monotonic() + OVERLAY_TTL
         if self.overlay.active:
             if len(self.overlay.names) >= _OVERLAY_NAMES:
