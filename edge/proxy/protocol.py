@@ -17,6 +17,7 @@ from collections import deque
 import httptools
 
 from edge.proxy import h1
+from edge.proxy.deadline import Deadline
 from edge.proxy.downstream import ClientConnection, keeps_alive
 from edge.proxy.errors import HttpError, error_response
 from edge.proxy.exchange import ListenerInfo, ProxyContext
@@ -34,7 +35,7 @@ _HEAD = Phase.HEAD
 FIRST_REQUEST_GRACE = 1.0  # seconds a new connection has for its first request once shutdown began
 
 
-class HttpProxyProtocol(ClientConnection):
+class HttpProxyProtocol(Deadline, ClientConnection):
     def __init__(self, shared: ProxyContext, listener: ListenerInfo, tls: TlsInfo | None,
                  peer: Peer | None = None) -> None:
         super().__init__(shared, listener, tls, peer)
@@ -43,6 +44,7 @@ class HttpProxyProtocol(ClientConnection):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0  # when the scheduled handle fires
         self._timer_deadline = 0.0
+        self._timer_floor = self.config.request_head_timeout
         self._batch: list[bytes] | None = None
         self._paused: set[str] = set()
         self._closing = False
@@ -255,37 +257,8 @@ class HttpProxyProtocol(ClientConnection):
             if not self._paused and self.transport is not None and not self._closing:
                 self.transport.resume_reading()
 
-    # --- one timer per connection; its meaning follows the connection's state ----------
-    def _arm(self, delay: float) -> None:
-        """Move the deadline. The scheduled handle is kept when the deadline only
-        moves later (it re-arms itself when it fires early), so a busy keep-alive
-        connection creates no timer per request."""
-        loop = self._loop
-        deadline = self._timer_deadline = loop.time() + delay
-        timer = self._timer
-        if timer is None or self._timer_at > deadline:
-            if timer is not None:
-                timer.cancel()  # an earlier deadline than the one scheduled
-            self._timer = loop.call_at(deadline, self._on_timer)
-            self._timer_at = deadline
-
-    def _cancel_timer(self) -> None:
-        self._timer_deadline = 0.0
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        if not self._timer_deadline:
-            return
-        loop = self._loop
-        if loop.time() < self._timer_deadline:
-            # Pushed back since it was scheduled (activity): sleep until the new deadline.
-            self._timer = loop.call_at(self._timer_deadline, self._on_timer)
-            self._timer_at = self._timer_deadline
-            return
-        self._timer_deadline = 0.0
+    # --- the deadline (edge.proxy.deadline): what it means follows the connection's state --
+    def _expired(self) -> None:
         head = self.queue[0] if self.queue else None
         if head is None:
             self._close()  # idle keep-alive, or a new connection that never spoke
