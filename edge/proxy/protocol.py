@@ -44,7 +44,6 @@ class HttpProxyProtocol(Deadline, ClientConnection):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0  # when the scheduled handle fires
         self._timer_deadline = 0.0
-        self._timer_floor = self.config.request_head_timeout
         self._batch: list[bytes] | None = None
         self._paused: set[str] = set()
         self._closing = False
@@ -148,8 +147,7 @@ class HttpProxyProtocol(Deadline, ClientConnection):
                                             close_delimited=not (chunked or no_body or length is not None))
         self._response_chunked = chunked
         self._response_framed = chunked or no_body or length is not None
-        self._write(h1.response_head(status, reason, headers, content_length=length, chunked=chunked,
-                                     keep_alive=keep))
+        self._write(h1.response_head(status, reason, headers, length, chunked, keep))  # positional: the hot path
 
     def send_body(self, req: Request, data: bytes) -> None:
         if self.transport is None:

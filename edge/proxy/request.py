@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from edge.proxy import forwarding, h1
 from edge.proxy.answers import challenge_answer, error_answer, redirect_answer
-from edge.proxy.controls import count_done, count_upstream_error, with_hsts
+from edge.proxy.controls import count_upstream_error, with_hsts
 from edge.proxy.downstream import CLOSING_STATUSES
 from edge.proxy.errors import phrase
 from edge.proxy.exchange import log_access
@@ -380,9 +380,11 @@ class Request:
         shared = downstream.shared
         status = self.status
         seconds = time.monotonic() - self.t0
-        shared.stats.request_done(status, seconds, self.version)
-        if self.app is not None:
-            count_done(self.app, shared.app_stats, status, seconds)
+        app = self.app
+        app_stats = shared.app_stats
+        # The per-app series ([metrics] per_app) are bumped with the process's, one lookup.
+        counters = app_stats.of(app.name) if app is not None and app_stats.enabled else None
+        shared.stats.request_done(status, seconds, self.version, counters)
         if shared.access_log:
             tls = downstream.tls
             log_access(self, downstream.client_ip, downstream.tls_version, tls.source.value if tls else "",
