@@ -73,7 +73,7 @@ def decide(
         return Decision(Action.CHALLENGE, 0, authority)
     if host is None:
         return _answer(404, authority)
-    if sni is not None and not router.same_certificate(sni, host):
+    if sni is not None and sni != host and not router.same_certificate(sni, host):
         # RFC 9110 §15.5.20, RFC 9113 §9.1.1: a connection serves the names its certificate covers.
         return _answer(421, authority)
     app = router.app_for(host)

@@ -38,10 +38,6 @@ _new_request_id_prefix()
 os.register_at_fork(after_in_child=_new_request_id_prefix)
 
 
-def next_request_id() -> bytes:
-    return b"%b%016x" % (_request_id_prefix, next(_request_counter))
-
-
 def route(req: Request) -> None:
     """Requests per address first ([limits]), then where the request goes (``decide``)."""
     downstream = req.downstream
@@ -78,7 +74,7 @@ def forward(req: Request, pool: Pool, authority: Authority) -> None:
     downstream = req.downstream
     peer = downstream.peer
     if not req.request_id:
-        req.request_id = next_request_id()
+        req.request_id = b"%b%016x" % (_request_id_prefix, next(_request_counter))  # a new id: prefix, counter
     listener = downstream.listener
     # Positional (host, client_ip, proto, port, request_id, content_length, chunked,
     # upgrade, has_connection, trusted): matching 10 keywords by name costs more.

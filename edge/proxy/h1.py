@@ -49,6 +49,8 @@ _NOT_FORWARDED_UNTRUSTED = _NOT_FORWARDED | _CLIENT_CLAIMS
 _UNSAFE_UPGRADES = frozenset({b"h2c", b"h2", b"http", b"https"})
 # Response fields never relayed as they came: hop-by-hop ones, and the framing edge writes itself.
 _NOT_RELAYED = HOP_BY_HOP | {b"content-length"}
+# Connection values that name no field (most backends send one of them).
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
 # Request fields the proxy itself reads; the others pass through untouched.
 FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 
@@ -197,13 +199,14 @@ def response_head(
 ) -> bytes:
     """The response head sent to the client."""
     out = [b"HTTP/1.1 ", str(status).encode(), b" ", reason or b"-", b"\r\n"]
-    connection = False
+    named = False  # a Connection field may name other fields
     for name, value in headers:
         if name in _NOT_RELAYED:
-            connection = connection or name == b"connection"
+            if name == b"connection" and value.lower() not in _PLAIN_CONNECTION:
+                named = True
             continue
         out += (name, b": ", value, b"\r\n")
-    if connection and not connection_tokens(headers) <= _NOT_RELAYED:
+    if named and not connection_tokens(headers) <= _NOT_RELAYED:
         # Connection names other fields (RFC 9110 §7.6.1): they are dropped too.
         drop = _NOT_RELAYED | connection_tokens(headers)
         out[5:] = [part for name, value in headers if name not in drop for part in (name, b": ", value, b"\r\n")]

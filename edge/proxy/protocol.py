@@ -147,7 +147,12 @@ class HttpProxyProtocol(Deadline, ClientConnection):
                                             close_delimited=not (chunked or no_body or length is not None))
         self._response_chunked = chunked
         self._response_framed = chunked or no_body or length is not None
-        self._write(h1.response_head(status, reason, headers, length, chunked, keep))  # positional: the hot path
+        head = h1.response_head(status, reason, headers, length, chunked, keep)  # positional: the hot path
+        batch = self._batch  # self._write, inline
+        if batch is not None:
+            batch.append(head)
+        else:
+            self.transport.write(head)
 
     def send_body(self, req: Request, data: bytes) -> None:
         if self.transport is None:
@@ -155,7 +160,13 @@ class HttpProxyProtocol(Deadline, ClientConnection):
         if self._tunnel is None:
             # Activity pushes the stall deadline back; the timer itself is not touched.
             self._timer_deadline = self._loop.time() + self.config.response_timeout
-        self._write(h1.chunk(data) if self._response_chunked else data)
+        if self._response_chunked:
+            data = h1.chunk(data)
+        batch = self._batch  # self._write, inline
+        if batch is not None:
+            batch.append(data)
+        else:
+            self.transport.write(data)
 
     def end(self, req: Request) -> None:
         if self._response_chunked:

@@ -99,7 +99,9 @@ class Request:
     # --- the request, from the client ----------------------------------------------------
     def start(self, refused: int = 0) -> None:
         """The head is complete: answer ``refused`` if not 0, else route it (``forwarding``)."""
-        self.to(_ROUTING)
+        if not NEXT[self.phase] & _ROUTING:  # self.to, inline on the hot path
+            raise IllegalTransition(self.phase, _ROUTING)
+        self.phase = _ROUTING
         if refused:
             self.answer(refused)
         else:
