@@ -191,7 +191,7 @@ class HttpProxyProtocol(Deadline, ClientConnection):
                 self._arm(self.config.request_head_timeout)
         else:
             self._arm(self.config.idle_timeout)
-        if len(queue) <= 1:
+        if len(queue) <= 1 and self._paused:
             self._resume("pipeline")
 
     def abort(self, req: Request, error: UpstreamError) -> None:
@@ -295,8 +295,8 @@ class HttpProxyProtocol(Deadline, ClientConnection):
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self._parsing
         assert req is not None
-        self._head_bytes += len(name) + len(value) + 4
-        if self._head_bytes > self.config.max_header_bytes:
+        size = self._head_bytes = self._head_bytes + len(name) + len(value) + 4
+        if size > self.config.max_header_bytes:
             raise HttpError(431)
         name = name.lower()
         req.headers.append((name, value))

@@ -158,7 +158,7 @@ class Request:
             raise IllegalTransition(self.phase, _SENT)
         self.phase = _SENT
         self.conn = conn
-        conn.start(self, head_only=self.method == b"HEAD")
+        conn.start(self, self.method == b"HEAD")  # head_only
         downstream = self.downstream
         body, self.body = self.body, None
         if self.body_held:

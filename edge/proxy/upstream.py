@@ -361,6 +361,8 @@ class Pool:
         neighbour two turns in three ([a, down, b]: b, b, a, ...)."""
         backends = self.backends
         n = len(backends)
+        if n == 1:
+            return backends[0]  # healthy or not, the only one (most apps have one backend)
         start = self._next
         now = time.monotonic()
         for i in range(n):
