@@ -11,8 +11,13 @@ a new TLS handshake (the connections an upgrade can refuse or reset). After
 ``--before`` seconds the upgrade runs as deploy/OPERATIONS.md says:
 
 - ``takeover``: ``edge serve --takeover`` (same configuration, store and local
-  copy) until it logs "edge serving", then SIGTERM to the old one, which stops
-  accepting and drains;
+  copy), which receives the old one's listening sockets (edge.takeover), until
+  it logs "edge serving", then SIGTERM to the old one, which stops accepting
+  and drains;
+- ``beside``: the same with the old one's offer removed first, as with an
+  edge that hands over no sockets: the new one binds the ports beside it
+  (SO_REUSEPORT), and what is queued on the old one's sockets when it closes
+  them is reset unless ``tcp_migrate_req`` moves it;
 - ``restart``: SIGTERM to the old one, then the new one started once the old
   one exited (``systemctl restart``), for comparison.
 
@@ -41,6 +46,7 @@ from pathlib import Path
 
 from benchmarks.certs import bench_certificates
 from benchmarks.systems import BENCH_HOST, EDGE_BIN, LOAD_CORE, PROXY_CORE, Backend, edge_conf, free_port, wait_port
+from edge.takeover import OFFER_NAME
 
 
 def _wrk(port: int, connections: int, duration: float) -> subprocess.Popen[str]:
@@ -141,7 +147,10 @@ class Upgrade:
 
     def run(self, mode: str, connections: int, before: float, after: float) -> dict[str, object]:
         old, old_log = self.spawn("old")
-        _wait_log(old_log, "edge serving", old)
+        # The whole store in its index, not just serving: wrk sends no SNI, so
+        # before that a worker that has not read the name yet answers 503 (a
+        # first start's "loading"), which is not what an upgrade measures.
+        _wait_log(old_log, "store loaded:", old)
         wait_port(self.port)
         load = _wrk(self.port, connections, 600)  # stopped (SIGINT: it prints its figures) once done
         stop = threading.Event()
@@ -150,7 +159,9 @@ class Upgrade:
         slow_thread.start()
         time.sleep(before)
         began = time.monotonic()
-        if mode == "takeover":
+        if mode in ("takeover", "beside"):
+            if mode == "beside":
+                (self.root / "index" / OFFER_NAME).unlink()
             new, new_log = self.spawn("new", "--takeover")
             serving = _wait_log(new_log, "edge serving", new)
             old.send_signal(signal.SIGTERM)
@@ -174,7 +185,8 @@ class Upgrade:
         result: dict[str, object] = {"mode": mode, "connections": connections, **_wrk_result(out),
                                      "new_serving_after_s": serving - began, "old_gone_after_s": drained - began,
                                      **{f"slow_{k}": v for k, v in slow.items()},
-                                     "warned_migrate": "tcp_migrate_req" in new_log.read_text(errors="replace")}
+                                     "warned_migrate": "tcp_migrate_req" in new_log.read_text(errors="replace"),
+                                     "handed_over": "took over" in new_log.read_text(errors="replace")}
         return result
 
     def close(self) -> None:
@@ -208,7 +220,7 @@ def measure(modes: list[str], workers: int, connections: int, slow: int, delay: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="refused and failed connections across an edge upgrade")
-    parser.add_argument("--modes", default="takeover,restart")
+    parser.add_argument("--modes", default="takeover,beside,restart")
     parser.add_argument("--migrate", default="0,1",
                         help="net.ipv4.tcp_migrate_req values, each in a private network namespace; "
                              "'host': the host's namespace as it is")

@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = command("serve", "run the proxy")
     p.add_argument("--takeover", action="store_true",
-                   help="start beside the running edge on its ports, to replace it (deploy/OPERATIONS.md: Upgrade)")
+                   help="take over the running edge's listening sockets, to replace it (deploy/OPERATIONS.md: Upgrade)")
     command("check", "validate the configuration and the store")
 
     p = command("apps-add", "add an app, or change its backends")

@@ -62,8 +62,8 @@ class ServerConfig:
     workers: int = 1
     proxy_protocol: bool = False  # every connection starts with a PROXY v1/v2 header (edge.tls.proxyproto)
     trusted_proxies: TrustedProxies = field(default_factory=TrustedProxies)
-    # Not a configuration key: `edge serve --takeover` (an upgrade) binds the
-    # ports a running edge holds (SO_REUSEPORT) instead of refusing them as taken.
+    # Not a configuration key: `edge serve --takeover` (an upgrade) takes over the
+    # running edge's listening sockets (edge.takeover) instead of refusing its ports as taken.
     takeover: bool = False
 
 

@@ -25,7 +25,7 @@ from edge.appmetrics import control_counters
 from edge.config import Config
 from edge.errors import StartupError
 from edge.limits import RateLimiter
-from edge.listen import bind, check_free, listen_probe
+from edge.listen import check_free, offer_path, open_listeners
 from edge.metrics import Counters, publish_counters, registry_for
 from edge.proxy.appstats import AppStats
 from edge.proxy.exchange import ListenerInfo, ProxyContext
@@ -39,6 +39,7 @@ from edge.store.follower import FollowError, StoreFollower
 from edge.store.localcopy import LocalCopy
 from edge.store.open import open_copy, open_store
 from edge.store.shared import ReaderFollower, SharedIndex
+from edge.takeover import Listener, Offer
 from edge.tls.acceptor import TlsAcceptor, TlsInfo
 from edge.tls.contexts import ContextCache
 from edge.tls.fixed import FixedContexts, load_fixed_contexts, reload_certificates
@@ -77,8 +78,11 @@ class Edge:
     API and what ``edge.metrics`` observes, both of which it is handed to."""
 
     def __init__(self, config: Config, fixed: FixedContexts | None = None, reuse_port: bool = False,
-                 serve_admin: bool = True, metrics_dir: Path | None = None) -> None:
+                 serve_admin: bool = True, metrics_dir: Path | None = None,
+                 listeners: list[Listener] | None = None) -> None:
         self.config = config
+        self.listeners = listeners  # a worker's share of its supervisor's; None: opened at start
+        self.offer: Offer | None = None  # this process's listeners, for a successor (edge.takeover)
         self.fixed = fixed or load_fixed_contexts(config)  # a supervisor builds them before forking
         self.reuse_port = reuse_port  # workers share their ports with SO_REUSEPORT
         self.serve_admin = serve_admin  # with workers, only the first serves the admin API
@@ -159,16 +163,17 @@ class Edge:
             await self.follower.start()
         except FollowError as exc:
             raise StartupError(str(exc)) from None
-        probe = listen_probe(cfg.server.takeover, worker=self.reuse_port)
-        self.https_sockets = [bind(address, probe) for address in cfg.server.https]
+        loop = asyncio.get_running_loop()
+        if self.listeners is None:  # a single process: its own, offered to a successor
+            self.listeners = open_listeners(cfg, 1)
+            self.offer = Offer.open(offer_path(cfg), self.listeners, loop)
+        self.https_sockets = [item.sock for item in self.listeners if item.kind == "https"]
         # Redirects from port 80 point at the first TLS listener's real port.
         https_port = self.https_sockets[0].getsockname()[1] if self.https_sockets else 443
         for sock in self.https_sockets:
             listener = ListenerInfo(b"https", str(sock.getsockname()[1]).encode(), https_port)
             self.acceptor.listen(sock, self._https_protocol_factory(listener))
-        loop = asyncio.get_running_loop()
-        for address in cfg.server.http:
-            sock = bind(address, probe)
+        for sock in (item.sock for item in self.listeners if item.kind == "http"):
             listener = ListenerInfo(b"http", str(sock.getsockname()[1]).encode(), https_port)
             # Not loop.create_server: see PlainListener (the descriptor limit).
             self.http_servers.append(PlainListener(sock, self._http_protocol_factory(listener), self.gate))
@@ -220,9 +225,7 @@ class Edge:
                 if not server.takeover:
                     check_free(server.admin)
                 await site.start()
-            except OSError as exc:
-                raise StartupError(f"cannot serve the admin API on {server.admin}: {exc.strerror}") from None
-            except StartupError as exc:
+            except (OSError, StartupError) as exc:  # check_free's names the address already
                 raise StartupError(f"cannot serve the admin API: {exc}") from None
             self.admin_address = site.name
             log.info("admin API on %s", site.name)
@@ -278,15 +281,12 @@ class Edge:
         """The follower's: the index holds the whole store (else names are read on demand)."""
         return self.follower.loaded.is_set()
 
-    def bound_https(self) -> list[str]:
-        return [f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in self.https_sockets]
+    def bound_https(self) -> list[str]:  # once each (an upgrade may give one process several sockets per port)
+        return list(dict.fromkeys(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in self.https_sockets))
 
     def bound_http(self) -> list[str]:
-        out = []
-        for server in self.http_servers:
-            for s in server.sockets:
-                out.append(f"{s.getsockname()[0]}:{s.getsockname()[1]}")
-        return out
+        return list(dict.fromkeys(f"{s.getsockname()[0]}:{s.getsockname()[1]}"
+                                  for server in self.http_servers for s in server.sockets))
 
     def corrupted_entries(self, limit: int = 100) -> dict[str, str]:
         """Damaged store entries (key -> why) this process knows of, for /healthz:
@@ -299,8 +299,7 @@ class Edge:
         return dict(sorted(found.items())[:limit])
 
     async def _recover_store(self) -> None:
-        """Remove what writes killed midway left (temporary files); in the
-        background: it walks the whole store, and serving does not need it."""
+        """Remove what writes killed midway left, in the background: serving does not need it."""
         try:
             removed = await self.store.recover()
         except StoreError as exc:
@@ -309,7 +308,6 @@ class Edge:
         for path in removed:
             log.warning("store: removed %s, left by an interrupted write", path)
 
-    # --- store following (edge.store.follower) ----------------------------------------------
     async def reload_store(self) -> None:
         await self.follower.reload()
 
@@ -358,6 +356,8 @@ class Edge:
         """Stop accepting, let requests in flight finish (up to ``grace`` s), then close."""
         self.state = State.STOPPING
         self.follower.close()  # a successor (an upgrade) writes the local copy from now on
+        if self.offer is not None:
+            self.offer.close()
         self.acceptor.stop_listening()
         for server in self.http_servers:
             server.close()

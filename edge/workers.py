@@ -2,11 +2,13 @@
 
 The supervisor loads the fixed TLS contexts *before* forking, so every worker
 inherits the same listener context and with it the same session-ticket keys:
-a client resumes its TLS session whichever worker it reaches next. It
-resolves the listen addresses once (port 0 becomes a real port) by binding
-without listening, then each worker binds the same ports with SO_REUSEPORT
-and the kernel spreads connections over them. The supervisor restarts a
-worker that dies and forwards SIGTERM, SIGINT and SIGHUP to them.
+a client resumes its TLS session whichever worker it reaches next. It opens
+the listening sockets too, N per address with SO_REUSEPORT (the kernel
+spreads connections over them), and keeps them: a worker that dies is
+restarted on the same sockets, so the connections queued for it wait instead
+of being reset, and an upgrade (``serve --takeover``) receives them all from
+the supervisor (edge.takeover). It restarts a worker that dies and forwards
+SIGTERM, SIGINT and SIGHUP to them.
 
 The first worker writes the host's local copy (the index every worker reads,
 ``edge.store.shared``), as it runs the admin API and ACME; the others only
@@ -23,48 +25,46 @@ import asyncio
 import dataclasses
 import logging
 import os
+import select
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from edge import logs
-from edge.config import Address, Config
-from edge.listen import bind, warn_if_queues_are_dropped
+from edge.config import Config
+from edge.listen import for_worker, offer_path, open_listeners
 from edge.server import Edge, FixedContexts, StartupError, load_fixed_contexts
 from edge.store.base import StoreError
 from edge.store.open import open_copy
+from edge.takeover import Listener, Offer
 
 log = logging.getLogger(__name__)
 
 RESTART_BACKOFF = (0.1, 0.5, 1.0, 5.0)  # seconds before restarting a worker that keeps dying
 
 
-def _resolve(addresses: tuple[Address, ...], holders: list[socket.socket], takeover: bool) -> tuple[Address, ...]:
-    """Bind each address without listening to learn its port (for port 0)."""
-    out = []
-    for address in addresses:
-        # Without --takeover a port another edge holds is refused, not shared.
-        sock = bind(address, probe=not takeover, listen=False)
-        holders.append(sock)  # kept bound (not listening) so the port stays ours
-        out.append(Address(address.host, sock.getsockname()[1]))
-    return tuple(out)
-
-
-def _worker(config: Config, fixed: FixedContexts, number: int, metrics_dir: Path) -> None:
+def _worker(config: Config, fixed: FixedContexts, number: int, metrics_dir: Path,
+            listeners: list[Listener], offer: Offer | None) -> None:
     """The body of a forked worker; never returns."""
     import uvloop
 
     code = 0
     try:
+        if offer is not None:
+            offer.forget()  # the supervisor's
+        mine = for_worker(listeners, number, config.server.workers)
+        for item in listeners:
+            if item not in mine:
+                item.sock.close()  # the other workers' (the supervisor keeps every one)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             signal.signal(sig, signal.SIG_DFL)
         log.info("worker %d (pid %d) starting", number, os.getpid())
         # The admin API (one port, no SO_REUSEPORT) is served by the first worker.
-        uvloop.run(serve(config, fixed=fixed, reuse_port=True, serve_admin=number == 0, metrics_dir=metrics_dir))
+        uvloop.run(serve(config, fixed=fixed, reuse_port=True, serve_admin=number == 0, metrics_dir=metrics_dir,
+                         listeners=mine))
     except StartupError as exc:
         print(f"edge: error: worker {number}: {exc}", file=sys.stderr)
         code = 3
@@ -77,8 +77,6 @@ def _worker(config: Config, fixed: FixedContexts, number: int, metrics_dir: Path
 
 
 def _prepare(config: Config) -> Config:
-    if config.server.takeover:
-        warn_if_queues_are_dropped()
     # Check (and rebuild, if damaged) the host's local copy once, before any
     # worker opens it; closed before forking: an LMDB handle must not cross a fork.
     prepared = open_copy(config, rebuild=True)
@@ -89,81 +87,109 @@ def _prepare(config: Config) -> Config:
 
 
 def supervise(config: Config) -> int:
-    holders: list[socket.socket] = []
-    server = dataclasses.replace(
-        config.server,
-        https=_resolve(config.server.https, holders, config.server.takeover),
-        http=_resolve(config.server.http, holders, config.server.takeover),
-    )
-    config = dataclasses.replace(config, server=server)
-    fixed = load_fixed_contexts(config)
-    config = _prepare(config)
-    # Workers publish their counters here; the one serving /metrics sums them.
-    metrics_dir = Path(tempfile.mkdtemp(prefix="edge-metrics-"))
+    listeners = open_listeners(config, config.server.workers)
+    try:
+        fixed = load_fixed_contexts(config)
+        config = _prepare(config)
+    except BaseException:
+        for item in listeners:
+            item.sock.close()
+        raise
+    supervisor = _Supervisor(config, fixed, listeners)
+    try:
+        return supervisor.run()
+    finally:
+        supervisor.close()
 
-    children: dict[int, int] = {}  # pid -> worker number
-    failures: dict[int, int] = {}  # worker number -> quick deaths in a row
-    stopping = False
-    startup_failed = False
-    received: list[int] = []
 
-    def on_signal(signum: int, _frame: object) -> None:
-        received.append(signum)
+class _Supervisor:
+    """The fork-and-wait loop: no event loop, no store, no LMDB handle."""
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
-        signal.signal(sig, on_signal)
+    def __init__(self, config: Config, fixed: FixedContexts, listeners: list[Listener]) -> None:
+        self.config = config
+        self.fixed = fixed
+        self.listeners = listeners
+        self.offer = Offer.open(offer_path(config), listeners)
+        # Workers publish their counters here; the one serving /metrics sums them.
+        self.metrics_dir = Path(tempfile.mkdtemp(prefix="edge-metrics-"))
+        self.children: dict[int, int] = {}  # pid -> worker number
+        self.failures: dict[int, int] = {}  # worker number -> quick deaths in a row
+        self.started_at: dict[int, float] = {}
+        self.stopping = False
+        self.startup_failed = False
+        self.received: list[int] = []
 
-    def start(number: int) -> None:
+    def start(self, number: int) -> None:
+        self.started_at[number] = time.monotonic()
         pid = os.fork()
         if pid == 0:
-            _worker(config, fixed, number, metrics_dir)
-        children[pid] = number
+            _worker(self.config, self.fixed, number, self.metrics_dir, self.listeners, self.offer)
+        self.children[pid] = number
 
-    for number in range(config.server.workers):
-        start(number)
-    log.info("supervisor (pid %d) running %d workers", os.getpid(), config.server.workers)
-    started_at: dict[int, float] = {n: time.monotonic() for n in range(config.server.workers)}
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(sig, lambda signum, _frame: self.received.append(signum))
+        for number in range(self.config.server.workers):
+            self.start(number)
+        log.info("supervisor (pid %d) running %d workers", os.getpid(), self.config.server.workers)
+        while self.children:
+            while self.received:
+                self.forward(self.received.pop(0))
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                _wait_a_little(self.offer)
+            else:
+                self.reap(pid, os.waitstatus_to_exitcode(status))
+        return 1 if self.startup_failed else 0
 
-    while children:
-        while received:
-            signum = received.pop(0)
-            if signum in (signal.SIGTERM, signal.SIGINT):
-                stopping = True
-            elif signum == signal.SIGUSR1:
-                logs.reopen()
-            for pid in children:
-                try:
-                    os.kill(pid, signal.SIGTERM if signum == signal.SIGINT else signum)
-                except ProcessLookupError:
-                    pass
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            break
-        if pid == 0:
-            time.sleep(0.05)
-            continue
-        number = children.pop(pid)
-        code = os.waitstatus_to_exitcode(status)
-        if stopping:
-            continue
+    def forward(self, signum: int) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self.stopping = True
+            if self.offer is not None:  # a successor from now on takes the ports from the one running
+                self.offer.close()
+                self.offer = None
+        elif signum == signal.SIGUSR1:
+            logs.reopen()
+        for pid in self.children:
+            try:
+                os.kill(pid, signal.SIGTERM if signum == signal.SIGINT else signum)
+            except ProcessLookupError:
+                pass
+
+    def reap(self, pid: int, code: int) -> None:
+        number = self.children.pop(pid)
+        if self.stopping:
+            return
         if code == 3:
             # A start-up error (bad certificate, port taken): restarting cannot help.
-            stopping = startup_failed = True
-            for other in children:
+            self.stopping = self.startup_failed = True
+            for other in self.children:
                 os.kill(other, signal.SIGTERM)
-            continue
-        lived = time.monotonic() - started_at.get(number, 0.0)
-        failures[number] = failures.get(number, 0) + 1 if lived < 10 else 0
-        delay = RESTART_BACKOFF[min(failures[number], len(RESTART_BACKOFF) - 1)]
+            return
+        lived = time.monotonic() - self.started_at.get(number, 0.0)
+        self.failures[number] = self.failures.get(number, 0) + 1 if lived < 10 else 0
+        delay = RESTART_BACKOFF[min(self.failures[number], len(RESTART_BACKOFF) - 1)]
         log.error("worker %d (pid %d) exited with %d; restarting in %.1fs", number, pid, code, delay)
         time.sleep(delay)
-        started_at[number] = time.monotonic()
-        start(number)
-    for sock in holders:
-        sock.close()
-    shutil.rmtree(metrics_dir, ignore_errors=True)
-    return 1 if startup_failed else 0
+        self.start(number)  # on the same listening sockets: what was queued for it waits
+
+    def close(self) -> None:
+        if self.offer is not None:
+            self.offer.close()
+        for item in self.listeners:
+            item.sock.close()
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+
+def _wait_a_little(offer: Offer | None) -> None:
+    """Sleep 50 ms, handing the listeners to a successor that asks meanwhile."""
+    if offer is None:
+        time.sleep(0.05)
+    elif select.select([offer.fileno()], [], [], 0.05)[0]:
+        offer.answer()
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:
@@ -174,10 +200,11 @@ def _log_failure(task: asyncio.Task[None]) -> None:
 
 async def serve(
     config: Config, fixed: FixedContexts | None = None, reuse_port: bool = False, serve_admin: bool = True,
-    metrics_dir: Path | None = None,
+    metrics_dir: Path | None = None, listeners: list[Listener] | None = None,
 ) -> None:
     try:
-        edge = Edge(config, fixed=fixed, reuse_port=reuse_port, serve_admin=serve_admin, metrics_dir=metrics_dir)
+        edge = Edge(config, fixed=fixed, reuse_port=reuse_port, serve_admin=serve_admin, metrics_dir=metrics_dir,
+                    listeners=listeners)
         await edge.start()
     except StoreError as exc:
         raise StartupError(str(exc)) from None
