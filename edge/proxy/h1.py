@@ -49,8 +49,8 @@ _NOT_FORWARDED_UNTRUSTED = _NOT_FORWARDED | _CLIENT_CLAIMS
 _UNSAFE_UPGRADES = frozenset({b"h2c", b"h2", b"http", b"https"})
 # Response fields never relayed as they came: hop-by-hop ones, and the framing edge writes itself.
 _NOT_RELAYED = HOP_BY_HOP | {b"content-length"}
-# Connection values that name no field (most backends send one of them).
-_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
+# A Connection value that names no field besides hop-by-hop ones (what most backends send).
+_PLAIN_CONNECTION = frozenset({b"keep-alive"})
 # Request fields the proxy itself reads; the others pass through untouched.
 FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 

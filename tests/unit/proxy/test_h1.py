@@ -141,6 +141,13 @@ def test_response_head_drops_fields_the_connection_field_names(connection_first)
     assert head == b"HTTP/1.1 200 OK\r\nserver: x\r\nx-keep: 2\r\ncontent-length: 5\r\nconnection: close\r\n\r\n"
 
 
+def test_response_head_drops_a_field_named_by_connection_close():
+    # "close" is a connection option (RFC 9110 §7.6.1): a field of that name is not relayed.
+    head = h1.response_head(200, b"OK", [(b"connection", b"close"), (b"close", b"x")], content_length=0,
+                            chunked=False, keep_alive=True)
+    assert head == b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+
+
 def test_chunk():
     assert h1.chunk(b"hello") == b"5\r\nhello\r\n"
     assert h1.chunk(b"") == b""  # never a last-chunk by accident
