@@ -105,7 +105,7 @@ class Edge:
                 on_cert=self.loader.remember)
         else:
             self.copy_writer = None
-            self.follower = ReaderFollower(self.store, self.copy)
+            self.follower = ReaderFollower(self.store, self.copy, on_cert=self.loader.remember)
             log.info("worker reads the shared index %s", self.copy.path)
         self.index = self.follower.index
         self.selector = Selector(self.index, platform.domain, platform.strict_sni,  # type: ignore[arg-type]

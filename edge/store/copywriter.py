@@ -240,7 +240,7 @@ class CopyWriter:
         name = domain.encode()
         current = txn.get(name, db=copy.names)
         if current is None:
-            app, held = self._derive(txn, domain)
+            app, held = self._derive(txn, domain, changed)
         else:
             app, metas = decode_name_record(domain, current)
             by_kind = {(m.source, m.key_type): m for m in metas}
@@ -260,12 +260,17 @@ class CopyWriter:
         if current != record:
             txn.put(name, record, db=copy.names)
 
-    def _derive(self, txn: lmdb.Transaction, domain: str) -> tuple[str | None, list[CertMeta]]:
-        """A domain's app and bundle headers, from its entries (checked when copied)."""
+    def _derive(self, txn: lmdb.Transaction, domain: str, changed: Parsed) -> tuple[str | None, list[CertMeta]]:
+        """A domain's app and bundle headers, from its entries (checked when
+        copied); those this transaction wrote as ``changed`` says, not parsed
+        again (a first load writes every domain's record so: half its work was this)."""
         copy = self.copy
-        raw = txn.get((DOMAINS + domain).encode(), db=copy.entries)
+        key = DOMAINS + domain
         app: str | None = None
-        if raw is not None:
+        if key in changed:
+            parsed = changed[key]
+            app = parsed if isinstance(parsed, str) else None
+        elif (raw := txn.get(key.encode(), db=copy.entries)) is not None:
             try:
                 app = parse_domain(raw)
             except EntryError:
@@ -274,6 +279,10 @@ class CopyWriter:
         for source in SOURCES:
             for key_type in KEY_TYPES:
                 key = cert_key(domain, source, key_type)
+                if key in changed:
+                    if isinstance(parsed := changed[key], CertMeta):
+                        held.append(parsed)
+                    continue
                 value = txn.get(key.encode(), db=copy.entries)
                 if value is None:
                     continue

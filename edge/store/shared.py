@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from edge import names
 from edge.records import (
@@ -36,7 +36,7 @@ from edge.records import (
     parse_cert,
     parse_domain,
 )
-from edge.store.base import APPS, Store, StoreError, cert_key, domain_key
+from edge.store.base import APPS, CERTS, Store, StoreError, cert_key, domain_key
 from edge.store.localcopy import LocalCopy
 
 log = logging.getLogger(__name__)
@@ -141,16 +141,22 @@ class SharedIndex:
         self._decoded: dict[str, tuple[bytes, Record]] = {}
 
     def record(self, name: str) -> Record | None:
+        """A name's app and certificates: one lookup in the copy (the
+        selector's and the router's only read of a name)."""
         overlay = self.overlay
         if overlay.active and (fetched := overlay.names.get(name)) is not None:
             return fetched[1]
         raw = self.copy.name(name)  # ~1 us: always read, a change is seen at once
-        return None if raw is None else self._decode(name, raw)
-
-    def _decode(self, name: str, raw: bytes) -> Record:
+        if raw is None:
+            return None
+        # The decoded record, kept while the stored bytes are the same (as
+        # _decode would: inlined, it runs on every handshake and request).
         held = self._decoded.get(name)
         if held is not None and held[0] == raw:
             return held[1]
+        return self._decode(name, raw)
+
+    def _decode(self, name: str, raw: bytes) -> Record:
         record = decode_name_record(name, raw)
         if len(self._decoded) >= _DECODED:
             self._decoded.clear()
@@ -158,8 +164,8 @@ class SharedIndex:
         return record
 
     def app_of(self, host: str) -> App | None:
-        app = self.domains.get(host)
-        return self.apps.get(app) if app is not None else None
+        record = self.record(host)
+        return self.apps.get(record[0]) if record is not None and record[0] is not None else None
 
     def corrupted(self, limit: int = 100) -> dict[str, str]:
         return dict(sorted(dict(self.errors).items())[:limit])
@@ -199,9 +205,13 @@ class CopyFollower:
     and, until it is, read the names asked for from the store (``ensure``)."""
 
     def __init__(self, store: Store, copy: LocalCopy, errors: Mapping[str, str] | None = None,
-                 loaded: asyncio.Event | None = None) -> None:
+                 loaded: asyncio.Event | None = None, on_cert: Callable[[str, bytes], None] | None = None) -> None:
         self.store = store
         self.copy = copy
+        # Told each certificate entry read from the store (the watch's, a name's
+        # on demand): the context loader keeps the bytes, so building the
+        # name's context reads neither the copy nor the store again.
+        self.on_cert = on_cert
         # Set once the copy is complete (every name is in it), by this follower
         # only; given when a part built before it waits on it (the ACME manager).
         self.loaded = loaded if loaded is not None else asyncio.Event()
@@ -252,6 +262,10 @@ class CopyFollower:
         parent = names.wildcard_parent(name)
         wanted = _wanted(name) + (_wanted(parent) if parent is not None else [])
         found = await self.store.get_many(wanted)
+        if self.on_cert is not None:
+            for key, value in found.items():
+                if key.startswith(CERTS):
+                    self.on_cert(key, value)
         until = time.monotonic() + OVERLAY_TTL
         if self.overlay.active:
             if len(self.overlay.names) >= _OVERLAY_NAMES:

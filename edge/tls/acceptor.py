@@ -29,6 +29,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 from edge import names
 from edge.store.base import StoreError
@@ -45,6 +46,7 @@ __all__ = ["HandshakeStats", "ProtocolFactory", "TlsAcceptor", "TlsInfo"]
 log = logging.getLogger(__name__)
 
 _ACME_TLS = b"acme-tls/1"  # RFC 8737 §6.2: the ALPN protocol of TLS-ALPN-01 validation
+_ACME_ONLY = (_ACME_TLS,)
 _MAX_HOST_NAME = 255  # RFC 6066 §3 / RFC 1035 §2.3.4; OpenSSL refuses longer ones itself
 
 ProtocolFactory = Callable[[TlsInfo], asyncio.BaseProtocol]
@@ -73,7 +75,7 @@ def server_name(raw: bytes | None) -> str | None:
 def is_acme_validation(hello: clienthello.ClientHello) -> bool:
     """RFC 8737 §3: the validation server offers ``acme-tls/1`` and nothing
     else. A browser listing it among others gets a normal handshake."""
-    return hello.alpn == (_ACME_TLS,)
+    return hello.alpn == _ACME_ONLY
 
 
 class TlsAcceptor:
@@ -111,6 +113,7 @@ class TlsAcceptor:
         self._listeners: list[AcceptLoop] = []
         self._readers: list[HelloReader] = []
         self._tasks: set[asyncio.Task | handover.Handshake] = set()  # before or in their handshake
+        self._loop: asyncio.AbstractEventLoop | None = None  # the running one, from listen()
         handover.install(listener_context)
         handover.quiet_writes_after_close()
 
@@ -122,14 +125,15 @@ class TlsAcceptor:
         # nginx's "deferred" does: the first read then succeeds at once, without an
         # extra epoll registration and wake-up per connection.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, max(1, int(self.handshake_timeout)))
-        reader = HelloReader(
-            self.handshake_timeout,
-            lambda conn, hello, deadline, peer: self._start(conn, protocol_factory, hello, deadline, peer),
-            self._refused,
-        )
+        self._loop = asyncio.get_running_loop()
+        # Callbacks are bound methods and partials, called from C: no frame of
+        # a lambda per connection on the way.
+        reader = HelloReader(self.handshake_timeout, partial(self._start, protocol_factory), self._refused)
         self._readers.append(reader)
-        limits = self.gate.limits if self.gate is not None else None
-        self._listeners.append(AcceptLoop(sock, lambda conn, address: self._accepted(conn, address, reader), limits))
+        if self.gate is None:
+            self._listeners.append(AcceptLoop(sock, reader.take))
+        else:
+            self._listeners.append(AcceptLoop(sock, partial(self._gated, reader), self.gate.limits))
 
     def stop_listening(self) -> None:
         for listener in self._listeners:
@@ -153,14 +157,14 @@ class TlsAcceptor:
         for task in list(self._tasks):
             task.cancel()
 
-    def _accepted(self, sock: Accepted, address: tuple, reader: HelloReader) -> None:
-        # No setblocking/TCP_NODELAY here: the reader passes MSG_DONTWAIT, and
-        # uvloop sets both when it takes the socket (intake.Accepted).
-        if self.gate is None:
-            reader.add(sock)
-        else:
-            sock.setblocking(False)  # the gate's reads wait for readiness
-            self.gate.admit(sock, address, reader.add)  # type: ignore[arg-type]
+    def _gated(self, reader: HelloReader, sock: Accepted, address: tuple) -> None:
+        """With a gate (PROXY protocol, limits), which reads before the ClientHello.
+        Without one the reader takes each socket as accepted (``HelloReader.take``):
+        no setblocking/TCP_NODELAY, it passes MSG_DONTWAIT, and uvloop sets
+        both when it takes the socket (``intake.Accepted``)."""
+        assert self.gate is not None
+        sock.setblocking(False)  # the gate's reads wait for readiness
+        self.gate.admit(sock, address, reader.add)  # type: ignore[arg-type]
 
     def _refused(self, sock: socket.socket, data: bytes, why: str | clienthello.NotClientHello) -> None:
         if why == "timeout":
@@ -177,16 +181,18 @@ class TlsAcceptor:
             close_gently(sock)  # closed before its ClientHello was whole: FIN back, not a reset
 
     # --- selection -----------------------------------------------------------------
-    def _start(self, sock: socket.socket, factory: ProtocolFactory, hello: clienthello.ClientHello,
+    def _start(self, factory: ProtocolFactory, sock: socket.socket, hello: clienthello.ClientHello,
                deadline: float, peer: Peer | None, fetched: bool = False) -> None:
         name = server_name(hello.server_name)
-        if is_acme_validation(hello):
+        if hello.alpn == _ACME_ONLY:  # is_acme_validation, inlined: it runs per connection
             self._spawn(self._acme_tls(sock, name, deadline))
             return
-        if (not fetched and name is not None and self.ensure is not None and self.loaded is not None
-                and not self.loaded.is_set()):
-            self._spawn(self._fetch_then_start(sock, factory, hello, name, deadline, peer))
-            return
+        if self.loaded is not None and not fetched and name is not None and self.ensure is not None:
+            if self.loaded.is_set():
+                self.loaded = None  # for good: the copy never becomes incomplete again
+            else:
+                self._spawn(self._fetch_then_start(sock, factory, hello, name, deadline, peer))
+                return
         choice = self.selector.select(name)
         if choice is not None and name is not None and choice.source is Source.DEFAULT:
             self.stats.unknown_sni += 1
@@ -217,7 +223,7 @@ class TlsAcceptor:
             await asyncio.wait_for(self.ensure(name), max(0.0, self._left(deadline)))
         except (StoreError, OSError, TimeoutError) as exc:
             log.error("reading %s from the store failed: %s; selecting from what is loaded", name, exc)
-        self._start(sock, factory, hello, deadline, peer, fetched=True)
+        self._start(factory, sock, hello, deadline, peer, fetched=True)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
@@ -286,31 +292,29 @@ class TlsAcceptor:
         ``connect_accepted_socket`` stepped by ``handover.Handshake``, and a
         done callback.
         """
-        left = self._left(deadline)
+        loop = self._loop or asyncio.get_running_loop()
+        started = loop.time()
+        left = deadline - started
         if left <= 0:
             self.stats.fail("timeout")
             close_gently(sock)
             return
-        info = TlsInfo(name, choice.source, hello.alpn, peer)
-        started = asyncio.get_running_loop().time()
         source = choice.source
-
-        def done(handshake: handover.Handshake, result: tuple[asyncio.BaseTransport, asyncio.BaseProtocol] | None,
-                 exc: BaseException | None) -> None:
-            self._handshake_done(handshake, result, exc, sock, name, source, started)
-
-        handshake = handover.start_tls(sock, lambda: factory(info), self.listener_context, ctx, left, done)
+        handshake = handover.start_tls(
+            sock, partial(factory, TlsInfo(name, source, hello.alpn, peer)), self.listener_context, ctx, left,
+            partial(self._handshake_done, sock, name, source, started), loop)
         if not handshake.ended:
             self._tasks.add(handshake)
 
-    def _handshake_done(self, handshake: handover.Handshake,
-                        result: tuple[asyncio.BaseTransport, asyncio.BaseProtocol] | None, exc: BaseException | None,
-                        sock: socket.socket, name: str | None, source: Source, started: float) -> None:
+    def _handshake_done(self, sock: socket.socket, name: str | None, source: Source, started: float,
+                        handshake: handover.Handshake,
+                        result: tuple[asyncio.BaseTransport, asyncio.BaseProtocol] | None,
+                        exc: BaseException | None) -> None:
         self._tasks.discard(handshake)
         if result is not None:
             sslobj = result[0].get_extra_info("ssl_object")
             version = (sslobj.version() if sslobj is not None else None) or "unknown"
-            self.stats.done(version, source, asyncio.get_running_loop().time() - started)
+            self.stats.done(version, source, (self._loop or asyncio.get_running_loop()).time() - started)
         elif isinstance(exc, asyncio.CancelledError):
             sock.close()
         else:

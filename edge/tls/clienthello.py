@@ -10,6 +10,7 @@ RFC 6066 §3 (server_name), RFC 7301 §3.1 (ALPN).
 
 from __future__ import annotations
 
+import struct
 from typing import NamedTuple
 
 _HANDSHAKE = 22  # ContentType.handshake, RFC 8446 §5.1
@@ -17,6 +18,11 @@ _CLIENT_HELLO = 1  # HandshakeType.client_hello, RFC 8446 §4
 _EXT_SERVER_NAME = 0
 _EXT_ALPN = 16
 _HOST_NAME = 0  # NameType.host_name, RFC 6066 §3
+# Extension: type(2), extension_data length(2) (RFC 8446 §4.2), read by one C call per extension.
+_EXTENSION_HEADER = struct.Struct(">HH").unpack_from
+# A record header (type, version, length) and the handshake header in it (type, 24-bit length).
+_HEADERS = struct.Struct(">BHHBBH").unpack_from
+_NO_HEADERS = (0, 0, 0, 0, 0, 0)  # fewer than 9 bytes: the general path says what they are
 # A ClientHello is at most 2^24 bytes by the format; real ones are a few KiB,
 # but post-quantum key shares (ML-KEM-768 + X25519 is ~1.2 KiB per share, and
 # clients may send several) and many extensions push them past one 16 KiB
@@ -107,9 +113,10 @@ def parse(data: bytes) -> ClientHello:
     # The common case, read on every connection: the whole message in the
     # first record, parsed where it lies (no copy); anything else (several
     # records, a partial one, garbage) takes the general path.
-    if (len(data) >= 9 and data[0] == _HANDSHAKE and data[1] == 3 and data[5] == _CLIENT_HELLO
-            and 4 <= (length := (data[3] << 8) | data[4]) <= _MAX_RECORD and len(data) >= 5 + length
-            and (end := 9 + ((data[6] << 16) | (data[7] << 8) | data[8])) <= 5 + length):
+    content_type, version, length, message_type, high, low = _HEADERS(data) if len(data) >= 9 else _NO_HEADERS
+    if (content_type == _HANDSHAKE and version >> 8 == 3 and message_type == _CLIENT_HELLO
+            and 4 <= length <= _MAX_RECORD and len(data) >= 5 + length
+            and (end := 9 + (high << 16 | low)) <= 5 + length):
         buf, pos = data, 9
     else:
         buf = _handshake_bytes(data)
@@ -120,58 +127,69 @@ def parse(data: bytes) -> ClientHello:
         raise NotClientHello(f"malformed ClientHello: {exc}") from None
 
 
-def _vector(buf: bytes, pos: int, size_len: int, end: int) -> tuple[int, int]:
-    """The start and end of the vector at ``pos`` whose length takes
-    ``size_len`` bytes (RFC 8446 §3.4), within its parent ending at ``end``."""
-    start = pos + size_len
-    if start > end:
-        raise ValueError("vector length runs past its parent")
-    size = buf[pos] if size_len == 1 else (buf[pos] << 8) | buf[pos + 1]
-    if start + size > end:
-        raise ValueError("vector runs past its parent")
-    return start, start + size
-
-
 def _parse_body(buf: bytes, pos: int, end: int) -> ClientHello:
     # legacy_version(2) random(32) session_id<0..32> cipher_suites<2..2^16-2>
-    # legacy_compression_methods<1..2^8-1> extensions<8..2^16-1>
+    # legacy_compression_methods<1..2^8-1> extensions<8..2^16-1>. Each vector
+    # is its length (1 or 2 bytes, RFC 8446 §3.4) and that many bytes: the
+    # first three are stepped over inline (this runs per connection), and as
+    # positions only grow, one check against ``end`` after them covers all three.
     pos += 34
-    _, pos = _vector(buf, pos, 1, end)
-    _, pos = _vector(buf, pos, 2, end)
-    _, pos = _vector(buf, pos, 1, end)
-    if pos == end:
-        return ClientHello(None, ())  # no extensions at all (SSLv3-style hello)
-    pos, extensions_end = _vector(buf, pos, 2, end)
+    pos += 1 + buf[pos]
+    pos += 2 + ((buf[pos] << 8) | buf[pos + 1])
+    pos += 1 + buf[pos]
+    if pos >= end:
+        if pos == end:
+            return ClientHello(None, ())  # no extensions at all (SSLv3-style hello)
+        raise ValueError("vector runs past its parent")
+    extensions_end = pos + 2 + ((buf[pos] << 8) | buf[pos + 1])
+    if extensions_end > end:
+        raise ValueError("vector runs past its parent")
+    pos += 2
     server_name: bytes | None = None
     alpn: tuple[bytes, ...] = ()
     while pos + 4 <= extensions_end:
-        # Extension: type(2), extension_data<0..2^16-1> (RFC 8446 §4.2), _vector inlined: it runs per extension.
-        ext_type = (buf[pos] << 8) | buf[pos + 1]
-        start = pos + 4
-        pos = start + ((buf[pos + 2] << 8) | buf[pos + 3])
-        if pos > extensions_end:
-            raise ValueError("vector runs past its parent")
-        if ext_type == _EXT_SERVER_NAME:
-            server_name = _server_name(buf, start, pos)
+        # Extension: type(2), extension_data<0..2^16-1> (RFC 8446 §4.2). This
+        # loop runs some 15 times per connection: one C call reads the header,
+        # and an extension running past the list is caught once, after it.
+        ext_type, size = _EXTENSION_HEADER(buf, pos)
+        pos += 4 + size
+        if not ext_type:  # _EXT_SERVER_NAME (0)
+            server_name = _server_name(buf, pos - size, pos)
         elif ext_type == _EXT_ALPN:
-            alpn = _alpn(buf, start, pos)
+            alpn = _alpn(buf, pos - size, pos)
+    if pos > extensions_end:
+        raise ValueError("vector runs past its parent")
     return ClientHello(server_name, alpn)
 
 
 def _server_name(buf: bytes, pos: int, end: int) -> bytes | None:
-    pos, end = _vector(buf, pos, 2, end)
-    while pos + 3 <= end:
+    # ServerNameList: server_name_list<1..2^16-1> of NameType(1), HostName<1..2^16-1> (RFC 6066 §3).
+    list_end = pos + 2 + ((buf[pos] << 8) | buf[pos + 1])
+    if list_end > end:
+        raise ValueError("vector runs past its parent")
+    pos += 2
+    while pos + 3 <= list_end:
         name_type = buf[pos]
-        start, pos = _vector(buf, pos + 1, 2, end)
+        start = pos + 3
+        pos = start + ((buf[pos + 1] << 8) | buf[pos + 2])
+        if pos > list_end:
+            raise ValueError("vector runs past its parent")
         if name_type == _HOST_NAME:
             return buf[start:pos]  # RFC 6066 §3: at most one name of each type
     return None
 
 
 def _alpn(buf: bytes, pos: int, end: int) -> tuple[bytes, ...]:
-    pos, end = _vector(buf, pos, 2, end)
+    # ProtocolNameList: protocol_name_list<2..2^16-1> of ProtocolName<1..2^8-1> (RFC 7301 §3.1).
+    list_end = pos + 2 + ((buf[pos] << 8) | buf[pos + 1])
+    if list_end > end:
+        raise ValueError("vector runs past its parent")
+    pos += 2
     out = []
-    while pos < end:
-        start, pos = _vector(buf, pos, 1, end)
+    while pos < list_end:
+        start = pos + 1
+        pos = start + buf[pos]
+        if pos > list_end:
+            raise ValueError("vector runs past its parent")
         out.append(buf[start:pos])
     return tuple(out)

@@ -18,6 +18,11 @@ through a context variable set on the handshake task:
 * **The ClientHello edge already read is the SSL object's first input**
   (``intake.Accepted.received``, written into its incoming BIO), so the
   first ``do_handshake``, right at ``connection_made``, answers it.
+* **uvloop calls the C methods themselves** for ``read``, ``write`` and
+  ``pending`` (several times per request), and ``do_handshake`` below calls
+  the C one: the ``ssl.SSLObject`` methods of these names are one-line
+  Python wrappers, a frame per call on every connection. (``read`` then
+  takes its arguments positionally only, as uvloop passes them.)
 * **A fatal alert OpenSSL wrote is sent.** uvloop (like asyncio, CPython
   issue 98078) closes the transport on a handshake error without flushing
   the outgoing BIO, so clients saw "unexpected eof" instead of
@@ -51,15 +56,9 @@ def alert(description: int) -> bytes:
     return bytes((0x15, 0x03, 0x03, 0x00, 0x02, 0x02, description))
 
 
-class _Handover:
-    __slots__ = ("context", "sock")
-
-    def __init__(self, sock: socket, context: ssl.SSLContext | None) -> None:
-        self.sock = sock
-        self.context = context
-
-
-_handover: contextvars.ContextVar[_Handover | None] = contextvars.ContextVar("edge_tls_handover", default=None)
+# (socket, certificate context or None for the listener's own), for EdgeSSLObject._create.
+_handover: contextvars.ContextVar[tuple[socket, ssl.SSLContext | None] | None] = contextvars.ContextVar(
+    "edge_tls_handover", default=None)
 
 
 class EdgeSSLObject(ssl.SSLObject):
@@ -77,12 +76,17 @@ class EdgeSSLObject(ssl.SSLObject):
         )
         handover = _handover.get()
         obj._edge_outgoing = outgoing
+        sslobj = obj._sslobj  # type: ignore[attr-defined]
+        obj.read = sslobj.read  # type: ignore[method-assign]
+        obj.write = sslobj.write  # type: ignore[method-assign]
+        obj.pending = sslobj.pending  # type: ignore[method-assign]
         if handover is None:
             obj._edge_sock = None
             return obj
-        sock = obj._edge_sock = handover.sock
-        if handover.context is not None and handover.context is not context:
-            obj.context = handover.context
+        sock, chosen = handover
+        obj._edge_sock = sock
+        if chosen is not None and chosen is not context:
+            sslobj.context = chosen  # what the ``context`` property's setter does
         if isinstance(sock, Accepted) and sock.received:
             incoming.write(sock.received)
             sock.received = b""  # the socket lives as long as the connection: not these bytes
@@ -90,7 +94,7 @@ class EdgeSSLObject(ssl.SSLObject):
 
     def do_handshake(self) -> None:
         try:
-            super().do_handshake()
+            self._sslobj.do_handshake()  # type: ignore[attr-defined]
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
             raise
         except ssl.SSLError:
@@ -170,17 +174,21 @@ def start_tls(
     context: ssl.SSLContext | None,
     timeout: float,
     done: Done,
+    loop: asyncio.AbstractEventLoop | None = None,
 ) -> Handshake:
     """Start the handshake of ``sock`` with ``listener``, serving ``context``'s
-    certificate (None: the listener's own); ``done`` is told how it ended."""
-    loop = asyncio.get_running_loop()
+    certificate (None: the listener's own); ``done`` is told how it ended.
+    ``loop``: the running one, when the caller has it (Python 3.11's
+    ``get_running_loop`` makes a getpid system call each time)."""
+    if loop is None:
+        loop = asyncio.get_running_loop()
     handshake = Handshake(
         loop.connect_accepted_socket(protocol_factory, sock, ssl=listener, ssl_handshake_timeout=timeout),
         done,
     )
     # Set for the first step only: uvloop copies the current context there
     # for the transport's callbacks, where EdgeSSLObject._create reads it.
-    token = _handover.set(_Handover(sock, None if context is listener else context))
+    token = _handover.set((sock, None if context is listener else context))
     try:
         handshake._step()
     finally:

@@ -78,7 +78,8 @@ class ContextLoader:
         self.damaged: dict[str, str] = {}  # store key -> why OpenSSL refused its current version
 
     def remember(self, store_key: str, value: bytes) -> None:
-        """The watch delivered ``value`` for ``store_key`` and the index accepted it."""
+        """``value`` for ``store_key`` came from the store (the watch, or a name
+        read on demand while the copy fills): a handshake builds it without reading it again."""
         self._watched.put(store_key, entry_digest(value), value)
         self.damaged.pop(store_key, None)  # a new version: judged when a handshake builds it
 

@@ -1,17 +1,21 @@
 """Which certificate a handshake gets: the rules of SPEC §2, in order.
 
 Hash lookups only: the cost does not depend on how many names the index holds.
+One lookup per name asked (its domain entry and certificates together), and
+the choice among a name's certificates is remembered until one of them
+starts or ends its validity or the name's record changes.
 """
 
 from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 from edge import names
 from edge.config import Config
-from edge.records import CertMeta, CertSource
+from edge.records import CertMeta, CertSource, DomainCerts
 from edge.store.base import cert_key
 from edge.store.index import Index
 
@@ -70,12 +74,57 @@ def _choice(source: Source, bundles: tuple[CertMeta, ...]) -> Choice:
     return Choice(source, bundles, tuple([BundleKey(b.domain, b.source, b.key_type, b.digest) for b in bundles]))
 
 
+# A name's record: (its app, None when the domain is not attached; its certificates).
+Record = tuple[str | None, DomainCerts]
+# Rules 1 and 2 for an exact name; rule 3 for the wildcard one label up.
+_EXACT = ((CertSource.CUSTOM, Source.CUSTOM), (CertSource.ACME, Source.ACME))
+_WILDCARD = ((CertSource.CUSTOM, Source.WILDCARD),)
+_REMEMBERED = 4096  # names whose choice is kept (cleared when full: each is worked out again)
+
+
+def _lookup_of(index: Index) -> Callable[[str], Record | None]:
+    """The index's one-lookup read of a name (``SharedIndex.record``), or the
+    same made of the in-memory index's two dictionaries."""
+    record = getattr(index, "record", None)
+    if record is not None:
+        return record  # type: ignore[no-any-return]
+    certs, domains = index.certs, index.domains
+
+    def lookup(name: str) -> Record | None:
+        held = certs.get(name)
+        return None if held is None else (domains.get(name), held)
+
+    return lookup
+
+
+def _decide(held: DomainCerts, when: float, rules: tuple[tuple[str, Source], ...]
+            ) -> tuple[Choice | None, float, float]:
+    """The choice among ``held`` at ``when``, and the times between which it stays the same."""
+    choice = None
+    for cert_source, source in rules:
+        if bundles := held.valid(cert_source, when):
+            choice = _choice(source, bundles)
+            break
+    since, until = float("-inf"), float("inf")
+    for meta in held:  # validity changes only at these instants (CertMeta.valid_at)
+        for instant in (meta.not_before, meta.not_after):
+            if instant <= when:
+                since = max(since, instant)
+            else:
+                until = min(until, instant)
+    return choice, since, until
+
+
 class Selector:
     def __init__(self, index: Index, platform_domain: str, strict_sni: bool, default_is_platform: bool = True) -> None:
         self.index = index
         self.platform_domain = platform_domain
         self.strict_sni = strict_sni
         self.default_is_platform = default_is_platform
+        self._lookup = _lookup_of(index)
+        # name -> (the certificates it was worked out from, valid from, until, choice).
+        # Compared by identity: the index hands out the same object until the record changes.
+        self._remembered: dict[str, tuple[DomainCerts, float, float, Choice | None]] = {}
 
     def reconfigure(self, config: Config) -> None:
         """A reload: ``strict_sni`` applies to the next handshakes (the platform
@@ -99,27 +148,35 @@ class Selector:
         if name is None:
             return None if self.strict_sni else DEFAULT
         when = time.time() if now is None else now
-        certs = self.index.certs
-        domains = self.index.domains
-        held = certs.get(name)
         # Only certificates of attached domains are served: one whose domain
         # entry is gone (a removal killed midway, a hand edit) is listed
         # nowhere, so it must not be served either (`edge check` names it).
-        if held is not None and name in domains:
-            # 1. a valid custom certificate of that exact domain
-            if bundles := held.valid(CertSource.CUSTOM, when):
-                return _choice(Source.CUSTOM, bundles)
-            # 2. a valid acme certificate of that exact domain
-            if bundles := held.valid(CertSource.ACME, when):
-                return _choice(Source.ACME, bundles)
+        record = self._lookup(name)
+        # 1. a valid custom certificate of that exact domain
+        # 2. a valid acme certificate of that exact domain
+        if (record is not None and record[0] is not None and record[1]
+                and (choice := self._among(name, record[1], when, _EXACT)) is not None):
+            return choice
         # 3. a valid custom certificate of the wildcard one label up
         parent = names.wildcard_parent(name)
-        if (parent is not None and (wild := certs.get(parent)) is not None and parent in domains
-                and (bundles := wild.valid(CertSource.CUSTOM, when))):
-            return _choice(Source.WILDCARD, bundles)
+        if (parent is not None and (wild := self._lookup(parent)) is not None and wild[0] is not None and wild[1]
+                and (choice := self._among(parent, wild[1], when, _WILDCARD)) is not None):
+            return choice
         # 4. the platform certificate for the platform domain and one label under
         platform = self.platform_domain
         if name == platform or names.is_one_label_under(name, platform):
             return PLATFORM
         # 5. the default certificate, or refusal with strict SNI
         return None if self.strict_sni else DEFAULT
+
+    def _among(self, key: str, held: DomainCerts, when: float, rules: tuple[tuple[str, Source], ...]
+               ) -> Choice | None:
+        """``rules`` applied to ``held`` (the certificates of ``key``) at ``when``, remembered."""
+        kept = self._remembered.get(key)
+        if kept is not None and kept[0] is held and kept[1] <= when < kept[2]:
+            return kept[3]
+        choice, since, until = _decide(held, when, rules)
+        if len(self._remembered) >= _REMEMBERED:
+            self._remembered.clear()
+        self._remembered[key] = (held, since, until, choice)
+        return choice

@@ -178,3 +178,161 @@ def test_a_store_larger_than_a_grpc_message_loads_in_pages_at_one_revision(etcd:
         await reader.close()
 
     asyncio.run(scenario())
+
+
+def _counting(store: EtcdStore, calls: list[tuple[str, int]]) -> None:
+    """Record each Range (and the keys etcd counted in it) and Txn the store sends."""
+    stub = store.client.kvstub
+    ranges, txns = stub.Range, stub.Txn
+
+    async def counted_range(request, **kwargs):  # type: ignore[no-untyped-def]
+        response = await ranges(request, **kwargs)
+        calls.append(("range", response.count))
+        return response
+
+    async def counted_txn(request, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(("txn", len(request.success)))
+        return await txns(request, **kwargs)
+
+    stub.Range, stub.Txn = counted_range, counted_txn
+
+
+def _fill(etcd: Etcd, prefix: str, items: list[tuple[str, bytes]]) -> None:
+    async def put_all() -> None:
+        store = EtcdStore((etcd.endpoint,), prefix=prefix)
+        await asyncio.gather(*(store.put(key, value) for key, value in items))
+        await store.close()
+
+    asyncio.run(put_all())
+
+
+def test_snapshot_pages_are_ranges_near_their_keys_not_the_rest_of_the_prefix(
+        etcd: Etcd, monkeypatch: pytest.MonkeyPatch) -> None:
+    # etcd 3.4 counts every key of a range before applying its limit: pages
+    # over [page start, end of prefix) cost N²/PAGE (13 s at 100k names).
+    # Each page's range ends near its keys: what etcd counts stays a few
+    # times the keys read, every key comes once, in order, at one revision.
+    monkeypatch.setattr(etcd_store, "PAGE", 50)
+    names = [f"{('shop', 'app', 'x')[n % 3]}{n}.example.{('com', 'org')[n % 2]}" for n in range(1500)]
+    items = sorted({("apps/a", b"{}"), ("apps/b", b"{}")}
+                   | {(f"domains/{n}", b"d") for n in names}
+                   | {(f"certs/custom-ecdsa/{n}", b"c") for n in names[::2]}
+                   | {(f"certs/acme-rsa/{n}", b"r") for n in names[1::3]}
+                   | {(f"acme/status/{n}", b"s") for n in names[:40]})
+    _fill(etcd, "/near/", items)
+
+    async def scenario() -> tuple[list[tuple[str, bytes]], list[tuple[str, int]]]:
+        writer, reader = EtcdStore((etcd.endpoint,), prefix="/near/"), EtcdStore((etcd.endpoint,), prefix="/near/")
+        calls: list[tuple[str, int]] = []
+        await reader._connect()
+        _counting(reader, calls)
+        seen = []
+        async for key, value in reader.snapshot():
+            if not seen:
+                await writer.put("domains/late.example.com", b"after the first page")
+            seen.append((key, value))
+        await reader.close()
+        await writer.close()
+        return seen, calls
+
+    seen, calls = asyncio.run(scenario())
+    assert seen == items  # in key order, each once; the late write is after the snapshot's revision
+    counted = sum(count for _, count in calls)
+    # Pages over the rest of the prefix would have counted ~N²/(2 PAGE) = 28 N here.
+    assert len(calls) > len(items) // 50 and counted < 8 * len(items), (len(calls), counted)
+
+
+@pytest.mark.parametrize("page", [1, 3, 16])
+def test_snapshot_pages_read_every_key_of_any_shape(etcd: Etcd, monkeypatch: pytest.MonkeyPatch, page: int) -> None:
+    # Keys of every length, sharing prefixes or not, with bytes up to UTF-8's
+    # largest (0xf4 0x8f 0xbf 0xbf): each comes once, in order, whatever the page.
+    import random
+
+    monkeypatch.setattr(etcd_store, "PAGE", page)
+    rng = random.Random(page)
+    alphabet = ["a", "b", "/", ".", "é", "\U0010ffff", "0"]
+    keys = sorted({"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 9))) for _ in range(200)}
+                  | {"a", "aa", "aaa", "ab"}, key=str.encode)
+    prefix = f"/shapes{page}/"
+    _fill(etcd, prefix, [(key, key.encode()) for key in keys])
+    _fill(etcd, prefix[:-1] + "0", [("after", b"x")])  # just past the prefix: not in it
+
+    async def scenario() -> list[str]:
+        store = EtcdStore((etcd.endpoint,), prefix=prefix)
+        seen = [key async for key, _ in store.snapshot()]
+        await store.close()
+        return seen
+
+    assert asyncio.run(scenario()) == keys
+
+def test_a_names_entries_are_read_in_one_round_trip(etcd: Etcd) -> None:
+    # A handshake for a name not loaded yet waits on this read (the first
+    # handshake after a start without a local copy): one transaction, not a get per key.
+    _fill(etcd, "/many/", [("domains/a.example.com", b"a"), ("certs/custom-ecdsa/a.example.com", b"c")])
+
+    async def scenario() -> tuple[dict[str, bytes], list[tuple[str, int]]]:
+        store = EtcdStore((etcd.endpoint,), prefix="/many/")
+        await store._connect()
+        calls: list[tuple[str, int]] = []
+        _counting(store, calls)
+        wanted = ["domains/a.example.com", "certs/custom-ecdsa/a.example.com", "certs/custom-rsa/a.example.com",
+                  "domains/*.example.com"]
+        got = await store.get_many(wanted)
+        many = await store.get_many([f"domains/{n}.example.com" for n in range(300)])  # over etcd's 128 ops
+        await store.close()
+        assert many == {}
+        return got, calls
+
+    got, calls = asyncio.run(scenario())
+    assert got == {"domains/a.example.com": b"a", "certs/custom-ecdsa/a.example.com": b"c"}
+    assert calls == [("txn", 4), ("txn", 128), ("txn", 128), ("txn", 44)]
+
+
+def test_a_name_is_served_from_etcd_before_the_first_load_ends(etcd: Etcd, tmp_path: Path) -> None:
+    # A host's first start: no local copy. A handshake for a name the load has
+    # not reached reads that name from etcd (one transaction) and is served
+    # its own certificate; the bundle read goes to the context loader, which
+    # then builds the context without reading it again.
+    import threading
+
+    from edge.records import CertMeta, encode_bundle
+    from edge.store.copywriter import CopyWriter
+    from edge.store.follower import StoreFollower
+    from edge.store.localcopy import LocalCopy
+
+    pem = b"-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n-----BEGIN PRIVATE KEY-----\ny\n"
+    names = [f"n{n}.example.com" for n in range(300)]
+    bundle = {n: encode_bundle(CertMeta(n, "custom", "ecdsa", 0.0, 2e9, f"fp-{n}"), pem) for n in names}
+    _fill(etcd, "/first/", [("apps/a", b'{"backends": ["127.0.0.1:1"]}')]
+          + [(f"domains/{n}", b'{"app": "a"}') for n in names]
+          + [(f"certs/custom-ecdsa/{n}", bundle[n]) for n in names])
+    copy = LocalCopy(tmp_path / "index", "etcd:test", rebuild=True)
+    writer = CopyWriter(copy)
+    held = threading.Event()
+
+    async def scenario() -> None:
+        store = EtcdStore((etcd.endpoint,), prefix="/first/")
+        kept: dict[str, bytes] = {}
+        follower = StoreFollower(store, copy, writer, on_cert=kept.__setitem__)
+        await follower.start()
+        writer._run(held.wait)  # the copy's writer is busy: the load cannot end before the name is asked for
+        try:
+            await follower.ensure("n250.example.com")
+            assert not follower.loaded.is_set()
+            app, certs = follower.index.record("n250.example.com")  # type: ignore[misc]
+            assert app == "a" and [m.fingerprint for m in certs] == ["fp-n250.example.com"]
+            assert kept == {"certs/custom-ecdsa/n250.example.com": bundle["n250.example.com"]}
+            assert copy.name("n250.example.com") is None  # from the store, not the copy
+        finally:
+            held.set()
+        await asyncio.wait_for(follower.loaded.wait(), 30)
+        assert copy.names_count() == len(names)
+        follower.close()
+        await store.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        held.set()
+        writer.close()
+        copy.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,31 @@ def test_cache_of_one_context_still_serves_every_name(custom_default_edge, ca: t
     for _ in range(3):
         for host, pem in pems.items():
             assert edge.handshake(host) == pem.leaf_der
+
+
+def _tickets(edge: EdgeProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    """openssl s_client sending one request and reading to the end, its TLS
+    messages traced (-msg): the NewSessionTicket messages it received are listed."""
+    return subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{edge.https_port}", "-servername", "demo.edge.test",
+         "-tls1_3", "-msg", "-ign_eof", *args],
+        input="GET / HTTP/1.1\r\nHost: demo.edge.test\r\nConnection: close\r\n\r\n",
+        capture_output=True, text=True, timeout=10,
+    )
+
+
+def test_one_session_ticket_per_handshake_and_it_resumes(edge: EdgeProcess, tmp_path: Path) -> None:
+    """One TLS 1.3 ticket after a full handshake (OpenSSL's default is two,
+    RFC 8446 §4.6.1 leaves it to the server), one after a resumption, and the
+    ticket resumes: a client connecting again always holds a fresh one."""
+    require_tool("openssl")
+    session = tmp_path / "session.pem"
+    full = _tickets(edge, "-sess_out", str(session))
+    assert "HTTP/1.1 200" in full.stdout, full.stdout[-2000:]
+    assert "New, TLSv1.3" in full.stdout
+    assert full.stdout.count("NewSessionTicket") == 1, full.stdout
+    resumed = _tickets(edge, "-sess_in", str(session), "-sess_out", str(session))
+    assert "Reused, TLSv1.3" in resumed.stdout and "HTTP/1.1 200" in resumed.stdout, resumed.stdout[-2000:]
+    assert resumed.stdout.count("NewSessionTicket") == 1, resumed.stdout
+    again = _tickets(edge, "-sess_in", str(session))
+    assert "Reused, TLSv1.3" in again.stdout  # the ticket from the resumed connection resumes too

@@ -81,3 +81,37 @@ def test_full_loads_write_every_name_record_and_remove_what_is_gone(tmp_path: Pa
             assert index.app_of(f"n{i}.example.com") == shared.app_of(f"n{i}.example.com")
         assert sorted(shared.domains) == sorted(index.domains)
     writer.close()
+
+
+def test_a_handshake_reads_its_name_once_and_decodes_it_only_when_it_changed(tmp_path: Path, monkeypatch) -> None:
+    """Every process selects from the copy (workers > 1 included): one lookup
+    per handshake for a name that has its own certificate, and the stored
+    record decoded again only when its bytes changed."""
+    import edge.store.shared as shared_module
+
+    def bundle(fingerprint: str) -> Event:
+        meta = CertMeta("n.example.com", "custom", "ecdsa", 0.0, 2e9, fingerprint)
+        return Event(EventKind.PUT, cert_key("n.example.com", "custom", "ecdsa"), encode_bundle(meta, PEM), 1)
+
+    copy = LocalCopy(tmp_path / "index", "file:/s", rebuild=True)
+    writer = CopyWriter(copy)
+    follower = StoreFollower(store=None, copy=copy, writer=writer)  # type: ignore[arg-type]
+    follower._apply([Event(EventKind.PUT, domain_key("n.example.com"), json.dumps({"app": "a"}).encode(), 1),
+                     bundle("one")])
+    writer.flush()
+    shared = SharedIndex(copy)
+    lookups, decodes = [], []
+    real_name, real_decode = copy.name, shared_module.decode_name_record
+    monkeypatch.setattr(copy, "name", lambda name: lookups.append(name) or real_name(name))
+    monkeypatch.setattr(shared_module, "decode_name_record",
+                        lambda name, raw: decodes.append(name) or real_decode(name, raw))
+    selector = Selector(shared, "apps.test", False)  # type: ignore[arg-type]
+    first = selector.select("n.example.com", NOW)
+    for _ in range(5):
+        assert selector.select("n.example.com", NOW) == first
+    assert lookups == ["n.example.com"] * 6 and decodes == ["n.example.com"]
+    follower._apply([bundle("two")])
+    writer.flush()
+    assert selector.select("n.example.com", NOW).cache_key != first.cache_key  # the change is seen at once
+    assert len(lookups) == 7 and decodes == ["n.example.com"] * 2  # changed bytes: decoded once more
+    writer.close()

@@ -10,7 +10,7 @@ import socket
 import pytest
 
 from edge.tls import clienthello
-from edge.tls.intake import Accepted, HelloReader
+from edge.tls.intake import Accepted, AcceptLoop, HelloReader
 
 from .test_clienthello import python_hello
 
@@ -127,5 +127,39 @@ def test_end_of_stream_before_the_hello_is_whole_is_refused() -> None:
             client.close()
             await asyncio.wait_for(outcome.event.wait(), 5)
             assert outcome.refused == [(hello[:50], "closed")] and len(reader) == 0
+
+    asyncio.run(run())
+
+
+def test_accept_loop_takes_every_queued_connection() -> None:
+    """Connections already queued when the loop first looks are all taken,
+    each with its peer address and plain-number family and type for uvloop."""
+
+    async def run() -> None:
+        got: list[tuple[Accepted, tuple]] = []
+        arrived = asyncio.Event()
+
+        def on_socket(sock: Accepted, address: tuple) -> None:
+            got.append((sock, address))
+            if len(got) == 8:
+                arrived.set()
+
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(16)
+            listener.setblocking(False)
+            clients = [socket.create_connection(listener.getsockname()) for _ in range(8)]
+            loop = AcceptLoop(listener, on_socket)
+            try:
+                await asyncio.wait_for(arrived.wait(), 5)
+            finally:
+                loop._loop.remove_reader(listener.fileno())
+            assert sorted(a[1] for _, a in got) == sorted(c.getsockname()[1] for c in clients)
+            for sock, _ in got:
+                assert type(sock.family) is int and sock.family == socket.AF_INET
+                assert type(sock.type) is int and sock.type == socket.SOCK_STREAM
+                sock.close()
+            for client in clients:
+                client.close()
 
     asyncio.run(run())

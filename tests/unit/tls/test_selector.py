@@ -94,3 +94,36 @@ def test_cache_key_is_the_record_values_and_digest(index, selector):
     assert choice.cache_key == (BundleKey("www.example.com", "custom", "ecdsa", meta.digest),)
     assert meta.digest != 0  # the digest of the stored value the index accepted
     assert choice.cache_key[0].store_key == cert_key("www.example.com", "custom", "ecdsa")
+
+
+def test_a_remembered_choice_ends_when_a_certificate_expires_or_starts(index, selector):
+    """The choice among a name's certificates is kept between handshakes; it
+    must still follow the clock: expiry, a later not-before, and a clock that
+    steps back (NTP) all change what is served at once."""
+    add(index, "www.example.com", "custom", not_after=NOW + 10)
+    add(index, "www.example.com", "acme", not_before=NOW + 5)
+    assert selector.select("www.example.com", NOW).source is Source.CUSTOM
+    assert selector.select("www.example.com", NOW + 9.9).source is Source.CUSTOM
+    assert selector.select("www.example.com", NOW + 10).source is Source.ACME  # custom expired
+    assert selector.select("www.example.com", NOW + 4).source is Source.CUSTOM  # clock stepped back
+    assert selector.select("www.example.com", NOW - 1).source is Source.CUSTOM
+    add(index, "www.example.com", "custom", not_after=NOW + 1)
+    assert selector.select("www.example.com", NOW + 4.5) is DEFAULT  # custom gone, acme not yet valid
+
+
+def test_a_remembered_choice_follows_a_change_of_the_record(index, selector):
+    add(index, "www.example.com", "custom", fp="a")
+    first = selector.select("www.example.com", NOW)
+    assert selector.select("www.example.com", NOW) is first  # kept, not worked out again
+    add(index, "www.example.com", "custom", fp="b")  # replaced: a new digest
+    second = selector.select("www.example.com", NOW)
+    assert second.cache_key != first.cache_key
+    index.apply(Event(EventKind.DELETE, "domains/www.example.com", None, 2))  # detached
+    assert selector.select("www.example.com", NOW) is DEFAULT
+
+
+def test_a_remembered_wildcard_choice_follows_the_clock(index, selector):
+    add(index, "*.example.com", "custom", not_after=NOW + 10)
+    assert selector.select("a.example.com", NOW).source is Source.WILDCARD
+    assert selector.select("b.example.com", NOW + 10) is DEFAULT
+    assert selector.select("a.example.com", NOW + 1).source is Source.WILDCARD
