@@ -11,7 +11,6 @@ the store is dropped at the next scrape.
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Collection
 from typing import Any
 
@@ -22,6 +21,8 @@ UPSTREAM_KINDS = ("refused", "timeout", "reset", "protocol", "closed")
 
 
 class AppCounters:
+    """Bumped by ``ProxyStats.request_done`` (a finished exchange) and here (upstream errors)."""
+
     __slots__ = ("buckets", "classes", "errors", "seconds")
 
     def __init__(self) -> None:
@@ -29,11 +30,6 @@ class AppCounters:
         self.buckets = [0] * (len(DURATION_BUCKETS) + 1)
         self.seconds = 0.0
         self.errors: dict[str, int] = {}
-
-    def request_done(self, status: int, seconds: float) -> None:
-        self.classes[status // 100 if 0 < status < 600 else 0] += 1
-        self.buckets[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
-        self.seconds += seconds
 
     def upstream_error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1

@@ -3,7 +3,8 @@
 Each is a small pure function the protocols call at one place: before
 routing (requests per address), on a response head (HSTS), on an answer
 edge makes itself (error pages, maintenance, Retry-After), when an exchange
-ends (per-app series). With every control off each costs one attribute test.
+fails (per-app series; a finished one is counted by ``ProxyStats.request_done``
+with the process's series). With every control off each costs one attribute test.
 """
 
 from __future__ import annotations
@@ -66,12 +67,6 @@ def answer_head_fields(app: App | None, status: int, tls: bool, retry_after: int
     if retry_after:
         fields.append((b"retry-after", b"%d" % retry_after))
     return fields
-
-
-def count_done(app: App | None, stats: AppStats, status: int, seconds: float) -> None:
-    """Per-app series ([metrics] per_app) for one finished exchange."""
-    if app is not None and stats.enabled:
-        stats.of(app.name).request_done(status, seconds)
 
 
 def count_upstream_error(app: App | None, stats: AppStats, kind: str) -> None:

@@ -40,6 +40,10 @@ class Decision(NamedTuple):
         return (self.authority.name or "") if self.authority is not None else ""
 
 
+_new = tuple.__new__
+_FORWARD = Action.FORWARD
+
+
 def _answer(status: int, authority: Authority | None = None, app: App | None = None) -> Decision:
     return Decision(Action.ANSWER, status, authority, None, app)
 
@@ -69,7 +73,7 @@ def decide(
         return Decision(Action.CHALLENGE, 0, authority)
     if host is None:
         return _answer(404, authority)
-    if sni is not None and not router.same_certificate(sni, host):
+    if sni is not None and sni != host and not router.same_certificate(sni, host):
         # RFC 9110 §15.5.20, RFC 9113 §9.1.1: a connection serves the names its certificate covers.
         return _answer(421, authority)
     app = router.app_for(host)
@@ -85,4 +89,4 @@ def decide(
     pool = router.pool_for(app)
     if not pool.backends:
         return _answer(503, authority, app)
-    return Decision(Action.FORWARD, 0, authority, pool, app)
+    return _new(Decision, (_FORWARD, 0, authority, pool, app))  # Decision(...), without its Python __new__

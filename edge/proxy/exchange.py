@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -14,7 +15,7 @@ from edge.config import Config, ProxyConfig
 from edge.histogram import Histogram
 from edge.limits import RateLimiter
 from edge.proxy.appstats import DURATION_BUCKETS as DURATION_BUCKETS  # re-exported: metrics reads it here
-from edge.proxy.appstats import AppStats
+from edge.proxy.appstats import AppCounters, AppStats
 from edge.proxy.routing import Router
 
 if TYPE_CHECKING:
@@ -40,10 +41,21 @@ class ProxyStats:
         self.upstream_errors: dict[str, int] = {}
         self.protocols: dict[str, int] = {}  # requests by HTTP version: "1.0", "1.1", "2"
 
-    def request_done(self, status: int, seconds: float, version: str = "1.1") -> None:
-        self.status_classes[status // 100 if 0 < status < 600 else 0] += 1
-        self.protocols[version] = self.protocols.get(version, 0) + 1
-        self.duration.observe(seconds)
+    def request_done(self, status: int, seconds: float, version: str = "1.1", app: AppCounters | None = None) -> None:
+        """One finished exchange; ``app``: its app's counters too ([metrics] per_app),
+        bumped here so the bucket is looked up once for both (one call per request)."""
+        klass = status // 100 if 0 < status < 600 else 0
+        self.status_classes[klass] += 1
+        protocols = self.protocols
+        protocols[version] = protocols.get(version, 0) + 1
+        bucket = bisect_left(DURATION_BUCKETS, seconds)
+        duration = self.duration
+        duration.counts[bucket] += 1
+        duration.total += seconds
+        if app is not None:
+            app.classes[klass] += 1
+            app.buckets[bucket] += 1
+            app.seconds += seconds
 
     def upstream_error(self, kind: str) -> None:
         self.upstream_errors[kind] = self.upstream_errors.get(kind, 0) + 1

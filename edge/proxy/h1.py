@@ -47,6 +47,10 @@ _NOT_FORWARDED_UNTRUSTED = _NOT_FORWARDED | _CLIENT_CLAIMS
 # client talk to the backend past every rule of edge. "h2" is TLS-only (RFC
 # 9113 §3.2) and never valid in Upgrade.
 _UNSAFE_UPGRADES = frozenset({b"h2c", b"h2", b"http", b"https"})
+# Response fields never relayed as they came: hop-by-hop ones, and the framing edge writes itself.
+_NOT_RELAYED = HOP_BY_HOP | {b"content-length"}
+# A Connection value that names no field besides hop-by-hop ones (what most backends send).
+_PLAIN_CONNECTION = frozenset({b"keep-alive"})
 # Request fields the proxy itself reads; the others pass through untouched.
 FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 
@@ -55,7 +59,8 @@ def connection_tokens(headers: Headers) -> set[bytes]:
     tokens: set[bytes] = set()
     for name, value in headers:
         if name == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+            tokens.update([t.strip().lower() for t in value.split(b",")])
+    tokens.discard(b"")
     return tokens
 
 
@@ -126,7 +131,6 @@ def request_head(
     method: bytes,
     target: bytes,
     headers: Headers,
-    *,
     host: bytes,
     client_ip: bytes,
     proto: bytes,
@@ -152,7 +156,9 @@ def request_head(
     """
     skip = _NOT_FORWARDED if trusted else _NOT_FORWARDED_UNTRUSTED
     if has_connection:
-        skip = skip | connection_tokens(headers)
+        tokens = connection_tokens(headers)
+        if not tokens <= skip:
+            skip = skip | tokens
     out = [method, b" ", target, b" HTTP/1.1\r\n"]
     forwarded_for = b""
     for name, value in headers:
@@ -187,18 +193,23 @@ def response_head(
     status: int,
     reason: bytes,
     headers: Headers,
-    *,
     content_length: int | None,
     chunked: bool,
     keep_alive: bool,
 ) -> bytes:
     """The response head sent to the client."""
-    drop = connection_tokens(headers)
     out = [b"HTTP/1.1 ", str(status).encode(), b" ", reason or b"-", b"\r\n"]
+    named = False  # a Connection field may name other fields
     for name, value in headers:
-        if name in HOP_BY_HOP or name in drop or name == b"content-length":
+        if name in _NOT_RELAYED:
+            if name == b"connection" and value.lower() not in _PLAIN_CONNECTION:
+                named = True
             continue
         out += (name, b": ", value, b"\r\n")
+    if named and not connection_tokens(headers) <= _NOT_RELAYED:
+        # Connection names other fields (RFC 9110 §7.6.1): they are dropped too.
+        drop = _NOT_RELAYED | connection_tokens(headers)
+        out[5:] = [part for name, value in headers if name not in drop for part in (name, b": ", value, b"\r\n")]
     if status == 101:
         # RFC 9110 §15.2.2: the 101 names the protocol switched to.
         upgrade = next((v for n, v in headers if n == b"upgrade"), b"")

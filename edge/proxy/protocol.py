@@ -17,6 +17,7 @@ from collections import deque
 import httptools
 
 from edge.proxy import h1
+from edge.proxy.deadline import Deadline
 from edge.proxy.downstream import ClientConnection, keeps_alive
 from edge.proxy.errors import HttpError, error_response
 from edge.proxy.exchange import ListenerInfo, ProxyContext
@@ -34,7 +35,7 @@ _HEAD = Phase.HEAD
 FIRST_REQUEST_GRACE = 1.0  # seconds a new connection has for its first request once shutdown began
 
 
-class HttpProxyProtocol(ClientConnection):
+class HttpProxyProtocol(Deadline, ClientConnection):
     def __init__(self, shared: ProxyContext, listener: ListenerInfo, tls: TlsInfo | None,
                  peer: Peer | None = None) -> None:
         super().__init__(shared, listener, tls, peer)
@@ -146,8 +147,12 @@ class HttpProxyProtocol(ClientConnection):
                                             close_delimited=not (chunked or no_body or length is not None))
         self._response_chunked = chunked
         self._response_framed = chunked or no_body or length is not None
-        self._write(h1.response_head(status, reason, headers, content_length=length, chunked=chunked,
-                                     keep_alive=keep))
+        head = h1.response_head(status, reason, headers, length, chunked, keep)  # positional: the hot path
+        batch = self._batch  # self._write, inline
+        if batch is not None:
+            batch.append(head)
+        else:
+            self.transport.write(head)
 
     def send_body(self, req: Request, data: bytes) -> None:
         if self.transport is None:
@@ -155,7 +160,13 @@ class HttpProxyProtocol(ClientConnection):
         if self._tunnel is None:
             # Activity pushes the stall deadline back; the timer itself is not touched.
             self._timer_deadline = self._loop.time() + self.config.response_timeout
-        self._write(h1.chunk(data) if self._response_chunked else data)
+        if self._response_chunked:
+            data = h1.chunk(data)
+        batch = self._batch  # self._write, inline
+        if batch is not None:
+            batch.append(data)
+        else:
+            self.transport.write(data)
 
     def end(self, req: Request) -> None:
         if self._response_chunked:
@@ -180,7 +191,7 @@ class HttpProxyProtocol(ClientConnection):
                 self._arm(self.config.request_head_timeout)
         else:
             self._arm(self.config.idle_timeout)
-        if len(queue) <= 1:
+        if len(queue) <= 1 and self._paused:
             self._resume("pipeline")
 
     def abort(self, req: Request, error: UpstreamError) -> None:
@@ -255,37 +266,8 @@ class HttpProxyProtocol(ClientConnection):
             if not self._paused and self.transport is not None and not self._closing:
                 self.transport.resume_reading()
 
-    # --- one timer per connection; its meaning follows the connection's state ----------
-    def _arm(self, delay: float) -> None:
-        """Move the deadline. The scheduled handle is kept when the deadline only
-        moves later (it re-arms itself when it fires early), so a busy keep-alive
-        connection creates no timer per request."""
-        loop = self._loop
-        deadline = self._timer_deadline = loop.time() + delay
-        timer = self._timer
-        if timer is None or self._timer_at > deadline:
-            if timer is not None:
-                timer.cancel()  # an earlier deadline than the one scheduled
-            self._timer = loop.call_at(deadline, self._on_timer)
-            self._timer_at = deadline
-
-    def _cancel_timer(self) -> None:
-        self._timer_deadline = 0.0
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        if not self._timer_deadline:
-            return
-        loop = self._loop
-        if loop.time() < self._timer_deadline:
-            # Pushed back since it was scheduled (activity): sleep until the new deadline.
-            self._timer = loop.call_at(self._timer_deadline, self._on_timer)
-            self._timer_at = self._timer_deadline
-            return
-        self._timer_deadline = 0.0
+    # --- the deadline (edge.proxy.deadline): what it means follows the connection's state --
+    def _expired(self) -> None:
         head = self.queue[0] if self.queue else None
         if head is None:
             self._close()  # idle keep-alive, or a new connection that never spoke
@@ -313,8 +295,8 @@ class HttpProxyProtocol(ClientConnection):
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self._parsing
         assert req is not None
-        self._head_bytes += len(name) + len(value) + 4
-        if self._head_bytes > self.config.max_header_bytes:
+        size = self._head_bytes = self._head_bytes + len(name) + len(value) + 4
+        if size > self.config.max_header_bytes:
             raise HttpError(431)
         name = name.lower()
         req.headers.append((name, value))

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from edge.proxy import forwarding, h1
 from edge.proxy.answers import challenge_answer, error_answer, redirect_answer
-from edge.proxy.controls import count_done, count_upstream_error, with_hsts
+from edge.proxy.controls import count_upstream_error, with_hsts
 from edge.proxy.downstream import CLOSING_STATUSES
 from edge.proxy.errors import phrase
 from edge.proxy.exchange import log_access
@@ -99,7 +99,9 @@ class Request:
     # --- the request, from the client ----------------------------------------------------
     def start(self, refused: int = 0) -> None:
         """The head is complete: answer ``refused`` if not 0, else route it (``forwarding``)."""
-        self.to(_ROUTING)
+        if not NEXT[self.phase] & _ROUTING:  # self.to, inline on the hot path
+            raise IllegalTransition(self.phase, _ROUTING)
+        self.phase = _ROUTING
         if refused:
             self.answer(refused)
         else:
@@ -156,7 +158,7 @@ class Request:
             raise IllegalTransition(self.phase, _SENT)
         self.phase = _SENT
         self.conn = conn
-        conn.start(self, head_only=self.method == b"HEAD")
+        conn.start(self, self.method == b"HEAD")  # head_only
         downstream = self.downstream
         body, self.body = self.body, None
         if self.body_held:
@@ -380,9 +382,11 @@ class Request:
         shared = downstream.shared
         status = self.status
         seconds = time.monotonic() - self.t0
-        shared.stats.request_done(status, seconds, self.version)
-        if self.app is not None:
-            count_done(self.app, shared.app_stats, status, seconds)
+        app = self.app
+        app_stats = shared.app_stats
+        # The per-app series ([metrics] per_app) are bumped with the process's, one lookup.
+        counters = app_stats.of(app.name) if app is not None and app_stats.enabled else None
+        shared.stats.request_done(status, seconds, self.version, counters)
         if shared.access_log:
             tls = downstream.tls
             log_access(self, downstream.client_ip, downstream.tls_version, tls.source.value if tls else "",

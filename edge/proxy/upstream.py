@@ -53,6 +53,8 @@ class ResponseSink(Protocol):
 READ_SIZE = 64 * 1024
 WRITE_HIGH_WATER = 64 * 1024  # request bytes held for a slow backend before the client is paused
 _READ_BUFFER = memoryview(bytearray(READ_SIZE))
+# Response fields that say where the body ends (RFC 9112 §6.3), noted as they are parsed.
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 
 
 class BackendConnection(asyncio.BufferedProtocol):
@@ -67,6 +69,7 @@ class BackendConnection(asyncio.BufferedProtocol):
         self._head_only = False
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
+        self._framing: list[tuple[bytes, bytes]] = []  # the head's Content-Length and Transfer-Encoding fields
         self._got_response = False
         self._close_delimited = False  # the body ends with the connection (RFC 9112 §6.3 item 8)
         self._done = False
@@ -88,6 +91,7 @@ class BackendConnection(asyncio.BufferedProtocol):
             # only a HEAD answer (no body despite its Content-Length) spends it.
             self._parser = httptools.HttpResponseParser(self)
         self._headers = []
+        self._framing = []
         self._reason = b""
         self._got_response = False
         self._close_delimited = False
@@ -213,7 +217,10 @@ class BackendConnection(asyncio.BufferedProtocol):
         self._reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.lower(), value))
+        name = name.lower()
+        self._headers.append((name, value))
+        if name in _FRAMING:
+            self._framing.append((name, value))  # read once the head is complete
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -222,7 +229,10 @@ class BackendConnection(asyncio.BufferedProtocol):
         headers, self._headers = self._headers, []
         reason, self._reason = self._reason, b""
         if self._done or self.sink is None:
+            self._framing = []
             return  # past the end of the response: noted as excess already
+        if status < 200:
+            self._framing = []  # an interim response's framing fields say nothing of the final one
         if status == 101:
             self._got_response = True
             self._tunnel = True
@@ -236,18 +246,20 @@ class BackendConnection(asyncio.BufferedProtocol):
         self._got_response = True
         chunked = False
         length: int | None = None
-        for name, value in headers:
+        framing, self._framing = self._framing, []
+        for name, value in framing:
             if name == b"transfer-encoding":
-                chunked = chunked or b"chunked" in value.lower()
-            elif name == b"content-length" and value.strip().isdigit():
+                chunked = chunked or value.lower().find(b"chunked") >= 0
+            elif value.strip().isdigit():  # content-length
                 length = int(value)
-        no_body = self._head_only or status in (204, 304)
+        no_body = self._head_only or status == 204 or status == 304
         self._close_delimited = not (chunked or no_body) and length is None
-        self.sink.response_head(status, reason, headers, parser.should_keep_alive(), chunked, length)
-        if self._head_only or status in (204, 304):
+        keep_alive = parser.should_keep_alive()
+        self.sink.response_head(status, reason, headers, keep_alive, chunked, length)
+        if no_body:
             # No body follows a HEAD, 204 or 304 response (RFC 9110 §6.4.1),
             # whatever Content-Length says: finish now and reset the parser.
-            self._finish(parser.should_keep_alive())
+            self._finish(keep_alive)
 
     def on_body(self, body: bytes) -> None:
         if self._done:
@@ -349,6 +361,8 @@ class Pool:
         neighbour two turns in three ([a, down, b]: b, b, a, ...)."""
         backends = self.backends
         n = len(backends)
+        if n == 1:
+            return backends[0]  # healthy or not, the only one (most apps have one backend)
         start = self._next
         now = time.monotonic()
         for i in range(n):

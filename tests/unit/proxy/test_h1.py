@@ -131,6 +131,23 @@ def test_response_head_strips_hop_by_hop():
     assert head == b"HTTP/1.1 200 OK\r\nserver: x\r\ntransfer-encoding: chunked\r\n\r\n"
 
 
+@pytest.mark.parametrize("connection_first", [True, False])
+def test_response_head_drops_fields_the_connection_field_names(connection_first):
+    # RFC 9110 §7.6.1: wherever Connection comes, the fields it names are hop-by-hop.
+    fields = [(b"x-hop", b"1"), (b"server", b"x"), (b"x-keep", b"2")]
+    connection = (b"connection", b"keep-alive, X-Hop")
+    headers = [connection, *fields] if connection_first else [*fields, connection]
+    head = h1.response_head(200, b"OK", headers, content_length=5, chunked=False, keep_alive=False)
+    assert head == b"HTTP/1.1 200 OK\r\nserver: x\r\nx-keep: 2\r\ncontent-length: 5\r\nconnection: close\r\n\r\n"
+
+
+def test_response_head_drops_a_field_named_by_connection_close():
+    # "close" is a connection option (RFC 9110 §7.6.1): a field of that name is not relayed.
+    head = h1.response_head(200, b"OK", [(b"connection", b"close"), (b"close", b"x")], content_length=0,
+                            chunked=False, keep_alive=True)
+    assert head == b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+
+
 def test_chunk():
     assert h1.chunk(b"hello") == b"5\r\nhello\r\n"
     assert h1.chunk(b"") == b""  # never a last-chunk by accident
