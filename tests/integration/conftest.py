@@ -106,10 +106,18 @@ class EchoHandler(BaseHTTPRequestHandler):
         pass
 
 
+class WideBackend(ThreadingHTTPServer):
+    # socketserver's default backlog is 5: 40 streams of one HTTP/2 connection
+    # open 40 backend connections at once, and on a loaded machine the SYNs
+    # over the backlog were dropped and retried a second or more later (a
+    # test timing out after 30 s in 3 of 4 runs under load).
+    request_queue_size = 512
+    daemon_threads = True
+
+
 @pytest.fixture(scope="session")
 def backend() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), EchoHandler)
-    server.daemon_threads = True
+    server = WideBackend(("127.0.0.1", 0), EchoHandler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"127.0.0.1:{server.server_address[1]}"

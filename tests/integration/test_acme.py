@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from edge.acme.client import AcmeClient, cert_id
+from edge.acme.manager import GAUGES_TTL
 from tests import pki
 from tests.integration.conftest import EdgeProcess, free_port, wait_for
 from tests.integration.etcd_server import Etcd, etcd_node
@@ -780,8 +781,10 @@ def test_alerts_and_dashboard_use_only_metrics_edge_exports(
     assert edge.status("metrics.shop.test") == 200
     wait_for(lambda: edge.status("down.shop.test") == 502, timeout=5, interval=0.1)
     scrape = f"http://127.0.0.1:{admin}/metrics"
+    # The renewal gauges are recomputed in a thread every 1 s, and up to 50x the
+    # last computation's wall time when that was slow (a loaded machine: 5-10 s).
     samples = wait_for(lambda: (found := exported(edge.curl(scrape).stdout)).get("edge_acme_next_renewal_seconds")
-                       and found, timeout=10, interval=0.2)
+                       and found, timeout=GAUGES_TTL + 5, interval=0.2)
     rules = yaml.safe_load((DEPLOY / "prometheus-alerts.yaml").read_text())
     exprs = [("alert " + r["alert"], r["expr"]) for g in rules["groups"] for r in g["rules"]]
     dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())

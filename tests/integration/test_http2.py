@@ -15,7 +15,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import h2.config
@@ -26,7 +25,7 @@ import h2.settings
 import pytest
 import trustme
 
-from tests.integration.conftest import EchoHandler, EdgeProcess, require_tool, wait_for
+from tests.integration.conftest import EchoHandler, EdgeProcess, WideBackend, require_tool, wait_for
 
 HOST = "demo.edge.test"
 ROOT = Path(__file__).resolve().parents[2]
@@ -437,15 +436,10 @@ def test_rapid_reset_ends_the_connection_and_edge_serves_on(edge: EdgeProcess) -
         other.close()
 
 
-class _WideBackend(ThreadingHTTPServer):
-    request_queue_size = 512  # 100 connections at once: no SYN retried for a second
-    daemon_threads = True
-
-
 def test_max_streams_read_by_nobody_hold_bounded_memory(edge: EdgeProcess) -> None:
     """100 streams of 1 MiB to a client that reads nothing: each stream's backend
     is paused once a little is queued; edge's RSS grows by less than 16 MiB."""
-    server = _WideBackend(("127.0.0.1", 0), EchoHandler)
+    server = WideBackend(("127.0.0.1", 0), EchoHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     edge.cli("apps-add", "bulk", "--backend", f"127.0.0.1:{server.server_address[1]}")
     edge.wait_routed("bulk.edge.test")
