@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import socket
-from pathlib import Path
 
 from edge import takeover
 from edge.config import Address, Config
@@ -83,7 +82,7 @@ def open_listeners(config: Config, per_address: int) -> list[Listener]:
     per worker; the kernel spreads connections over them): those the running
     edge hands over at a takeover, bound for the rest."""
     server = config.server
-    offered = takeover.receive(takeover.offer_path(config.store.index_dir)) if server.takeover else []
+    offered = takeover.receive(takeover.offer_path(config)) if server.takeover else []
     out: list[Listener] = []
     try:
         for kind, addresses in (("https", server.https), ("http", server.http)):
@@ -138,6 +137,3 @@ def for_worker(listeners: list[Listener], number: int, workers: int) -> list[Lis
         out += same[number::workers]
     return out
 
-
-def offer_path(config: Config) -> Path:
-    return takeover.offer_path(config.store.index_dir)

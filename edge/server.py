@@ -25,7 +25,7 @@ from edge.appmetrics import control_counters
 from edge.config import Config
 from edge.errors import StartupError
 from edge.limits import RateLimiter
-from edge.listen import check_free, offer_path, open_listeners
+from edge.listen import check_free, open_listeners
 from edge.metrics import Counters, publish_counters, registry_for
 from edge.proxy.appstats import AppStats
 from edge.proxy.exchange import ListenerInfo, ProxyContext
@@ -39,7 +39,7 @@ from edge.store.follower import FollowError, StoreFollower
 from edge.store.localcopy import LocalCopy
 from edge.store.open import open_copy, open_store
 from edge.store.shared import ReaderFollower, SharedIndex
-from edge.takeover import Listener, Offer
+from edge.takeover import Listener, Offer, offer_path
 from edge.tls.acceptor import TlsAcceptor, TlsInfo
 from edge.tls.contexts import ContextCache
 from edge.tls.fixed import FixedContexts, load_fixed_contexts, reload_certificates

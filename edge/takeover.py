@@ -26,7 +26,7 @@ import struct
 from pathlib import Path
 from typing import NamedTuple
 
-from edge.config import Address
+from edge.config import Address, Config
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,9 @@ class Listener(NamedTuple):
     sock: socket.socket
 
 
-def offer_path(index_dir: Path) -> Path:
-    return index_dir / OFFER_NAME
+def offer_path(config: Config) -> Path:
+    """Where the running edge offers its sockets: its configured local copy's directory."""
+    return config.store.index_dir / OFFER_NAME
 
 
 class Offer:

@@ -35,11 +35,11 @@ from pathlib import Path
 
 from edge import logs
 from edge.config import Config
-from edge.listen import for_worker, offer_path, open_listeners
+from edge.listen import for_worker, open_listeners
 from edge.server import Edge, FixedContexts, StartupError, load_fixed_contexts
 from edge.store.base import StoreError
 from edge.store.open import open_copy
-from edge.takeover import Listener, Offer
+from edge.takeover import Listener, Offer, offer_path
 
 log = logging.getLogger(__name__)
 
