@@ -4,6 +4,12 @@ An app's own name under the platform domain routes to it; custom domains
 route through the index's domain map. Pools live as long as the app's
 backend list is unchanged; a change replaces the pool (idle connections to
 the old backends are closed).
+
+Which app a host routes to is kept per process while the index does not
+change: two lookups in the local copy (the name, then its app) cost more than
+asking whether anything was committed since (``Index.changes``), and every
+commit (an upload, a delete, an app's new backends) is seen by the very next
+request.
 """
 
 from __future__ import annotations
@@ -16,6 +22,10 @@ from edge.records import App
 from edge.store.index import Index
 from edge.tls.selector import Selector
 
+# Hosts whose app is kept between two changes of the index: a bound, not a
+# working set (a million names exist); past it the cache starts over.
+ROUTES_KEPT = 4096
+
 
 class Router:
     def __init__(self, index: Index, selector: Selector, platform_domain: str, pool_size: int,
@@ -26,8 +36,29 @@ class Router:
         self.platform_domain = platform_domain
         self.pool_size = pool_size
         self._pools: dict[str, tuple[tuple[str, ...], Pool]] = {}
+        self._routes: dict[str, App | None] = {}  # host -> its app (None: none), as of ``_routes_at``
+        self._routes_at = -1  # the index's ``changes`` the routes were read at
 
     def app_for(self, host: str) -> App | None:
+        changes = self.index.changes
+        routes = self._routes
+        if changes == self._routes_at:
+            if host in routes:
+                return routes[host]
+        elif self.loading():
+            # The first load is under way: names come from the store on demand
+            # and stand in for a moment only (``Overlay``): never kept here.
+            return self._lookup(host)
+        else:
+            routes = self._routes = {}
+            self._routes_at = changes
+        app = self._lookup(host)
+        if len(routes) >= ROUTES_KEPT:
+            routes.clear()
+        routes[host] = app
+        return app
+
+    def _lookup(self, host: str) -> App | None:
         app = self.index.app_of(host)
         if app is not None:
             return app
