@@ -17,6 +17,7 @@ import logging
 import socket
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -29,7 +30,7 @@ from edge.listen import check_free, open_listeners
 from edge.metrics import Counters, publish_counters, registry_for
 from edge.proxy.appstats import AppStats
 from edge.proxy.exchange import ListenerInfo, ProxyContext
-from edge.proxy.h2proto import AlpnSwitch
+from edge.proxy.h2proto import tls_protocol
 from edge.proxy.not_tls import answer_not_tls
 from edge.proxy.protocol import HttpProxyProtocol
 from edge.proxy.routing import Router
@@ -192,12 +193,8 @@ class Edge:
         )
 
     def _https_protocol_factory(self, listener: ListenerInfo) -> Callable[[TlsInfo], asyncio.BaseProtocol]:
-        proxy = self.proxy
-
-        def factory(info: TlsInfo) -> asyncio.BaseProtocol:
-            return AlpnSwitch(proxy, listener, info)  # HTTP/2 or HTTP/1.1, as ALPN chose
-
-        return factory
+        # HTTP/2 or HTTP/1.1 as ALPN chooses; h2 is offered per [proxy] http2 (set at start, never reloaded).
+        return partial(tls_protocol, self.proxy, listener, self.config.proxy.http2)
 
     def _http_protocol_factory(self, listener: ListenerInfo) -> Callable[[Peer | None], asyncio.BaseProtocol]:
         proxy = self.proxy

@@ -310,3 +310,13 @@ class AlpnSwitch(asyncio.Protocol):
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
 
+
+
+def tls_protocol(shared: ProxyContext, listener: ListenerInfo, http2: bool, tls: TlsInfo) -> asyncio.BaseProtocol:
+    """The protocol of a new TLS connection. ALPN picks only a protocol the client
+    offered (RFC 7301 §3.2): without h2 in its ClientHello, or with ``[proxy] http2``
+    off (then never offered), it is HTTP/1.1 from the start, with no switch made and
+    dropped per connection."""
+    if http2 and b"h2" in tls.alpn:
+        return AlpnSwitch(shared, listener, tls)
+    return HttpProxyProtocol(shared, listener, tls)

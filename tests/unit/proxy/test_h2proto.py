@@ -12,9 +12,12 @@ import h2.events
 from edge.config import ProxyConfig
 from edge.proxy import upstream
 from edge.proxy.exchange import ListenerInfo, ProxyContext
-from edge.proxy.h2proto import H2ProxyProtocol
+from edge.proxy.h2proto import AlpnSwitch, H2ProxyProtocol, tls_protocol
 from edge.proxy.h2stream import STREAM_HIGH_WATER
+from edge.proxy.protocol import HttpProxyProtocol
 from edge.proxy.request import Phase
+from edge.tls.acceptor import TlsInfo
+from edge.tls.selector import Source
 from tests.unit.proxy.test_protocol import FakeTransport, make_protocol
 
 
@@ -189,3 +192,20 @@ def test_a_client_reading_nothing_pauses_every_backend(monkeypatch) -> None:
         proto.connection_lost(None)
         assert all(b.closed for b in backends)
     run(body)
+
+
+def test_a_client_that_offers_no_h2_gets_http11_at_once() -> None:
+    """ALPN selects only what the client offered (RFC 7301 §3.2): without h2 in
+    its ClientHello (or with [proxy] http2 off) no switch is made per connection."""
+
+    async def main() -> None:
+        base, _ = make_protocol()
+        listener = ListenerInfo(b"https", b"443", 443)
+        for alpn in [(), (b"http/1.1",), (b"acme-tls/1",)]:
+            info = TlsInfo("demo.apps.test", Source.PLATFORM, alpn)
+            assert type(tls_protocol(base.shared, listener, True, info)) is HttpProxyProtocol
+        offered = TlsInfo("demo.apps.test", Source.PLATFORM, (b"h2", b"http/1.1"))
+        assert type(tls_protocol(base.shared, listener, True, offered)) is AlpnSwitch  # ALPN decides
+        assert type(tls_protocol(base.shared, listener, False, offered)) is HttpProxyProtocol  # h2 never offered
+
+    asyncio.run(main())
