@@ -159,33 +159,27 @@ def request_head(
         tokens = connection_tokens(headers)
         if not tokens <= skip:
             skip = skip | tokens
-    out = [method, b" ", target, b" HTTP/1.1\r\n"]
+    out = [b"%b %b HTTP/1.1\r\n" % (method, target)]
     forwarded_for = b""
-    for name, value in headers:
+    for field in headers:  # one formatted piece per field (cheaper than four list items)
+        name = field[0]
         if name in skip:
             if trusted and name == b"x-forwarded-for":
-                forwarded_for = forwarded_for + b", " + value if forwarded_for else value
+                forwarded_for = forwarded_for + b", " + field[1] if forwarded_for else field[1]
             continue
-        out += (name, b": ", value, b"\r\n")
-    out += (b"host: ", host, b"\r\n")
+        out.append(b"%b: %b\r\n" % field)
     # From a trusted proxy appended, as nginx's $proxy_add_x_forwarded_for does.
-    out += (
-        b"x-forwarded-for: ",
-        forwarded_for + b", " + client_ip if forwarded_for else client_ip,
-        b"\r\nx-forwarded-proto: ",
-        proto,
-        b"\r\nx-forwarded-port: ",
-        port,
-        b"\r\n",
-    )
-    out += (b"x-request-id: ", request_id, b"\r\n")
+    out.append(b"host: %b\r\nx-forwarded-for: %b\r\nx-forwarded-proto: %b\r\nx-forwarded-port: %b\r\n"
+               b"x-request-id: %b\r\n"
+               % (host, forwarded_for + b", " + client_ip if forwarded_for else client_ip, proto, port, request_id))
     if upgrade is not None:
-        out += (b"connection: upgrade\r\nupgrade: ", upgrade, b"\r\n")
+        out.append(b"connection: upgrade\r\nupgrade: %b\r\n" % upgrade)
     if chunked:
-        out.append(b"transfer-encoding: chunked\r\n")
+        out.append(b"transfer-encoding: chunked\r\n\r\n")
     elif content_length is not None:
-        out += (b"content-length: ", b"%d" % content_length, b"\r\n")
-    out.append(b"\r\n")
+        out.append(b"content-length: %d\r\n\r\n" % content_length)
+    else:
+        out.append(b"\r\n")
     return b"".join(out)
 
 
@@ -197,31 +191,31 @@ def response_head(
     chunked: bool,
     keep_alive: bool,
 ) -> bytes:
-    """The response head sent to the client."""
-    out = [b"HTTP/1.1 ", str(status).encode(), b" ", reason or b"-", b"\r\n"]
+    """The response head sent to the client. (One formatted piece per field: cheaper
+    per response than four list items each; the hot path of every answer.)"""
+    out = [b"HTTP/1.1 %d %b\r\n" % (status, reason or b"-")]
     named = False  # a Connection field may name other fields
-    for name, value in headers:
+    for field in headers:
+        name = field[0]
         if name in _NOT_RELAYED:
-            if name == b"connection" and value.lower() not in _PLAIN_CONNECTION:
+            if name == b"connection" and field[1].lower() not in _PLAIN_CONNECTION:
                 named = True
             continue
-        out += (name, b": ", value, b"\r\n")
+        out.append(b"%b: %b\r\n" % field)
     if named and not connection_tokens(headers) <= _NOT_RELAYED:
         # Connection names other fields (RFC 9110 §7.6.1): they are dropped too.
         drop = _NOT_RELAYED | connection_tokens(headers)
-        out[5:] = [part for name, value in headers if name not in drop for part in (name, b": ", value, b"\r\n")]
+        out[1:] = [b"%b: %b\r\n" % field for field in headers if field[0] not in drop]
     if status == 101:
         # RFC 9110 §15.2.2: the 101 names the protocol switched to.
         upgrade = next((v for n, v in headers if n == b"upgrade"), b"")
-        out += (b"connection: upgrade\r\nupgrade: ", upgrade, b"\r\n\r\n")
+        out.append(b"connection: upgrade\r\nupgrade: %b\r\n\r\n" % upgrade)
         return b"".join(out)
     if chunked:
         out.append(b"transfer-encoding: chunked\r\n")
     elif content_length is not None:
-        out += (b"content-length: ", str(content_length).encode(), b"\r\n")
-    if not keep_alive:
-        out.append(b"connection: close\r\n")
-    out.append(b"\r\n")
+        out.append(b"content-length: %d\r\n" % content_length)
+    out.append(b"\r\n" if keep_alive else b"connection: close\r\n\r\n")
     return b"".join(out)
 
 
