@@ -241,12 +241,6 @@ class Request:
     def upstream_resume(self) -> None:
         self.release_body()
 
-    def batch_begin(self) -> None:
-        self.downstream.batch_begin()
-
-    def batch_end(self) -> None:
-        self.downstream.batch_end()
-
     # --- back-pressure ------------------------------------------------------------------------
     def hold_body(self) -> None:
         """The backend is not taking the request body, or enough of it is held: the client waits."""

@@ -33,13 +33,22 @@ class UpstreamError(Exception):
         self.kind = kind  # "refused", "timeout", "reset", "protocol", "closed"
 
 
+class Batching(Protocol):
+    """The client side of the exchange: its writes during one backend read go out together."""
+
+    def batch_begin(self) -> None: ...
+    def batch_end(self) -> None: ...
+
+
 class ResponseSink(Protocol):
+    @property
+    def downstream(self) -> Batching:
+        """Called directly around each backend read (no frame of the sink's in between)."""
+
     def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
                       keep_alive: bool, chunked: bool, content_length: int | None) -> None: ...
     def response_body(self, data: bytes) -> None: ...
     def response_complete(self) -> None: ...
-    def batch_begin(self) -> None: ...
-    def batch_end(self) -> None: ...
     def upstream_failed(self, error: UpstreamError) -> None: ...
     def upstream_pause(self) -> None: ...
     def upstream_resume(self) -> None: ...
@@ -140,7 +149,8 @@ class BackendConnection(asyncio.BufferedProtocol):
             # Bytes on an idle connection: the backend broke the protocol.
             self.close()
             return
-        sink.batch_begin()
+        batching = sink.downstream
+        batching.batch_begin()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -154,7 +164,7 @@ class BackendConnection(asyncio.BufferedProtocol):
             else:
                 self._fail(UpstreamError("protocol", f"bad response from {self.backend}: {exc}"))
         finally:
-            sink.batch_end()
+            batching.batch_end()
             if self._release:
                 self._settle()
 

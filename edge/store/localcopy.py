@@ -66,6 +66,7 @@ _META_MAGIC = 0xBEEFC0DE
 _META_VERSION = 1
 _META_TXNID = 16 + 4 + 4 + 8 + 8 + 2 * 48 + 8
 _U64 = struct.Struct("<Q")
+_FIRST_ID = _META_TXNID // 8  # in the mapping as 64-bit words (a subscript, no call per read)
 _SCAN = 50_000  # records read between two drops of this process's mapping (``records``)
 
 
@@ -104,7 +105,10 @@ class LocalCopy:
         # key -> the file store's stamp (mtime, size, inode) of the file the
         # entry was read from: catching up reads only the files that changed.
         self.stamps = self.env.open_db(b"stamps")
-        self._meta, self._psize = _map_meta(self.env, path)
+        self._meta = _map_meta(self.env, path)
+        # The two meta pages' ids, as 64-bit words (little-endian, as LMDB runs on this host).
+        self._ids = memoryview(self._meta).cast("Q") if self._meta is not None else None
+        self._second_id = (int(self.env.stat()["psize"]) + _META_TXNID) // 8
 
     # --- reading (any process, any thread) ---------------------------------------------------
     def state(self) -> CopyState:
@@ -123,11 +127,11 @@ class LocalCopy:
     def version(self) -> int:
         """Changes with every committed write (the LMDB transaction id): lets readers cache derived views.
         The newer of the two meta pages' ids is the last commit, as LMDB picks it for a new reader."""
-        meta = self._meta
-        if meta is None:
+        ids = self._ids
+        if ids is None:
             return int(self.env.info()["last_txnid"])
-        unpack = _U64.unpack_from
-        return max(unpack(meta, _META_TXNID)[0], unpack(meta, self._psize + _META_TXNID)[0])
+        first, second = ids[_FIRST_ID], ids[self._second_id]
+        return first if first > second else second
 
     def names_count(self) -> int:
         with self.env.begin() as txn:
@@ -201,13 +205,16 @@ class LocalCopy:
             libc.madvise(start, end - start, _MADV_DONTNEED)
 
     def close(self) -> None:
+        if self._ids is not None:
+            self._ids.release()  # before the mapping it views is closed
+            self._ids = None
         if self._meta is not None:
             self._meta.close()
             self._meta = None
         self.env.close()
 
 
-def _map_meta(env: lmdb.Environment, path: Path) -> tuple[mmap.mmap | None, int]:
+def _map_meta(env: lmdb.Environment, path: Path) -> mmap.mmap | None:
     """A read-only mapping of the copy's two meta pages, if they read as this
     module expects (else ``version`` asks LMDB, correct but slower)."""
     psize = int(env.stat()["psize"])
@@ -215,7 +222,7 @@ def _map_meta(env: lmdb.Environment, path: Path) -> tuple[mmap.mmap | None, int]
         with open(path / "data.mdb", "rb") as data:
             meta = mmap.mmap(data.fileno(), 2 * psize, prot=mmap.PROT_READ)
     except (OSError, ValueError):
-        return None, psize
+        return None
     before = int(env.info()["last_txnid"])  # another process may commit meanwhile
     txnid = max(_U64.unpack_from(meta, _META_TXNID)[0], _U64.unpack_from(meta, psize + _META_TXNID)[0])
     after = int(env.info()["last_txnid"])
@@ -223,8 +230,8 @@ def _map_meta(env: lmdb.Environment, path: Path) -> tuple[mmap.mmap | None, int]
     if layout != (_META_MAGIC, _META_VERSION) or not before <= txnid <= after:
         log.info("local copy %s: meta pages not as expected; change checks ask LMDB", path)
         meta.close()
-        return None, psize
-    return meta, psize
+        return None
+    return meta
 
 
 def _unpack(raw: bytes | None, fmt: str, default: float) -> float:
