@@ -87,7 +87,8 @@ def forward(req: Request, pool: Pool, authority: Authority) -> None:
     # connection when a reused one turns out dead (RFC 9110 §9.2.2).
     if req.method in IDEMPOTENT and not req.body_expected and not req.upgrade:
         req.retry_head = head
-    backend = pool.pick()
+    backends = pool.backends
+    backend = backends[0] if len(backends) == 1 else pool.pick()  # most apps have one backend
     # http_reuse = "safe" (HAProxy's policy): the first request of a client
     # connection never rides a connection another client used.
     fresh = not downstream.served and downstream.config.http_reuse == "safe"

@@ -53,6 +53,7 @@ class HttpProxyProtocol(Deadline, ClientConnection):
         # answered already (an early 404) while its body still arrives.
         self._parsing: Request | None = None
         self._head_bytes = 0  # of the head being parsed
+        self._head_due = False  # a head began in this read: its deadline is armed at the end of the read
         self._framing = False  # a Content-Length or Transfer-Encoding field came in it
         self._body_apart = False  # a refused upgrade whose body a parser of its own reads
         # Upgrade: bytes the client sent after the head, before the backend's 101.
@@ -100,6 +101,13 @@ class HttpProxyProtocol(Deadline, ClientConnection):
         except httptools.HttpParserError as exc:
             cause = exc.__context__
             self._refuse(cause.status if isinstance(cause, HttpError) else 400)
+        else:
+            if self._head_due:
+                # A request head began in these bytes and is not complete: its
+                # deadline runs from now (slowloris). One that completed in the
+                # same read (the common case) never set a deadline of its own.
+                self._head_due = False
+                self._arm(self.config.request_head_timeout)
 
     def eof_received(self) -> bool | None:
         req = self._parsing
@@ -144,7 +152,7 @@ class HttpProxyProtocol(Deadline, ClientConnection):
         else:
             chunked = False  # an HTTP/1.0 client cannot read chunked: the body ends with the connection
         keep = req.keep_alive = keeps_alive(req, self.shared.draining,
-                                            close_delimited=not (chunked or no_body or length is not None))
+                                            not (chunked or no_body or length is not None))  # close_delimited
         self._response_chunked = chunked
         self._response_framed = chunked or no_body or length is not None
         head = h1.response_head(status, reason, headers, length, chunked, keep)  # positional: the hot path
@@ -178,7 +186,7 @@ class HttpProxyProtocol(Deadline, ClientConnection):
             queue.popleft()
         if req.body_held:
             req.release_body()  # a backend that was full is gone
-        if not keeps_alive(req, draining=False):
+        if not keeps_alive(req, False):  # draining: decided with the head
             # Closing mid-body (an early error answer) avoids reading a body
             # nobody wants; after a refused upgrade the parser is spent.
             self._close()
@@ -282,8 +290,7 @@ class HttpProxyProtocol(Deadline, ClientConnection):
         self._head_bytes = 0
         self._framing = False
         self.queue.append(req)
-        if len(self.queue) == 1:
-            self._arm(self.config.request_head_timeout)
+        self._head_due = len(self.queue) == 1  # armed at the end of the read if the head is not complete
 
     def on_url(self, url: bytes) -> None:
         req = self._parsing
@@ -314,6 +321,7 @@ class HttpProxyProtocol(Deadline, ClientConnection):
     def on_headers_complete(self) -> None:
         req = self._parsing
         assert req is not None
+        self._head_due = False
         parser = self.parser
         req.method = parser.get_method()
         req.version = parser.get_http_version()

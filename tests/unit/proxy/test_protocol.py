@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import re
 
 import pytest
 
@@ -170,6 +171,29 @@ def test_head_timeout_answers_408():
 
     transport = run(scenario)
     assert status_of(transport) == b"HTTP/1.1 408 Request Timeout"
+    assert transport.closed
+
+
+@pytest.mark.parametrize("same_read", [True, False])
+def test_a_slow_head_after_an_answer_gets_the_head_deadline_not_the_idle_one(same_read):
+    # The head deadline is armed at the end of the read a head began in (not per
+    # head): a keep-alive connection's next head, begun in the read that brought
+    # the previous request or in a later one, still has only request_head_timeout.
+    async def scenario():
+        protocol, transport = make_protocol(request_head_timeout=0.05, idle_timeout=30)
+        first, second = b"GET / HTTP/1.1\r\nHost: nope.test\r\n\r\n", b"GET / HTTP/1.1\r\nHo"
+        if same_read:
+            protocol.data_received(first + second)
+        else:
+            protocol.data_received(first)
+            await advance(0.03)
+            protocol.data_received(second)
+        await advance(0.2)
+        return transport
+
+    transport = run(scenario)
+    answers = re.findall(rb"HTTP/1\.1 \d{3} [^\r]*", bytes(transport.written))
+    assert answers == [b"HTTP/1.1 404 Not Found", b"HTTP/1.1 408 Request Timeout"]
     assert transport.closed
 
 
