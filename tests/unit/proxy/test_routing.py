@@ -12,6 +12,7 @@ import pytest
 
 from edge.proxy import routing
 from edge.proxy.routing import Router
+from edge.store import localcopy
 from edge.store.base import Event, EventKind, app_key, domain_key
 from edge.store.copywriter import CopyWriter
 from edge.store.follower import StoreFollower
@@ -109,5 +110,20 @@ def test_nothing_is_kept_while_the_first_load_is_under_way(tmp_path: Path) -> No
         loaded.set()
         assert copy.router.app_for("one.apps.test") is not None
         assert "one.apps.test" in copy.router._routes
+    finally:
+        copy.close()
+
+
+def test_a_copy_whose_meta_pages_read_otherwise_asks_lmdb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(localcopy, "_META_MAGIC", 0)  # as if LMDB's layout were another
+    copy = Copy(tmp_path / "index")
+    try:
+        assert copy.copy._ids is None
+        before = copy.copy.version()
+        copy.apply(_app("one", "127.0.0.1:1"), _domain("www.custom.test", "one"))
+        assert copy.copy.version() == int(copy.copy.env.info()["last_txnid"]) > before
+        assert copy.router.app_for("www.custom.test") is not None
+        copy.apply(_domain("www.custom.test", None))
+        assert copy.router.app_for("www.custom.test") is None  # still seen at once
     finally:
         copy.close()
