@@ -42,6 +42,8 @@ MODULES = (
     "edge.proxy.request",
     "edge.proxy.routing",
     "edge.proxy.upstream",
+    "edge.h2.connection", "edge.h2.frames", "edge.h2.headers", "edge.h2.sender", "edge.h2.streams", "edge.h2.encoder",
+    "edge.h2.events", "edge.h2.settings", "edge.h2.errors",
 )
 
 # Set by ``choose``: "compiled", or why the sources run ("EDGE_PURE=1 is set", ...).
@@ -56,24 +58,29 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _extensions_present() -> bool:
-    suffixes = importlib.machinery.EXTENSION_SUFFIXES
-    return any(source_of(m).with_suffix(s).exists() for m in MODULES for s in suffixes)
+def extension_files() -> list[Path]:
+    """Every extension module in the package (edge has none but mypyc's)."""
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    return [Path(d, f) for d, _, files in os.walk(PACKAGE_DIR) for f in files if f.endswith(suffixes)]
 
 
-def _why_not_current() -> str | None:
+def _why_not_current(extensions: list[Path]) -> str | None:
     """None when the build matches the sources, else what differs."""
     try:
         recorded = json.loads(MANIFEST.read_text())
     except (OSError, ValueError):
         return f"{MANIFEST.name} is missing or unreadable"
-    for module in MODULES:
+    for module, recorded_digest in recorded.items():
         try:
             current = digest(source_of(module))
         except OSError:
             return f"{source_of(module)} is unreadable"
-        if recorded.get(module) != current:
+        if recorded_digest != current:
             return f"{source_of(module).relative_to(PACKAGE_DIR.parent)} changed since it was compiled"
+    for path in extensions:  # one left by an earlier build of other modules
+        module = ".".join((*path.relative_to(PACKAGE_DIR.parent).parts[:-1], path.name.split(".")[0]))
+        if module not in recorded and not module.endswith("__mypyc"):
+            return f"{path.relative_to(PACKAGE_DIR.parent)} is not part of the build"
     return None
 
 
@@ -95,11 +102,12 @@ class SourceOnly(importlib.abc.MetaPathFinder):
 def choose() -> None:
     """Run the sources unless the compiled build is present and current."""
     global state
-    if not _extensions_present():
+    extensions = extension_files()
+    if not extensions:
         return
     if os.environ.get("EDGE_PURE") == "1":
         state = "running the Python sources: EDGE_PURE=1 is set"
-    elif (reason := _why_not_current()) is not None:
+    elif (reason := _why_not_current(extensions)) is not None:
         state = f"running the Python sources: {reason} (`make compile` rebuilds)"
     else:
         state = "compiled"

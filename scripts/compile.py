@@ -14,7 +14,6 @@ sources go to ``edge/compiled.json``, which ``edge.compiled`` checks at import.
 from __future__ import annotations
 
 import argparse
-import importlib.machinery
 import json
 import os
 import sys
@@ -30,10 +29,9 @@ GROUP = "edge.request_path"  # the shared library: edge/request_path__mypyc.*.so
 
 
 def built_files() -> list[Path]:
-    suffixes = importlib.machinery.EXTENSION_SUFFIXES
-    files = [compiled.source_of(m).with_suffix(s) for m in compiled.MODULES for s in suffixes]
-    files += [compiled.PACKAGE_DIR / f"request_path__mypyc{s}" for s in suffixes]
-    return [f for f in [*files, compiled.MANIFEST] if f.exists()]
+    """Every extension in the package (those of an earlier build of other modules
+    too: a leftover would be imported in place of its source) and the manifest."""
+    return [*compiled.extension_files(), *[compiled.MANIFEST][: compiled.MANIFEST.exists()]]
 
 
 def remove() -> None:

@@ -64,6 +64,13 @@ def test_a_build_without_its_manifest_is_not_used(copied_package: Path) -> None:
     assert origin.endswith("h1.py") and "compiled.json is missing" in state
 
 
+def test_an_extension_left_by_another_build_is_not_used(copied_package: Path) -> None:
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    (copied_package / "edge" / f"names{suffix}").write_bytes(b"not an extension")
+    origin, state = _import_in(copied_package)
+    assert origin.endswith("h1.py") and f"edge/names{suffix} is not part of the build" in state
+
+
 def test_edge_pure_runs_the_sources(copied_package: Path) -> None:
     origin, state = _import_in(copied_package, EDGE_PURE="1")
     assert origin.endswith("h1.py") and state == "running the Python sources: EDGE_PURE=1 is set"
