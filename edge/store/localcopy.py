@@ -234,7 +234,7 @@ def _map_meta(env: lmdb.Environment, path: Path) -> mmap.mmap | None:
     return meta
 
 
-def _unpack(raw: bytes | None, fmt: str, default: float) -> float:
+def _unpack(raw: bytes | memoryview | None, fmt: str, default: float) -> float:
     return struct.unpack(fmt, raw)[0] if raw is not None and len(raw) == struct.calcsize(fmt) else default
 
 
