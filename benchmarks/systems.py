@@ -315,12 +315,25 @@ class StackRelay(System):
         self.version = "uvloop-relay: benchmarks/stack_ceiling.py --backend (verbatim relay, no parsing)"
 
 
-PEERS = {"edge": Edge, "nginx": Nginx, "haproxy": Haproxy, "uvloop-tls": StackCeiling, "uvloop-relay": StackRelay}
+class StackPool(System):
+    """``uvloop-relay`` with backend connections pooled across clients, as edge
+    and nginx pool them: no backend connect per client connection."""
+
+    def start(self) -> None:
+        cert, key = self.certs.pair(self.key_type)
+        self._spawn([sys.executable, "-m", "benchmarks.stack_ceiling", "--port", str(self.port),
+                     "--cert", str(cert), "--key", str(key), "--backend", f"127.0.0.1:{self.backend_port}", "--pool"])
+        self.version = ("uvloop-pool: benchmarks/stack_ceiling.py --backend --pool (verbatim relay over pooled "
+                        "backend connections; parses only request heads and Content-Length)")
+
+
+PEERS = {"edge": Edge, "nginx": Nginx, "haproxy": Haproxy, "uvloop-tls": StackCeiling, "uvloop-relay": StackRelay,
+         "uvloop-pool": StackPool}
 
 
 def available_peers() -> tuple[list[str], dict[str, str]]:
     """The systems whose binaries are installed, and why others are skipped."""
-    found, skipped = ["edge", "uvloop-tls", "uvloop-relay"], {}
+    found, skipped = ["edge", "uvloop-tls", "uvloop-relay", "uvloop-pool"], {}
     for name, binary in (("nginx", "nginx"), ("haproxy", "haproxy")):
         if shutil.which(binary):
             found.append(name)
