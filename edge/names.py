@@ -49,15 +49,17 @@ def normalize(raw: str | bytes | None) -> str | None:
         return None
     if isinstance(raw, bytes):
         try:
-            raw = raw.decode("ascii")
+            text = raw.decode("ascii")
         except UnicodeDecodeError:
             # RFC 6066 §3: HostName is ASCII; UTF-8 here is a broken client,
             # but decoding it is kinder than refusing.
             try:
-                raw = raw.decode("utf-8")
+                text = raw.decode("utf-8")
             except UnicodeDecodeError:
                 return None
-    name = raw.strip().lower()
+    else:
+        text = raw
+    name = text.strip().lower()
     if name.endswith("."):
         name = name[:-1]
     if not name.isascii():

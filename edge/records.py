@@ -43,7 +43,7 @@ class KeyType(enum.StrEnum):
 
 SOURCES: tuple[CertSource, ...] = tuple(CertSource)
 KEY_TYPES: tuple[KeyType, ...] = tuple(KeyType)
-_INTERNED = {s: s for s in (*SOURCES, *KEY_TYPES)}
+_INTERNED: dict[str, str] = {s: s for s in (*SOURCES, *KEY_TYPES)}
 
 CERTS = "certs/"  # the key prefix of certificate records (edge.store.base names the others)
 

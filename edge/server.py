@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from edge import compiled
 from edge import config as config_mod
 from edge.appmetrics import control_counters
 from edge.config import Config
@@ -69,7 +70,6 @@ class State(enum.Enum):
 class Reconfigurable(Protocol):
     def reconfigure(self, config: Config) -> None:
         """Apply what of a reloaded configuration can change while running."""
-        ...
 
 
 class Edge:
@@ -111,8 +111,7 @@ class Edge:
         self.selector = Selector(self.index, platform.domain, platform.strict_sni,  # type: ignore[arg-type]
                                  default_is_platform=self.fixed.default is self.fixed.platform)
         self.cache = ContextCache(config.tls.context_cache_size, self.loader.load, config.tls.min_version)
-        self.router = Router(self.index, self.selector, platform.domain, config.proxy.pool_size,  # type: ignore[arg-type]
-                             loaded=self.follower.loaded)
+        self.router = Router(self.index, self.selector, platform.domain, config.proxy.pool_size, self.follower.loaded)
         self.proxy = ProxyContext(
             router=self.router,
             config=config.proxy,
@@ -190,6 +189,7 @@ class Edge:
             ", ".join(self.bound_https()), ", ".join(self.bound_http()), cfg.platform.domain, len(self.index.apps),
             "store loaded" if self.follower.loaded.is_set() else "loading the store (names read on demand)",
         )
+        log.info("request path: %s", compiled.state)  # "compiled" (mypyc), or why the sources run
 
     def _https_protocol_factory(self, listener: ListenerInfo) -> Callable[[TlsInfo], asyncio.BaseProtocol]:
         proxy = self.proxy

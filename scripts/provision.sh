@@ -28,6 +28,7 @@ systemd-analyze      systemd
 etcd                 etcd-server
 pebble               pebble
 pebble-challtestsrv  pebble
+cc                   gcc
 '
 
 # nginx and haproxy live in /usr/sbin, which a user's PATH on Debian lacks
@@ -45,6 +46,12 @@ done <<<"$TOOLS"
 PYTHON="${PYTHON:-python3}"
 if command -v "$PYTHON" >/dev/null 2>&1 && ! "$PYTHON" -c "import ensurepip, venv" 2>/dev/null; then
   missing+=(python3-venv python3-dev)
+fi
+# The compiled request path (scripts/compile.py, mypyc) needs Python's headers;
+# without them edge still runs, on its sources.
+if command -v "$PYTHON" >/dev/null 2>&1 && ! "$PYTHON" -c \
+    "import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))"; then
+  missing+=(python3-dev)
 fi
 # Unique, in a stable order, for a command one can read and copy.
 mapfile -t packages < <(printf '%s\n' "${missing[@]}" | sed '/^$/d' | sort -u)

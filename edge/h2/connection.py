@@ -55,7 +55,7 @@ class H2Connection:
     def initiate(self) -> None:
         """Our SETTINGS (§3.4: the server preface) and the connection window."""
         s = self.settings
-        pairs = [
+        pairs: list[tuple[int, int]] = [
             (Setting.MAX_CONCURRENT_STREAMS, s.max_concurrent_streams),
             (Setting.ENABLE_PUSH, 0),
             (Setting.MAX_HEADER_LIST_SIZE, s.max_header_list_size),
@@ -71,7 +71,8 @@ class H2Connection:
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[ev.Event]:
         """Feed bytes read from the client; ``data`` is not kept past the call."""
-        self._events = events = []
+        events: list[ev.Event] = []
+        self._events = events
         if self.state is ConnState.CLOSED:
             return events
         buf = self._buf

@@ -8,7 +8,7 @@ so no two parts of edge can disagree on which app a request is for.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import httptools
 
@@ -59,7 +59,9 @@ def request_authority(
 def _absolute_form(target: bytes) -> tuple[bytes, bytes]:
     """(authority, origin-form target) of an absolute-form target (RFC 9112 §3.2.2)."""
     try:
-        url = httptools.parse_url(target)
+        # Any: httptools' stubs declare every part bytes, but an absent part
+        # is None, and compiled code (mypyc) would check the declared type.
+        url: Any = httptools.parse_url(target)
     except httptools.HttpParserInvalidURLError:
         raise HttpError(400, "invalid request target") from None
     if url.schema is None or url.schema.lower() not in (b"http", b"https"):

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 
+from edge.proxy.downstream import ClientConnection
 
-class Deadline:
-    """Mixed into the connection: ``_arm``, ``_cancel_timer``; ``_expired`` is the
-    connection's, called once the deadline has passed."""
+
+class DeadlineConnection(ClientConnection):
+    """A client connection with one deadline: ``_arm``, ``_cancel_timer``; ``_expired``
+    is the subclass's, called once the deadline has passed. A base class rather than a
+    mixin: mypyc compiles single inheritance from a native class, not mixins."""
 
     _loop: asyncio.AbstractEventLoop
     _timer: asyncio.TimerHandle | None

@@ -119,18 +119,18 @@ class H2ProxyProtocol(ClientConnection):
             self.exchanges[event.stream_id] = req
             req.start(refused(self, event.request))
         elif isinstance(event, ev.TrailersReceived):
-            req = self.exchanges.get(event.stream_id)
-            if req is not None:
-                req.request_end(list(event.fields))
+            ended = self.exchanges.get(event.stream_id)
+            if ended is not None:
+                ended.request_end(list(event.fields))
         elif isinstance(event, ev.WindowOpened):
             for sid in event.stream_ids:
-                req = self.exchanges.get(sid)
-                if req is not None:
-                    self._window_opened(req)
+                waiting = self.exchanges.get(sid)
+                if waiting is not None:
+                    self._window_opened(waiting)
         elif isinstance(event, ev.StreamReset):
-            req = self.exchanges.pop(event.stream_id, None)
-            if req is not None:
-                req.client_gone()
+            reset = self.exchanges.pop(event.stream_id, None)
+            if reset is not None:
+                reset.client_gone()
                 self._stream_done()
         elif isinstance(event, ev.ConnectionTerminated):
             if not event.remote:

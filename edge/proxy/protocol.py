@@ -17,8 +17,8 @@ from collections import deque
 import httptools
 
 from edge.proxy import h1
-from edge.proxy.deadline import Deadline
-from edge.proxy.downstream import ClientConnection, keeps_alive
+from edge.proxy.deadline import DeadlineConnection
+from edge.proxy.downstream import keeps_alive
 from edge.proxy.errors import HttpError, error_response
 from edge.proxy.exchange import ListenerInfo, ProxyContext
 from edge.proxy.phase import Phase
@@ -35,7 +35,7 @@ _HEAD = Phase.HEAD
 FIRST_REQUEST_GRACE = 1.0  # seconds a new connection has for its first request once shutdown began
 
 
-class HttpProxyProtocol(Deadline, ClientConnection):
+class HttpProxyProtocol(DeadlineConnection):
     def __init__(self, shared: ProxyContext, listener: ListenerInfo, tls: TlsInfo | None,
                  peer: Peer | None = None) -> None:
         super().__init__(shared, listener, tls, peer)

@@ -9,16 +9,30 @@ the old backends are closed).
 from __future__ import annotations
 
 import asyncio
+from typing import Protocol
 
 from edge import names
 from edge.proxy.upstream import Pool
 from edge.records import App
-from edge.store.index import Index
 from edge.tls.selector import Selector
 
 
+class AppsByName(Protocol):
+    def get(self, name: str, /) -> App | None: ...
+
+
+class RoutingIndex(Protocol):
+    """What the router reads: the in-memory ``Index`` or a worker's view of the
+    local copy (``SharedIndex``). A protocol, not either class: compiled code
+    (mypyc) checks declared types at run time."""
+
+    @property
+    def apps(self) -> AppsByName: ...
+    def app_of(self, host: str) -> App | None: ...
+
+
 class Router:
-    def __init__(self, index: Index, selector: Selector, platform_domain: str, pool_size: int,
+    def __init__(self, index: RoutingIndex, selector: Selector, platform_domain: str, pool_size: int,
                  loaded: asyncio.Event | None = None) -> None:
         self.index = index
         self.loaded = loaded  # the store follower's: None or set, every name is in the index

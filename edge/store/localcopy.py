@@ -186,7 +186,7 @@ class LocalCopy:
         self.env.close()
 
 
-def _unpack(raw: bytes | None, fmt: str, default: float) -> float:
+def _unpack(raw: bytes | memoryview | None, fmt: str, default: float) -> float:
     return struct.unpack(fmt, raw)[0] if raw is not None and len(raw) == struct.calcsize(fmt) else default
 
 

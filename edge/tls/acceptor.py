@@ -28,8 +28,9 @@ import asyncio
 import logging
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
+from typing import Any
 
 from edge import names
 from edge.store.base import StoreError
@@ -225,8 +226,8 @@ class TlsAcceptor:
             log.error("reading %s from the store failed: %s; selecting from what is loaded", name, exc)
         self._start(factory, sock, hello, deadline, peer, fetched=True)
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -8,6 +8,7 @@ import asyncio
 import h2.config
 import h2.connection
 import h2.events
+import pytest
 
 from edge.config import ProxyConfig
 from edge.proxy import upstream
@@ -89,6 +90,7 @@ def test_answers_per_stream_and_421_for_another_certificate() -> None:
     run(body)
 
 
+@pytest.mark.patches_compiled  # Backend.take_idle
 def test_forwarded_request_and_streamed_response_with_back_pressure(monkeypatch) -> None:
     backend = FakeBackend()
 
@@ -122,6 +124,7 @@ def test_forwarded_request_and_streamed_response_with_back_pressure(monkeypatch)
     run(body)
 
 
+@pytest.mark.patches_compiled  # Backend.take_idle
 def test_a_stalled_stream_is_reset_at_the_response_timeout(monkeypatch) -> None:
     backend = FakeBackend()
 
@@ -141,6 +144,7 @@ def test_a_stalled_stream_is_reset_at_the_response_timeout(monkeypatch) -> None:
     run(body)
 
 
+@pytest.mark.patches_compiled  # Backend.take_idle
 def test_no_answer_from_the_backend_is_504(monkeypatch) -> None:
     backend = FakeBackend()
 
@@ -170,6 +174,7 @@ def test_idle_connection_gets_goaway_and_closes() -> None:
     run(body)
 
 
+@pytest.mark.patches_compiled  # Backend.take_idle
 def test_a_client_reading_nothing_pauses_every_backend(monkeypatch) -> None:
     backends = [FakeBackend(), FakeBackend()]
 

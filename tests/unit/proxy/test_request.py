@@ -74,6 +74,7 @@ def _h1_forwarded(monkeypatch, raw: bytes):
     return protocol, transport, backend
 
 
+@pytest.mark.patches_compiled  # Backend.take_idle
 def test_a_late_backend_answer_after_the_504_is_ignored_on_http1(monkeypatch) -> None:
     async def scenario():
         protocol, transport, backend = _h1_forwarded(
@@ -91,6 +92,7 @@ def test_a_late_backend_answer_after_the_504_is_ignored_on_http1(monkeypatch) ->
     run(scenario)
 
 
+@pytest.mark.patches_compiled  # Backend.take_idle
 def test_a_late_backend_answer_after_the_504_is_ignored_on_http2(monkeypatch) -> None:
     backend = FakeBackend()
 
@@ -111,6 +113,7 @@ def test_a_late_backend_answer_after_the_504_is_ignored_on_http2(monkeypatch) ->
     run(scenario)
 
 
+@pytest.mark.patches_compiled  # Backend.take_idle
 def test_a_body_less_response_is_counted_once_on_http2(monkeypatch) -> None:
     backend = FakeBackend()
 
@@ -128,6 +131,7 @@ def test_a_body_less_response_is_counted_once_on_http2(monkeypatch) -> None:
     run(scenario)
 
 
+@pytest.mark.patches_compiled  # Backend.take_idle
 def test_an_unsolicited_101_is_a_502_on_both_protocols(monkeypatch) -> None:
     async def scenario():
         _, transport, backend = _h1_forwarded(
@@ -175,6 +179,7 @@ def _h2_upload(monkeypatch, headers: list[tuple[str, str]], attach_first: bool) 
     return bytes(backend.written)
 
 
+@pytest.mark.patches_compiled  # Backend.take_idle
 @pytest.mark.parametrize("attach_first", [True, False])
 def test_h2_request_trailers_reach_the_backend_in_a_chunked_body(monkeypatch, attach_first: bool) -> None:
     sent = _h2_upload(monkeypatch, [], attach_first)
@@ -184,6 +189,7 @@ def test_h2_request_trailers_reach_the_backend_in_a_chunked_body(monkeypatch, at
     assert body == b"6\r\nhello \r\n5\r\nworld\r\n0\r\nx-checksum: abc\r\n\r\n"
 
 
+@pytest.mark.patches_compiled  # Backend.take_idle
 def test_h2_request_trailers_are_dropped_with_a_content_length(monkeypatch) -> None:
     sent = _h2_upload(monkeypatch, [("content-length", "11")], attach_first=True)
     head, _, body = sent.partition(b"\r\n\r\n")
