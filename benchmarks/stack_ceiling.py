@@ -82,7 +82,7 @@ class Upstream(asyncio.Protocol):
         # so does the client connection, once what was relayed is written.
         self.client.transport.close()
 
-    # The client reads slower than the backend answers: stop sending to it.
+    # The backend reads slower than the client sends: stop reading the client.
     def pause_writing(self) -> None:
         self.client.transport.pause_reading()
 
@@ -129,7 +129,7 @@ class Relay(asyncio.Protocol):
         if self.upstream is not None:
             self.upstream.close()
 
-    # The backend reads slower than the client sends: stop reading the client.
+    # The client reads slower than the backend answers: stop reading the backend.
     def pause_writing(self) -> None:
         if self.upstream is not None:
             self.upstream.pause_reading()
@@ -149,6 +149,7 @@ class Pool:
 
     def release(self, upstream: PooledUpstream) -> None:
         upstream.client = None
+        upstream.transport.resume_reading()  # its last client may have paused it
         if len(self.idle) < self.size:
             self.idle.append(upstream)
         else:
