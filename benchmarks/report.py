@@ -39,8 +39,54 @@ def _fmt(value: float) -> str:
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
 
 
+CEILINGS = ("uvloop-tls", "uvloop-relay", "uvloop-pool")  # references, not proxies: benchmarks/stack_ceiling.py
+
+
+def _ratio(top: float | None, bottom: float | None) -> str:
+    return f"{top / bottom:.2f}x" if top and bottom else "-"
+
+
+def _headline(results: dict, systems: list[str]) -> list[str]:
+    """Each scenario's headline figure per system; edge over every peer, and
+    each ceiling over nginx when both ran."""
+    pairs = [("edge", s) for s in systems[1:]]
+    if "nginx" in systems:
+        pairs += [(c, "nginx") for c in CEILINGS if c in systems]
+    lines = ["", "| scenario | " + " | ".join(systems) + " | " + " | ".join(f"{a}/{b}" for a, b in pairs) + " |",
+             "|---" * (1 + len(systems) + len(pairs)) + "|"]
+    for scenario, by_system in results["scenarios"].items():
+        if scenario not in HEADLINE:
+            continue
+        figure, label, _ = HEADLINE[scenario]
+        values = [by_system.get(s, {}).get(figure) for s in systems]
+        ratios = [_ratio(by_system.get(a, {}).get(figure), by_system.get(b, {}).get(figure)) for a, b in pairs]
+        lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in values) + " | " + " | ".join(ratios) + " |")
+    return lines
+
+
+def _cpu_split(results: dict, systems: list[str]) -> list[str]:
+    """Proxy CPU per handshake or request, user and kernel (from /proc utime and stime)."""
+    rows = []
+    for scenario, by_system in results["scenarios"].items():
+        if scenario not in HEADLINE or HEADLINE[scenario][0] != "per_cpu_s":
+            continue
+        for system in systems:
+            r = by_system.get(system, {})
+            count = r.get("handshakes", r.get("requests"))
+            if "proxy_user_s" not in r or not count:
+                continue
+            user, kernel = r["proxy_user_s"] / count * 1e6, r["proxy_sys_s"] / count * 1e6
+            share = f"{kernel / (user + kernel):.0%}" if user + kernel else "-"
+            rows.append(f"| {scenario} | {system} | {user:.1f} | {kernel:.1f} | {user + kernel:.1f} | {share} |")
+    if not rows:
+        return []
+    return ["", "Proxy CPU per handshake (handshake scenarios) or request (keep-alive), µs, from /proc utime and "
+            "stime (10 ms ticks: rough on short runs):", "",
+            "| scenario | system | user | kernel | total | kernel share |", "|---|---|---|---|---|---|", *rows]
+
+
 def markdown(results: dict) -> str:
-    systems = [s for s in ("edge", "nginx", "haproxy", "uvloop-tls")
+    systems = [s for s in ("edge", "nginx", "haproxy", *CEILINGS)
                if any(s in r for r in results["scenarios"].values())]
     headline = [s for s in results["scenarios"] if s in HEADLINE]
     lines = [
@@ -49,22 +95,8 @@ def markdown(results: dict) -> str:
         "load and backend to core 1.",
     ]
     if headline:
-        lines += [
-            "",
-            "| scenario | " + " | ".join(systems) + " | " + " | ".join(f"edge/{s}" for s in systems[1:]) + " |",
-            "|---" * (1 + len(systems) + len(systems) - 1) + "|",
-        ]
-    for scenario, by_system in results["scenarios"].items():
-        if scenario not in HEADLINE:
-            continue
-        figure, label, _ = HEADLINE[scenario]
-        values = [by_system.get(s, {}).get(figure) for s in systems]
-        edge = by_system.get("edge", {}).get(figure)
-        ratios = []
-        for s in systems[1:]:
-            peer = by_system.get(s, {}).get(figure)
-            ratios.append(f"{edge / peer:.2f}x" if edge and peer else "-")
-        lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in values) + " | " + " | ".join(ratios) + " |")
+        lines += _headline(results, systems)
+        lines += _cpu_split(results, systems)
     names = results["scenarios"].get("many-names")
     if names:
         lines += ["", "Many names (SNI drawn uniformly = cold, Zipf = warm; handshakes per CPU-second):", "",

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from benchmarks import load, report
 from benchmarks.certs import bench_certificates
-from benchmarks.systems import LOAD_CORE, PEERS, Backend, Certificates, System, available_peers, rss_kib
+from benchmarks.systems import LOAD_CORE, PEERS, Backend, Certificates, System, available_peers, cpu_split, rss_kib
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -52,9 +52,11 @@ class Run:
     def measure(self, system: System, work: Callable[[], dict[str, float]]) -> dict[str, float]:
         """Run ``work`` against ``system``; add CPU seconds and the rate per CPU second."""
         pids = system.pids()
-        before = report.cpu(pids)
+        user, kernel = cpu_split(pids)
         result = work()
-        cpu = report.cpu(pids) - before
+        after = cpu_split(pids)
+        result["proxy_user_s"], result["proxy_sys_s"] = after[0] - user, after[1] - kernel
+        cpu = result["proxy_user_s"] + result["proxy_sys_s"]
         result["proxy_cpu_s"] = cpu
         result["per_cpu_s"] = result["requests" if "requests" in result else "handshakes"] / cpu if cpu else 0.0
         return result

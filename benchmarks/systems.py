@@ -64,17 +64,23 @@ def process_tree(root: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time of ``pids`` (all their threads), from /proc."""
+def cpu_split(pids: list[int]) -> tuple[float, float]:
+    """User and system (kernel) CPU seconds of ``pids`` (all their threads), from /proc."""
     ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
+    user = system = 0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (stat fields 14 and 15)
-    return total / ticks
+        user += int(fields[11])  # utime, stat field 14
+        system += int(fields[12])  # stime, stat field 15
+    return user / ticks, system / ticks
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of ``pids`` (all their threads), from /proc."""
+    return sum(cpu_split(pids))
 
 
 def rss_kib(pids: list[int]) -> int:
@@ -298,12 +304,36 @@ class StackCeiling(System):
         self.version = "uvloop-tls: benchmarks/stack_ceiling.py (no proxying)"
 
 
-PEERS = {"edge": Edge, "nginx": Nginx, "haproxy": Haproxy, "uvloop-tls": StackCeiling}
+class StackRelay(System):
+    """The cheapest proxy on edge's stack: ``benchmarks/stack_ceiling.py --backend``
+    relays each connection's bytes to its own backend connection, parsing nothing."""
+
+    def start(self) -> None:
+        cert, key = self.certs.pair(self.key_type)
+        self._spawn([sys.executable, "-m", "benchmarks.stack_ceiling", "--port", str(self.port),
+                     "--cert", str(cert), "--key", str(key), "--backend", f"127.0.0.1:{self.backend_port}"])
+        self.version = "uvloop-relay: benchmarks/stack_ceiling.py --backend (verbatim relay, no parsing)"
+
+
+class StackPool(System):
+    """``uvloop-relay`` with backend connections pooled across clients, as edge
+    and nginx pool them: no backend connect per client connection."""
+
+    def start(self) -> None:
+        cert, key = self.certs.pair(self.key_type)
+        self._spawn([sys.executable, "-m", "benchmarks.stack_ceiling", "--port", str(self.port),
+                     "--cert", str(cert), "--key", str(key), "--backend", f"127.0.0.1:{self.backend_port}", "--pool"])
+        self.version = ("uvloop-pool: benchmarks/stack_ceiling.py --backend --pool (verbatim relay over pooled "
+                        "backend connections; parses only request heads and Content-Length)")
+
+
+PEERS = {"edge": Edge, "nginx": Nginx, "haproxy": Haproxy, "uvloop-tls": StackCeiling, "uvloop-relay": StackRelay,
+         "uvloop-pool": StackPool}
 
 
 def available_peers() -> tuple[list[str], dict[str, str]]:
     """The systems whose binaries are installed, and why others are skipped."""
-    found, skipped = ["edge", "uvloop-tls"], {}
+    found, skipped = ["edge", "uvloop-tls", "uvloop-relay", "uvloop-pool"], {}
     for name, binary in (("nginx", "nginx"), ("haproxy", "haproxy")):
         if shutil.which(binary):
             found.append(name)
