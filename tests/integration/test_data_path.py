@@ -84,6 +84,20 @@ def test_pipelined_requests_answered_in_order(edge: EdgeProcess) -> None:
     assert paths == [f"/p{i}" for i in range(5)]
 
 
+def test_large_responses_and_the_next_one_on_a_keep_alive_connection(edge: EdgeProcess) -> None:
+    """Large reads are written to TLS piece by piece (no joined copy); every byte
+    arrives, in order, and the next response on the connection is framed right."""
+    with tls_socket(edge) as sock:
+        buffer = bytearray()
+        for size in (70_000, 200_000, 100):
+            sock.sendall(f"GET /bytes/{size} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+            status, _, body = read_response(sock, buffer)
+            assert status.startswith(b"HTTP/1.1 200 ") and body == b"x" * size
+        sock.sendall(f"GET /after HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+        assert json.loads(read_response(sock, buffer)[2])["path"] == "/after"
+        assert not buffer
+
+
 def test_http10_client_gets_close_delimited_body(edge: EdgeProcess) -> None:
     with tls_socket(edge) as sock:
         sock.sendall(f"GET /chunked HTTP/1.0\r\nHost: {HOST}\r\n\r\n".encode())
