@@ -311,11 +311,36 @@ def write_pem(tmp_path: Path):
     return write
 
 
+def _below_ephemeral() -> range:
+    """Ports under the kernel's ephemeral range: no outgoing connection takes one
+    as its local port between free_port() and the server's bind."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return range(max(1024, low - 12000), low)
+
+
+_FREE_PORTS = _below_ephemeral()
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A loopback port free now (for servers whose port must be known before they start)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now (for servers whose port must be known before they start).
+    Not from bind(0): that is the ephemeral range, where any client connection on the
+    host may take the port before the server binds it. Never the same port twice."""
+    for _ in range(1000):
+        port = _FREE_PORTS[int.from_bytes(os.urandom(2), "big") % len(_FREE_PORTS)]
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise AssertionError(f"no free loopback port in {_FREE_PORTS}")
 
 
 def require_tool(name: str) -> str:
