@@ -70,6 +70,7 @@ def _why_not_current(extensions: list[Path]) -> str | None:
         recorded = json.loads(MANIFEST.read_text())
     except (OSError, ValueError):
         return f"{MANIFEST.name} is missing or unreadable"
+    present = {".".join((*p.relative_to(PACKAGE_DIR.parent).parts[:-1], p.name.split(".")[0])): p for p in extensions}
     for module, recorded_digest in recorded.items():
         try:
             current = digest(source_of(module))
@@ -77,8 +78,9 @@ def _why_not_current(extensions: list[Path]) -> str | None:
             return f"{source_of(module)} is unreadable"
         if recorded_digest != current:
             return f"{source_of(module).relative_to(PACKAGE_DIR.parent)} changed since it was compiled"
-    for path in extensions:  # one left by an earlier build of other modules
-        module = ".".join((*path.relative_to(PACKAGE_DIR.parent).parts[:-1], path.name.split(".")[0]))
+        if module not in present:  # half a build would run two copies of its classes
+            return f"the compiled {module} is missing"
+    for module, path in present.items():  # one left by an earlier build of other modules
         if module not in recorded and not module.endswith("__mypyc"):
             return f"{path.relative_to(PACKAGE_DIR.parent)} is not part of the build"
     return None

@@ -38,9 +38,13 @@ def copied_package(tmp_path: Path) -> Path:
                     ignore=shutil.ignore_patterns("__pycache__", "*.so", "compiled.json"))
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
     (tmp_path / "edge" / "proxy" / f"h1{suffix}").write_bytes(b"not an extension")
-    manifest = {m: compiled.digest(tmp_path.joinpath(*m.split(".")).with_suffix(".py")) for m in compiled.MODULES}
-    (tmp_path / "edge" / "compiled.json").write_text(json.dumps(manifest))
+    _write_manifest(tmp_path, ["edge.proxy.h1"])
     return tmp_path
+
+
+def _write_manifest(package_root: Path, modules: list[str]) -> None:
+    manifest = {m: compiled.digest(package_root.joinpath(*m.split(".")).with_suffix(".py")) for m in modules}
+    (package_root / "edge" / "compiled.json").write_text(json.dumps(manifest))
 
 
 def test_a_current_build_is_imported(copied_package: Path) -> None:
@@ -69,6 +73,12 @@ def test_an_extension_left_by_another_build_is_not_used(copied_package: Path) ->
     (copied_package / "edge" / f"names{suffix}").write_bytes(b"not an extension")
     origin, state = _import_in(copied_package)
     assert origin.endswith("h1.py") and f"edge/names{suffix} is not part of the build" in state
+
+
+def test_half_a_build_is_not_used(copied_package: Path) -> None:
+    _write_manifest(copied_package, ["edge.proxy.h1", "edge.proxy.request"])  # request's extension is gone
+    origin, state = _import_in(copied_package)
+    assert origin.endswith("h1.py") and "the compiled edge.proxy.request is missing" in state
 
 
 def test_edge_pure_runs_the_sources(copied_package: Path) -> None:
