@@ -19,6 +19,7 @@ import importlib.machinery
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -89,12 +90,12 @@ def _why_not_current(extensions: list[Path]) -> str | None:
 class SourceOnly(importlib.abc.MetaPathFinder):
     """Finds ``edge`` modules as sources (or packages), never as extensions."""
 
-    def find_spec(self, fullname: str, path: object, target: ModuleType | None = None
+    def find_spec(self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
                   ) -> importlib.machinery.ModuleSpec | None:
         if not fullname.startswith("edge.") or path is None:
             return None
         loaders = (importlib.machinery.SourceFileLoader, importlib.machinery.SOURCE_SUFFIXES)
-        for entry in path:  # type: ignore[attr-defined]  # the parent package's __path__
+        for entry in path:  # the parent package's __path__
             spec = importlib.machinery.FileFinder(entry, loaders).find_spec(fullname, target)
             if spec is not None:
                 return spec

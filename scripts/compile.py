@@ -31,7 +31,8 @@ GROUP = "edge.request_path"  # the shared library: edge/request_path__mypyc.*.so
 def built_files() -> list[Path]:
     """Every extension in the package (those of an earlier build of other modules
     too: a leftover would be imported in place of its source) and the manifest."""
-    return [*compiled.extension_files(), *[compiled.MANIFEST][: compiled.MANIFEST.exists()]]
+    manifest = [compiled.MANIFEST] if compiled.MANIFEST.exists() else []
+    return compiled.extension_files() + manifest
 
 
 def remove() -> None:

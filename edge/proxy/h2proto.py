@@ -311,7 +311,6 @@ class AlpnSwitch(asyncio.Protocol):
         protocol.connection_made(transport)
 
 
-
 def tls_protocol(shared: ProxyContext, listener: ListenerInfo, http2: bool, tls: TlsInfo) -> asyncio.BaseProtocol:
     """The protocol of a new TLS connection. ALPN picks only a protocol the client
     offered (RFC 7301 §3.2): without h2 in its ClientHello, or with ``[proxy] http2``
